@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Create or reuse .venv, install the pinned requirements, and build the package with colcon.
+# Sourced by scripts/main.sh and scripts/test.sh; every step is skipped when already done.
+set -eo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[vdd_ros] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+touch "$VENV/COLCON_IGNORE"   # colcon must not crawl the wheels' package.xml files
+
+want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+  echo "[vdd_ros] installing pinned requirements into .venv"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$ROOT/requirements.txt"
+  echo "$want" > "$VENV/.requirements.sha256"
+fi
+
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+cd "$ROOT"
+echo "[vdd_ros] colcon build"
+colcon --log-base "$ROOT/log" build --base-paths "$ROOT" --build-base "$ROOT/build" \
+  --install-base "$ROOT/install" --symlink-install --event-handlers console_cohesion- \
+  summary+ > "$ROOT/log/colcon_build.txt" 2>&1 || { cat "$ROOT/log/colcon_build.txt"; exit 1; }
+
+# `vdd-ros` on the venv's PATH runs the colcon-installed package.
+SITE="$ROOT/install/vdd_ros/lib/python3.11/site-packages"
+cat > "$VENV/bin/vdd-ros" <<WRAP
+#!/usr/bin/env bash
+export PYTHONPATH="$SITE\${PYTHONPATH:+:\$PYTHONPATH}"
+export AMENT_PREFIX_PATH="$ROOT/install/vdd_ros:$VENV\${AMENT_PREFIX_PATH:+:\$AMENT_PREFIX_PATH}"
+exec "$VENV/bin/python" -m vdd_ros.cli "\$@"
+WRAP
+chmod +x "$VENV/bin/vdd-ros"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export AMENT_PREFIX_PATH="$ROOT/install/vdd_ros:$VENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
+export PATH="$ROOT/install/vdd_ros/lib/vdd_ros:$PATH"

@@ -1,0 +1,1 @@
+"""Learning core: torch and numpy only (never imports rclpy or robosuite)."""

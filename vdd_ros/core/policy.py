@@ -1,0 +1,109 @@
+"""One acting interface for the teacher, the MoE, the baselines and scripted oracles."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PolicySpec:
+    """What a policy consumes and produces.
+
+    `obs_fields` names each slice of the flat observation vector (key, size) in order.
+    A model sees `obs_horizon` stacked observations and predicts `action_horizon` actions,
+    of which the first `action_exec` are executed before it is queried again.
+    """
+
+    obs_fields: list[tuple[str, int]]
+    action_dim: int
+    obs_horizon: int = 1
+    action_horizon: int = 1
+    action_exec: int = 1
+    task: str | None = None
+
+    @property
+    def obs_dim(self) -> int:
+        return int(sum(size for _, size in self.obs_fields))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d['obs_fields'] = [[k, int(n)] for k, n in self.obs_fields]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> 'PolicySpec':
+        d = dict(d)
+        d['obs_fields'] = [(str(k), int(n)) for k, n in d['obs_fields']]
+        return cls(**d)
+
+
+class Policy(ABC):
+    """Closed-loop policy: `reset()` at episode start, then `act(obs)` once per control step.
+
+    `act` takes the latest flat observation (shape `(obs_dim,)`) and returns one action
+    (shape `(action_dim,)`). After each call `info` holds diagnostics of that step
+    (for an MoE: the chosen expert, the gating entropy, the action's log-likelihood).
+    """
+
+    spec: PolicySpec
+    info: dict[str, float]
+
+    @abstractmethod
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new episode."""
+
+    @abstractmethod
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Return the action for the latest observation."""
+
+
+class ModelPolicy(Policy):
+    """Runs a torch model that maps a normalised observation window to an action chunk.
+
+    The model implements `predict(obs_window, generator) -> (actions, info)` where
+    `obs_window` is `(B, obs_horizon, obs_dim)` normalised and `actions` is
+    `(B, action_horizon, action_dim)` normalised; `info` is a dict of floats.
+    The model also owns `obs_normalizer` and `action_normalizer` (see normalizer.py).
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: PolicySpec, device: str = 'cpu') -> None:
+        self.model = model.to(device).eval()
+        self.spec = spec
+        self.device = torch.device(device)
+        self.info: dict[str, float] = {}
+        self._history: deque[np.ndarray] = deque(maxlen=spec.obs_horizon)
+        self._queue: deque[np.ndarray] = deque()
+        self._generator = torch.Generator(device=self.device)
+        self._generator.seed()
+
+    def reset(self, seed: int | None = None) -> None:
+        self._history.clear()
+        self._queue.clear()
+        if seed is not None:
+            self._generator.manual_seed(int(seed))
+        if hasattr(self.model, 'reset'):
+            self.model.reset()
+
+    @torch.inference_mode()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        obs = np.asarray(obs, dtype=np.float32).reshape(-1)
+        if obs.shape[0] != self.spec.obs_dim:
+            raise ValueError(f'observation has {obs.shape[0]} values, policy expects '
+                             f'{self.spec.obs_dim}')
+        if not self._history:
+            self._history.extend([obs] * self.spec.obs_horizon)
+        else:
+            self._history.append(obs)
+        if not self._queue:
+            window = torch.from_numpy(np.stack(self._history)).to(self.device)[None]
+            window = self.model.obs_normalizer.normalize(window)
+            actions, info = self.model.predict(window, generator=self._generator)
+            actions = self.model.action_normalizer.unnormalize(actions)[0].cpu().numpy()
+            self._queue.extend(actions[:self.spec.action_exec])
+            self.info = dict(info)
+        return self._queue.popleft()
