@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,7 @@ class ModelPolicy(Policy):
     `obs_window` is `(B, obs_horizon, obs_dim)` normalised and `actions` is
     `(B, action_horizon, action_dim)` normalised; `info` is a dict of floats.
     The model also owns `obs_normalizer` and `action_normalizer` (see normalizer.py).
+    Set `diagnostics = True` to have `info` filled on every query (costs a little latency).
     """
 
     def __init__(self, model: torch.nn.Module, spec: PolicySpec, device: str = 'cpu') -> None:
@@ -76,6 +77,7 @@ class ModelPolicy(Policy):
         self.spec = spec
         self.device = torch.device(device)
         self.info: dict[str, float] = {}
+        self.diagnostics = False
         self._history: deque[np.ndarray] = deque(maxlen=spec.obs_horizon)
         self._queue: deque[np.ndarray] = deque()
         self._generator = torch.Generator(device=self.device)
@@ -102,7 +104,8 @@ class ModelPolicy(Policy):
         if not self._queue:
             window = torch.from_numpy(np.stack(self._history)).to(self.device)[None]
             window = self.model.obs_normalizer.normalize(window)
-            actions, info = self.model.predict(window, generator=self._generator)
+            actions, info = self.model.predict(window, generator=self._generator,
+                                               diagnostics=self.diagnostics)
             actions = self.model.action_normalizer.unnormalize(actions)[0].cpu().numpy()
             self._queue.extend(actions[:self.spec.action_exec])
             self.info = dict(info)

@@ -1,0 +1,159 @@
+"""One self-describing checkpoint folder, and the one loader for every policy.
+
+    <folder>/config.yaml           format, model kind, training method, model config, spec
+    <folder>/model.safetensors     network weights
+    <folder>/normalizer.safetensors observation and action normalizers
+
+Loading never unpickles code: the model is rebuilt from the YAML and filled from safetensors.
+Folders are written atomically (a temporary sibling, then a rename).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from vdd_ros.core.config import MoEConfig, TeacherConfig, from_dict
+from vdd_ros.core.policy import ModelPolicy, PolicySpec
+from vdd_ros.errors import UserError
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, NORMALIZER_FILE = 'config.yaml', 'model.safetensors', \
+    'normalizer.safetensors'
+# model kind -> (module, class, config dataclass)
+MODEL_KINDS: dict[str, tuple[str, str, type]] = {
+    'teacher': ('vdd_ros.core.teacher', 'DiffusionTeacher', TeacherConfig),
+    'moe': ('vdd_ros.core.moe', 'MixtureOfExperts', MoEConfig),
+}
+_NORMALIZER_PREFIXES = ('obs_normalizer.', 'action_normalizer.')
+
+
+def atomic_dir(path: Path) -> Path:
+    """A fresh temporary sibling of `path` to fill and then `replace_dir` into place."""
+    tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    old = path.parent / f'.{path.name}.old-{os.getpid()}'
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: PolicySpec,
+                    method: str, train_config: dict[str, Any] | None = None,
+                    metrics: dict[str, Any] | None = None) -> Path:
+    """Write `model` (a DiffusionTeacher or MixtureOfExperts) as a checkpoint folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_dir(path)
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        weights = {k: v for k, v in state.items() if not k.startswith(_NORMALIZER_PREFIXES)}
+        norms = {k: v for k, v in state.items() if k.startswith(_NORMALIZER_PREFIXES)}
+        save_file(weights, str(tmp / WEIGHTS_FILE))
+        save_file(norms, str(tmp / NORMALIZER_FILE))
+        meta = {
+            'format': FORMAT_VERSION,
+            'kind': model.kind,
+            'method': method,
+            'model': _plain(model.cfg),
+            'spec': spec.to_dict(),
+            'train': train_config or {},
+            'metrics': metrics or {},
+        }
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    import dataclasses
+    return dataclasses.asdict(cfg)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed config.yaml of a checkpoint folder; errors name the file."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise UserError(f'{path}: checkpoint folder not found')
+    if not cfg_file.is_file():
+        raise UserError(f'{cfg_file}: missing (not a vdd_ros checkpoint folder)')
+    try:
+        meta = yaml.safe_load(cfg_file.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f'{cfg_file}: not valid YAML ({exc})') from None
+    if not isinstance(meta, dict) or meta.get('format') != FORMAT_VERSION:
+        raise UserError(f'{cfg_file}: unsupported checkpoint format '
+                        f'{meta.get("format") if isinstance(meta, dict) else meta!r}')
+    if meta.get('kind') not in MODEL_KINDS:
+        raise UserError(f'{cfg_file}: kind: unknown model kind {meta.get("kind")!r} '
+                        f'(known: {", ".join(MODEL_KINDS)})')
+    return meta
+
+
+def load_model(path: str | os.PathLike,
+               device: str = 'cpu') -> tuple[torch.nn.Module, PolicySpec, dict[str, Any]]:
+    """Rebuild the model of a checkpoint folder: (model in eval mode, spec, metadata)."""
+    path = Path(path)
+    meta = read_meta(path)
+    module, cls_name, cfg_cls = MODEL_KINDS[meta['kind']]
+    cfg = from_dict(cfg_cls, meta.get('model'), f'{path / CONFIG_FILE} (model)')
+    try:
+        spec = PolicySpec.from_dict(meta['spec'])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f'{path / CONFIG_FILE}: spec: invalid ({exc})') from None
+    cls = getattr(importlib.import_module(module), cls_name)
+    model = cls(cfg, spec.obs_dim, spec.action_dim, spec.obs_horizon, spec.action_horizon)
+    state: dict[str, torch.Tensor] = {}
+    for name in (WEIGHTS_FILE, NORMALIZER_FILE):
+        try:
+            state.update(load_file(str(path / name)))
+        except (FileNotFoundError, SafetensorsError, OSError) as exc:
+            raise UserError(f'{path / name}: cannot read weights ({exc})') from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f'{path / WEIGHTS_FILE}: weights do not match the config ({first})') \
+            from None
+    return model.to(device).eval(), spec, meta
+
+
+def load_policy(path: str | os.PathLike, device: str = 'cpu', expert_mode: str | int | None = None,
+                steps: int | None = None) -> ModelPolicy:
+    """Any checkpoint (teacher, VDD-MoE, baseline) as a Policy.
+
+    `expert_mode` applies to mixtures, `steps` (sampling steps) to the teacher.
+    """
+    model, spec, meta = load_model(path, device)
+    if expert_mode is not None:
+        if not hasattr(model, 'set_expert_mode'):
+            raise UserError(f'{path}: expert_mode applies to MoE checkpoints, this is a '
+                            f'{meta["kind"]}')
+        model.set_expert_mode(expert_mode)
+    if steps is not None:
+        if not hasattr(model, 'sampling_steps'):
+            raise UserError(f'{path}: steps applies to teacher checkpoints, this is a '
+                            f'{meta["kind"]}')
+        if int(steps) < 1:
+            raise UserError(f'steps: must be >= 1, got {steps}')
+        model.sampling_steps = int(steps)
+    policy = ModelPolicy(model, spec, device)
+    policy.meta = meta
+    return policy

@@ -1,0 +1,290 @@
+"""Validated dataclass configs.
+
+Every config is a dataclass whose `validate()` raises `ConfigError` naming the bad field.
+`from_dict` builds nested configs from plain dicts (YAML), rejects unknown keys and checks
+types, so an error reads like `train.yaml: vdd.batch_size: must be >= 1, got 0`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from vdd_ros.errors import ConfigError
+
+C = TypeVar('C')
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f'{name}: {msg}')
+
+
+def positive(value: float, name: str) -> None:
+    _check(value > 0 and math.isfinite(value), name, f'must be > 0, got {value}')
+
+
+def at_least(value: float, low: float, name: str) -> None:
+    _check(value >= low, name, f'must be >= {low}, got {value}')
+
+
+def one_of(value: Any, choices: tuple, name: str) -> None:
+    _check(value in choices, name, f'must be one of {list(choices)}, got {value!r}')
+
+
+@dataclass
+class TeacherConfig:
+    """EDM-preconditioned (BESO-style) diffusion teacher."""
+
+    hidden_dim: int = 256
+    num_layers: int = 4
+    sigma_data: float = 0.5
+    sigma_min: float = 0.05
+    sigma_max: float = 1.0
+    rho: float = 7.0
+    sampling_steps: int = 4
+    sampler: str = 'euler'
+    noise_mean: float = -1.2
+    noise_std: float = 1.2
+    # training
+    iterations: int = 20000
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 1e-6
+    ema_decay: float = 0.999
+
+    def validate(self) -> None:
+        for name in ('hidden_dim', 'num_layers', 'sampling_steps', 'iterations', 'batch_size'):
+            at_least(getattr(self, name), 1, name)
+        for name in ('sigma_data', 'sigma_min', 'sigma_max', 'rho', 'noise_std', 'lr'):
+            positive(getattr(self, name), name)
+        _check(self.sigma_min < self.sigma_max, 'sigma_min', 'must be below sigma_max')
+        one_of(self.sampler, ('euler', 'heun'), 'sampler')
+        _check(0.0 <= self.ema_decay < 1.0, 'ema_decay', f'must be in [0, 1), got '
+               f'{self.ema_decay}')
+        at_least(self.weight_decay, 0.0, 'weight_decay')
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of Gaussian experts with a shared backbone and a gating network."""
+
+    num_experts: int = 8
+    hidden_dim: int = 256
+    num_layers: int = 3
+    gating_hidden_dim: int = 64
+    covariance: str = 'diag'
+    init_std: float = 0.5
+    min_std: float = 1e-3
+    expert_mode: str = 'sample'
+
+    def validate(self) -> None:
+        for name in ('num_experts', 'hidden_dim', 'num_layers', 'gating_hidden_dim'):
+            at_least(getattr(self, name), 1, name)
+        one_of(self.covariance, ('diag', 'full'), 'covariance')
+        positive(self.init_std, 'init_std')
+        positive(self.min_std, 'min_std')
+        _check(self.init_std > self.min_std, 'init_std', 'must exceed min_std')
+        check_expert_mode(self.expert_mode, self.num_experts, 'expert_mode')
+
+
+EXPERT_MODES = ('sample', 'argmax', 'per_episode')
+
+
+def check_expert_mode(mode: str | int, num_experts: int, name: str = 'expert_mode') -> None:
+    """`mode` is one of EXPERT_MODES or a pinned expert index (int or digit string)."""
+    if isinstance(mode, str) and mode in EXPERT_MODES:
+        return
+    try:
+        index = int(mode)
+    except (TypeError, ValueError):
+        raise ConfigError(f'{name}: must be one of {list(EXPERT_MODES)} or an expert index, '
+                          f'got {mode!r}') from None
+    _check(0 <= index < num_experts, name,
+           f'pinned expert {index} out of range [0, {num_experts - 1}]')
+
+
+@dataclass
+class VDDConfig:
+    """Variational Diffusion Distillation (per-expert upper bound, EM-style gating)."""
+
+    iterations: int = 5000
+    batch_size: int = 256
+    samples_per_expert: int = 2
+    expert_steps: int = 2
+    gating_steps: int = 1
+    lr: float = 1e-4
+    gating_lr: float = 1e-4
+    final_lr_fraction: float = 0.0
+    score_sigma_min: float = 0.2
+    score_sigma_max: float = 0.5
+    uniform_gating_fraction: float = 0.5
+    grad_clip: float = 10.0
+
+    def validate(self) -> None:
+        for name in ('iterations', 'batch_size', 'samples_per_expert', 'expert_steps'):
+            at_least(getattr(self, name), 1, name)
+        at_least(self.gating_steps, 0, 'gating_steps')
+        positive(self.lr, 'lr')
+        positive(self.gating_lr, 'gating_lr')
+        _check(0.0 <= self.final_lr_fraction <= 1.0, 'final_lr_fraction', 'must be in [0, 1]')
+        positive(self.score_sigma_min, 'score_sigma_min')
+        _check(self.score_sigma_min <= self.score_sigma_max, 'score_sigma_max',
+               'must be >= score_sigma_min')
+        _check(0.0 <= self.uniform_gating_fraction <= 1.0, 'uniform_gating_fraction',
+               'must be in [0, 1]')
+        positive(self.grad_clip, 'grad_clip')
+
+
+@dataclass
+class BaselineConfig:
+    """Maximum-likelihood training of a Gaussian (Z=1) or an EM-trained MoE on the data."""
+
+    iterations: int = 5000
+    batch_size: int = 256
+    lr: float = 1e-3
+    final_lr_fraction: float = 0.0
+
+    def validate(self) -> None:
+        at_least(self.iterations, 1, 'iterations')
+        at_least(self.batch_size, 1, 'batch_size')
+        positive(self.lr, 'lr')
+        _check(0.0 <= self.final_lr_fraction <= 1.0, 'final_lr_fraction', 'must be in [0, 1]')
+
+
+@dataclass
+class TrainConfig:
+    """Everything needed to train the teacher, distil it and train the baselines."""
+
+    seed: int = 0
+    obs_horizon: int = 2
+    action_horizon: int = 8
+    action_exec: int = 8
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    vdd: VDDConfig = field(default_factory=VDDConfig)
+    gaussian_bc: BaselineConfig = field(default_factory=BaselineConfig)
+    em_moe: BaselineConfig = field(default_factory=BaselineConfig)
+
+    def validate(self) -> None:
+        at_least(self.obs_horizon, 1, 'obs_horizon')
+        at_least(self.action_horizon, 1, 'action_horizon')
+        at_least(self.action_exec, 1, 'action_exec')
+        _check(self.action_exec <= self.action_horizon, 'action_exec',
+               f'must be <= action_horizon ({self.action_horizon}), got {self.action_exec}')
+
+
+def _resolve_type(tp: Any) -> Any:
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing), globals())  # annotations are strings (PEP 563)
+    return tp
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    tp = _resolve_type(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f'{name}: invalid value {value!r}')
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f'{name}: expected a mapping, got {type(value).__name__}')
+        return _build(tp, value, f'{name}.')
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f'{name}: expected true or false, got {value!r}')
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f'{name}: expected an integer, got {value!r}')
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f'{name}: expected a number, got {value!r}')
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f'{name}: expected a string, got {value!r}')
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f'{name}: expected a list, got {value!r}')
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        return [v if item is Any else _coerce(v, item, f'{name}[{i}]')
+                for i, v in enumerate(value)]
+    return value
+
+
+def _build(cls: type[C], data: Mapping[str, Any], prefix: str) -> C:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f'{prefix}{unknown[0]}: unknown key (known: {", ".join(known)})')
+    kwargs = {k: _coerce(v, known[k].type, f'{prefix}{k}') for k, v in data.items()}
+    obj = cls(**kwargs)
+    if hasattr(obj, 'validate'):
+        try:
+            obj.validate()
+        except ConfigError as exc:
+            raise ConfigError(f'{prefix}{exc}') from None
+    return obj
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any] | None, source: str = 'config') -> C:
+    """Build and validate `cls` from a plain mapping; errors name `source` and the field."""
+    try:
+        return _build(cls, data or {}, '')
+    except ConfigError as exc:
+        raise ConfigError(f'{source}: {exc}') from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-dict form of a config dataclass (YAML-serialisable)."""
+    return dataclasses.asdict(config)
+
+
+def load_config(cls: type[C], path: str | os.PathLike,
+                overrides: Mapping[str, Any] | None = None) -> C:
+    """Read a YAML file into `cls`; `overrides` are dotted keys (`vdd.iterations: 10`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f'{path}: config file not found')
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f'{path}: not valid YAML ({exc})') from None
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: expected a mapping at the top level')
+    apply_overrides(data, overrides or {})
+    return from_dict(cls, data, str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict in place (`{'vdd.iterations': 10}`)."""
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split('.')
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f'{dotted}: {key} is not a section')
+        node[leaf] = value
+    return data

@@ -1,0 +1,159 @@
+"""Training jobs on a demonstration dataset: the code behind both the CLI and the ROS nodes.
+
+Each job reads a robomimic-style HDF5 file, trains one model with its one training loop and
+writes a checkpoint folder (periodically while training, and at the end, also when stopped
+early through `stop`).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from vdd_ros.core.baselines import train_em
+from vdd_ros.core.checkpoint import load_model, save_checkpoint
+from vdd_ros.core.config import MoEConfig, TrainConfig, from_dict, load_config, to_dict
+from vdd_ros.core.data import load_dataset, make_windows
+from vdd_ros.core.moe import MixtureOfExperts
+from vdd_ros.core.policy import PolicySpec
+from vdd_ros.core.progress import ProgressCallback
+from vdd_ros.core.scores import TeacherScore
+from vdd_ros.core.teacher import DiffusionTeacher, train_teacher
+from vdd_ros.core.vdd import distill
+from vdd_ros.errors import UserError
+
+Path_ = str | os.PathLike
+
+
+@dataclass
+class TrainingData:
+    """Flat normalised windows of the training demos, ready for a training loop."""
+
+    obs: torch.Tensor          # (N, obs_horizon * obs_dim)
+    actions: torch.Tensor      # (N, action_horizon * action_dim)
+    spec: PolicySpec
+
+
+def load_train_config(config: Path_ | None = None,
+                      overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file (or the defaults) with dotted-key overrides applied."""
+    if config is not None:
+        return load_config(TrainConfig, config, overrides)
+    from vdd_ros.core.config import apply_overrides
+    return from_dict(TrainConfig, apply_overrides(to_dict(TrainConfig()), overrides or {}),
+                     'overrides')
+
+
+def prepare_data(dataset: Path_, cfg: TrainConfig, model: torch.nn.Module,
+                 obs_keys: list[str] | None = None, fit: bool = True) -> TrainingData:
+    """Windows of the dataset's training demos, normalised by `model`'s normalizers.
+
+    With `fit`, the normalizers are first fitted to the data (observations standardised,
+    actions mapped to [-1, 1]).
+    """
+    data = load_dataset(dataset, obs_keys)
+    demos = [data.demos[i] for i in data.train_idx] or data.demos
+    if not demos:
+        raise UserError(f'{dataset}: contains no demonstrations')
+    obs, act = make_windows(demos, cfg.obs_horizon, cfg.action_horizon)
+    obs_t, act_t = torch.as_tensor(obs).float(), torch.as_tensor(act).float()
+    if fit:
+        model.obs_normalizer.fit(obs_t, 'standard')
+        model.action_normalizer.fit(act_t, 'minmax')
+    obs_t = model.obs_normalizer.normalize(obs_t).reshape(len(obs_t), -1)
+    act_t = model.action_normalizer.normalize(act_t).reshape(len(act_t), -1)
+    task = data.env_args.get('task') if isinstance(data.env_args, dict) else None
+    spec = PolicySpec(obs_fields=list(data.obs_fields), action_dim=data.action_dim,
+                      obs_horizon=cfg.obs_horizon, action_horizon=cfg.action_horizon,
+                      action_exec=cfg.action_exec, task=task)
+    return TrainingData(obs_t, act_t, spec)
+
+
+def _dims(dataset: Path_, obs_keys: list[str] | None) -> tuple[int, int]:
+    data = load_dataset(dataset, obs_keys)
+    return sum(n for _, n in data.obs_fields), data.action_dim
+
+
+def train_teacher_job(dataset: Path_, out: Path_, config: Path_ | None = None, *,
+                      overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
+                      obs_keys: list[str] | None = None,
+                      progress: ProgressCallback | None = None,
+                      stop: threading.Event | None = None, show_bar: bool = True,
+                      checkpoint_every: int = 1000) -> Path:
+    """Train the diffusion teacher on `dataset` and write its checkpoint to `out`."""
+    cfg = load_train_config(config, overrides)
+    torch.manual_seed(cfg.seed)
+    obs_dim, action_dim = _dims(dataset, obs_keys)
+    teacher = DiffusionTeacher(cfg.teacher, obs_dim, action_dim, cfg.obs_horizon,
+                               cfg.action_horizon)
+    data = prepare_data(dataset, cfg, teacher, obs_keys)
+    teacher.to(device)
+    save = _saver(out, data.spec, 'teacher', cfg)
+    history = train_teacher(teacher, data.obs.to(device), data.actions.to(device),
+                            seed=cfg.seed, progress=progress, stop=stop, show_bar=show_bar,
+                            on_checkpoint=save, checkpoint_every=checkpoint_every)
+    return save(teacher, history)
+
+
+def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ | None = None, *,
+                overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
+                progress: ProgressCallback | None = None, stop: threading.Event | None = None,
+                show_bar: bool = True, checkpoint_every: int = 1000) -> Path:
+    """Distil a teacher checkpoint into a VDD-MoE on the dataset's states; write to `out`."""
+    cfg = load_train_config(config, overrides)
+    torch.manual_seed(cfg.seed)
+    teacher, spec, _ = load_model(teacher_ckpt, device)
+    cfg.obs_horizon, cfg.action_horizon = spec.obs_horizon, spec.action_horizon
+    cfg.action_exec = spec.action_exec
+    moe = _moe_like(cfg.moe, spec)
+    moe.obs_normalizer.load_state_dict(teacher.obs_normalizer.state_dict())
+    moe.action_normalizer.load_state_dict(teacher.action_normalizer.state_dict())
+    data = prepare_data(dataset, cfg, moe, [k for k, _ in spec.obs_fields], fit=False)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    moe.init_means(data.actions, gen)
+    moe.to(device)
+    data.spec.task = spec.task
+    save = _saver(out, data.spec, 'vdd_moe', cfg)
+    history = distill(moe, TeacherScore(teacher), data.obs.to(device), data.actions.to(device),
+                      cfg.vdd, seed=cfg.seed, progress=progress, stop=stop, show_bar=show_bar,
+                      on_checkpoint=save, checkpoint_every=checkpoint_every)
+    return save(moe, history)
+
+
+def baseline_job(method: str, dataset: Path_, out: Path_, config: Path_ | None = None, *,
+                 overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
+                 obs_keys: list[str] | None = None, progress: ProgressCallback | None = None,
+                 stop: threading.Event | None = None, show_bar: bool = True) -> Path:
+    """Train `gaussian_bc` (one Gaussian) or `em_moe` (MoE by EM) on the data; write to `out`."""
+    if method not in ('gaussian_bc', 'em_moe'):
+        raise UserError(f"baseline method must be 'gaussian_bc' or 'em_moe', got {method!r}")
+    cfg = load_train_config(config, overrides)
+    torch.manual_seed(cfg.seed)
+    obs_dim, action_dim = _dims(dataset, obs_keys)
+    experts = 1 if method == 'gaussian_bc' else cfg.moe.num_experts
+    mcfg = MoEConfig(**{**to_dict(cfg.moe), 'num_experts': experts})
+    moe = MixtureOfExperts(mcfg, obs_dim, action_dim, cfg.obs_horizon, cfg.action_horizon)
+    data = prepare_data(dataset, cfg, moe, obs_keys)
+    moe.init_means(data.actions, torch.Generator().manual_seed(cfg.seed))
+    moe.to(device)
+    history = train_em(moe, data.obs.to(device), data.actions.to(device),
+                       getattr(cfg, method), seed=cfg.seed, stage=method, progress=progress,
+                       stop=stop, show_bar=show_bar)
+    return _saver(out, data.spec, method, cfg)(moe, history)
+
+
+def _moe_like(cfg: MoEConfig, spec: PolicySpec) -> MixtureOfExperts:
+    return MixtureOfExperts(cfg, spec.obs_dim, spec.action_dim, spec.obs_horizon,
+                            spec.action_horizon)
+
+
+def _saver(out: Path_, spec: PolicySpec, method: str, cfg: TrainConfig):
+    """A callback that writes the model as a checkpoint folder with its loss history."""
+    def save(model: torch.nn.Module, history: list[tuple[int, float]] | None = None) -> Path:
+        metrics = {'loss_history': [[int(i), float(v)] for i, v in history]} if history else {}
+        return save_checkpoint(out, model, spec, method, to_dict(cfg), metrics)
+    return save

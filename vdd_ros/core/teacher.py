@@ -1,0 +1,168 @@
+"""EDM-preconditioned (BESO-style) diffusion teacher: denoiser, training loss, sampler, score.
+
+Actions are handled as flat normalised chunks `(B, action_horizon * action_dim)` and the
+observation as a flat normalised window `(B, obs_horizon * obs_dim)`. The process is variance
+exploding: x_sigma = a + sigma * eps.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from vdd_ros.core.config import TeacherConfig
+from vdd_ros.core.nets import FourierEmbedding, ResidualMLP
+from vdd_ros.core.normalizer import Normalizer
+from vdd_ros.core.progress import ProgressCallback, ProgressTracker
+
+
+class DiffusionTeacher(nn.Module):
+    """Denoiser D(a; sigma, s) with EDM preconditioning and a few-step Euler/Heun sampler."""
+
+    kind = 'teacher'
+
+    def __init__(self, cfg: TeacherConfig, obs_dim: int, action_dim: int, obs_horizon: int = 1,
+                 action_horizon: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.obs_dim, self.action_dim = obs_dim, action_dim
+        self.obs_horizon, self.action_horizon = obs_horizon, action_horizon
+        self.flat_obs, self.flat_act = obs_dim * obs_horizon, action_dim * action_horizon
+        self.obs_normalizer = Normalizer(obs_dim)
+        self.action_normalizer = Normalizer(action_dim)
+        self.embed = FourierEmbedding(32)
+        self.net = ResidualMLP(self.flat_act + self.flat_obs + 32, cfg.hidden_dim,
+                               cfg.num_layers, self.flat_act)
+        self.sampling_steps = cfg.sampling_steps
+
+    # -- EDM preconditioning ---------------------------------------------------------------
+    def denoise(self, a: torch.Tensor, obs: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """D(a; sigma, s): the denoised action for noisy `a` (..., flat_act) at level `sigma`."""
+        sd = self.cfg.sigma_data
+        sigma = sigma.to(a.dtype).expand(a.shape[:-1])[..., None]
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1.0 / (sigma ** 2 + sd ** 2).sqrt()
+        c_noise = sigma.log()[..., 0] / 4.0
+        obs = obs.expand(*a.shape[:-1], obs.shape[-1])
+        h = torch.cat([c_in * a, obs, self.embed(c_noise)], dim=-1)
+        return c_skip * a + c_out * self.net(h)
+
+    def score(self, a: torch.Tensor, obs: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Score of the sigma-smoothed action distribution: (D(a; sigma, s) - a) / sigma^2."""
+        sig = sigma.to(a.dtype).expand(a.shape[:-1])[..., None]
+        return (self.denoise(a, obs, sigma) - a) / sig ** 2
+
+    def loss(self, a0: torch.Tensor, obs: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """EDM denoising loss with log-normal training noise."""
+        cfg = self.cfg
+        n = torch.randn(a0.shape[0], device=a0.device, generator=generator)
+        sigma = (cfg.noise_mean + cfg.noise_std * n).exp()
+        noise = torch.randn(a0.shape, device=a0.device, generator=generator)
+        denoised = self.denoise(a0 + sigma[:, None] * noise, obs, sigma)
+        sd = cfg.sigma_data
+        weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+        return (weight[:, None] * (denoised - a0) ** 2).mean()
+
+    # -- sampling ---------------------------------------------------------------------------
+    def sigmas(self, steps: int, device: torch.device | str = 'cpu') -> torch.Tensor:
+        """Karras noise levels from sigma_max down to sigma_min (`steps` values)."""
+        cfg = self.cfg
+        if steps == 1:
+            return torch.tensor([cfg.sigma_max], device=device)
+        ramp = torch.linspace(0, 1, steps, device=device)
+        lo, hi = cfg.sigma_min ** (1 / cfg.rho), cfg.sigma_max ** (1 / cfg.rho)
+        return (hi + ramp * (lo - hi)) ** cfg.rho
+
+    @torch.no_grad()
+    def sample(self, obs: torch.Tensor, steps: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw flat normalised action chunks for flat normalised observations `(B, flat_obs)`."""
+        steps = self.sampling_steps if steps is None else int(steps)
+        sigmas = self.sigmas(steps, obs.device)
+        x = torch.randn(obs.shape[0], self.flat_act, device=obs.device,
+                        generator=generator) * sigmas[0]
+        for i in range(steps):
+            sigma = sigmas[i]
+            denoised = self.denoise(x, obs, sigma)
+            if i == steps - 1:
+                return denoised
+            nxt = sigmas[i + 1]
+            d = (x - denoised) / sigma
+            x_next = x + (nxt - sigma) * d
+            if self.cfg.sampler == 'heun':
+                d2 = (x_next - self.denoise(x_next, obs, nxt)) / nxt
+                x_next = x + (nxt - sigma) * (d + d2) / 2
+            x = x_next
+        return x
+
+    def predict(self, obs_window: torch.Tensor, generator: torch.Generator | None = None,
+                diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        """Policy interface: normalised `(B, T_o, obs_dim)` -> `(B, T_a, action_dim)`."""
+        flat = self.sample(obs_window.reshape(obs_window.shape[0], -1), generator=generator)
+        return flat.reshape(-1, self.action_horizon, self.action_dim), {}
+
+    def to_config(self) -> dict[str, Any]:
+        return {'obs_dim': self.obs_dim, 'action_dim': self.action_dim,
+                'obs_horizon': self.obs_horizon, 'action_horizon': self.action_horizon}
+
+
+def train_teacher(teacher: DiffusionTeacher, obs: torch.Tensor, actions: torch.Tensor, *,
+                  iterations: int | None = None, seed: int = 0,
+                  progress: ProgressCallback | None = None,
+                  stop: threading.Event | None = None, show_bar: bool = True,
+                  on_checkpoint: Any = None, checkpoint_every: int = 0) -> list[tuple[int, float]]:
+    """Train the denoiser on normalised flat `obs (N, flat_obs)` and `actions (N, flat_act)`.
+
+    The weights end as an exponential moving average of the iterates. Returns the loss
+    history. `on_checkpoint(teacher)` is called every `checkpoint_every` iterations.
+    """
+    cfg = teacher.cfg
+    iterations = cfg.iterations if iterations is None else iterations
+    device = obs.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ema = copy.deepcopy(teacher.net).requires_grad_(False)
+    opt = torch.optim.AdamW(teacher.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda it: 0.5 * (1 + math.cos(math.pi * min(it / iterations, 1.0))))
+    tracker = ProgressTracker('teacher', iterations, progress, stop, show_bar)
+    teacher.train()
+    n = obs.shape[0]
+    try:
+        for it in range(iterations):
+            idx = torch.randint(n, (min(cfg.batch_size, n),), device=device, generator=gen)
+            loss = teacher.loss(actions[idx], obs[idx], gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(teacher.net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            decay = min(cfg.ema_decay, (1 + it) / (10 + it))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), teacher.net.parameters()):
+                    pe.lerp_(p, 1 - decay)
+            tracker.update(it, loss.item(), lr=sched.get_last_lr()[0])
+            if on_checkpoint is not None and checkpoint_every and (it + 1) % checkpoint_every == 0:
+                _with_ema(teacher, ema, on_checkpoint)
+            if tracker.should_stop:
+                break
+    finally:
+        tracker.close()
+    teacher.net.load_state_dict(ema.state_dict())
+    teacher.eval()
+    return tracker.history
+
+
+def _with_ema(teacher: DiffusionTeacher, ema: nn.Module, fn: Any) -> None:
+    """Call fn(teacher) with the EMA weights swapped in, then restore the live weights."""
+    live = copy.deepcopy(teacher.net.state_dict())
+    teacher.net.load_state_dict(ema.state_dict())
+    try:
+        fn(teacher)
+    finally:
+        teacher.net.load_state_dict(live)

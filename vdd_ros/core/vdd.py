@@ -1,0 +1,124 @@
+"""Variational Diffusion Distillation: the objective as pure functions and its training loop.
+
+Upper bound per expert z (Zhou et al., 2024):
+    U_z(s) = E_{a ~ q(a|s,z)} [ -log pi_T(a|s) - log q~(z|a,s) ] - H[q(.|s,z)]
+with q~ the responsibilities of the current model (parameters detached, gradient through a) and
+grad_a log pi_T replaced by the teacher's score at a noise level sigma, treating a as a noisy
+sample (no noise is added). The gating is fitted to responsibilities of dataset actions.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from vdd_ros.core.config import VDDConfig
+from vdd_ros.core.moe import MixtureOfExperts
+from vdd_ros.core.progress import ProgressCallback, ProgressTracker
+from vdd_ros.core.scores import ScoreFunction
+
+
+def expert_loss(moe: MixtureOfExperts, obs: torch.Tensor, score_fn: ScoreFunction,
+                cfg: VDDConfig, uniform_gating: bool = False,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Surrogate of sum_z q(z|s) U_z(s), averaged over the batch of states `obs (B, F)`."""
+    b, z, v = obs.shape[0], moe.num_experts, cfg.samples_per_expert
+    h = moe.features(obs)
+    if uniform_gating:
+        log_gate = torch.full((b, z), -math.log(z), device=obs.device)
+    else:
+        log_gate = moe.log_gating(h).detach()
+    means, scales = moe.means(h), moe.scales(h)
+    a = moe.rsample_experts(means, scales, v, generator)                      # (B, Z, V, D)
+    sigma = torch.empty(b, z, v, device=obs.device).uniform_(
+        cfg.score_sigma_min, cfg.score_sigma_max, generator=generator)
+    with torch.no_grad():
+        score = score_fn(a.detach(), obs[:, None, None], sigma)
+    log_resp = moe.responsibilities(a.reshape(b, z * v, -1), log_gate, means.detach(),
+                                    scales.detach())                          # (B, Z*V, Z)
+    own = log_resp.view(b, z, v, z).diagonal(dim1=1, dim2=3).transpose(1, 2)  # (B, Z, V)
+    entropy = moe.entropy(scales)                                             # (B, Z)
+    per_expert = ((score * a).sum(-1) + own).mean(-1) + entropy
+    loss = -(log_gate.exp() * per_expert).sum(-1).mean()
+    stats = {'entropy': float(entropy.detach().mean()), 'log_resp': float(own.detach().mean())}
+    return loss, stats
+
+
+def gating_loss(moe: MixtureOfExperts, obs: torch.Tensor,
+                actions: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy of q(z|s) toward the responsibilities of dataset actions (M-step)."""
+    h = moe.features(obs).detach()
+    log_gate = moe.log_gating(h)
+    with torch.no_grad():
+        resp = moe.responsibilities(actions[:, None], log_gate, moe.means(h),
+                                    moe.scales(h))[:, 0].exp()
+    return -(resp * log_gate).sum(-1).mean()
+
+
+def expert_parameters(moe: MixtureOfExperts) -> list[nn.Parameter]:
+    return [*moe.backbone.parameters(), *moe.mean_head.parameters(),
+            *moe.scale_head.parameters()]
+
+
+def linear_decay(iterations: int, final_fraction: float) -> Callable[[int], float]:
+    return lambda it: 1.0 - (1.0 - final_fraction) * min(it / max(iterations, 1), 1.0)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group['lr'] = lr
+
+
+def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
+            actions: torch.Tensor, cfg: VDDConfig, *, seed: int = 0,
+            progress: ProgressCallback | None = None, stop: threading.Event | None = None,
+            show_bar: bool = True, on_checkpoint: Callable[[MixtureOfExperts], Any] | None = None,
+            checkpoint_every: int = 0) -> list[tuple[int, float]]:
+    """Train `moe` by VDD against `score_fn` on dataset states `obs (N, F)`.
+
+    `actions (N, D)` are the dataset actions for the gating step. Raises DivergenceError
+    naming the iteration if the loss turns NaN or Inf. Returns the loss history.
+    """
+    device = obs.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    opt = torch.optim.Adam(expert_parameters(moe), lr=cfg.lr)
+    gate_opt = torch.optim.Adam(moe.gate.parameters(), lr=cfg.gating_lr)
+    decay = linear_decay(cfg.iterations, cfg.final_lr_fraction)
+    warmup = int(cfg.uniform_gating_fraction * cfg.iterations)
+    tracker = ProgressTracker('vdd', cfg.iterations, progress, stop, show_bar)
+    moe.train()
+    n = obs.shape[0]
+    try:
+        for it in range(cfg.iterations):
+            uniform = it < warmup
+            set_lr(opt, cfg.lr * decay(it))
+            set_lr(gate_opt, cfg.gating_lr * decay(it))
+            for _ in range(cfg.expert_steps):
+                idx = torch.randint(n, (min(cfg.batch_size, n),), device=device, generator=gen)
+                loss, stats = expert_loss(moe, obs[idx], score_fn, cfg, uniform, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(expert_parameters(moe), cfg.grad_clip)
+                opt.step()
+            g_loss = float('nan')
+            if not uniform:
+                for _ in range(cfg.gating_steps):
+                    idx = torch.randint(n, (min(cfg.batch_size, n),), device=device,
+                                        generator=gen)
+                    g = gating_loss(moe, obs[idx], actions[idx])
+                    gate_opt.zero_grad(set_to_none=True)
+                    g.backward()
+                    gate_opt.step()
+                    g_loss = g.item()
+            tracker.update(it, loss.item(), gating_loss=g_loss, **stats)
+            if on_checkpoint is not None and checkpoint_every and (it + 1) % checkpoint_every == 0:
+                on_checkpoint(moe)
+            if tracker.should_stop:
+                break
+    finally:
+        tracker.close()
+    moe.eval()
+    return tracker.history
