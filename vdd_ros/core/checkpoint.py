@@ -9,6 +9,7 @@ Folders are written atomically (a temporary sibling, then a rename).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shutil
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vdd_ros.core.config import MoEConfig, TeacherConfig, from_dict
@@ -68,7 +69,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: Polic
             'format': FORMAT_VERSION,
             'kind': model.kind,
             'method': method,
-            'model': _plain(model.cfg),
+            'model': dataclasses.asdict(model.cfg),
             'spec': spec.to_dict(),
             'train': train_config or {},
             'metrics': metrics or {},
@@ -79,11 +80,6 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: Polic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _plain(cfg: Any) -> dict[str, Any]:
-    import dataclasses
-    return dataclasses.asdict(cfg)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -124,7 +120,7 @@ def load_model(path: str | os.PathLike,
     for name in (WEIGHTS_FILE, NORMALIZER_FILE):
         try:
             state.update(load_file(str(path / name)))
-        except (FileNotFoundError, SafetensorsError, OSError) as exc:
+        except (FileNotFoundError, SafetensorError, OSError) as exc:
             raise UserError(f'{path / name}: cannot read weights ({exc})') from None
     try:
         model.load_state_dict(state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +62,8 @@ class MixtureOfExperts(nn.Module):
             self.gate[-1].bias.zero_()
         self.expert_mode: str | int = cfg.expert_mode
         self._episode_expert: torch.Tensor | None = None
+        self._acting: tuple[torch.Tensor, ...] | None = None
+        self._trunk = tuple(self.backbone)[1:]   # the backbone after its first layer
 
     # -- parameterisation -------------------------------------------------------------------
     @torch.no_grad()
@@ -148,7 +151,7 @@ class MixtureOfExperts(nn.Module):
     def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw flat actions `(B, D)` from the full mixture."""
         log_gate, means, scales = self(obs)
-        idx = _sample_index(log_gate.exp(), generator)
+        idx = _sample_index(log_gate, generator)
         draws = self.rsample_experts(means, scales, 1, generator)[:, :, 0]
         return draws[torch.arange(obs.shape[0]), idx]
 
@@ -162,37 +165,86 @@ class MixtureOfExperts(nn.Module):
     def reset(self) -> None:
         self._episode_expert = None
 
-    def select(self, log_gate: torch.Tensor,
+    def select(self, logits: torch.Tensor,
                generator: torch.Generator | None = None) -> torch.Tensor:
+        """One expert index per row of gating `logits (B, Z)` under `expert_mode`."""
         mode = self.expert_mode
         if mode == 'argmax':
-            return log_gate.argmax(-1)
+            return logits.argmax(-1)
         if mode == 'sample':
-            return _sample_index(log_gate.exp(), generator)
+            return _sample_index(logits, generator)
         if mode == 'per_episode':
-            if self._episode_expert is None or self._episode_expert.shape[0] != log_gate.shape[0]:
-                self._episode_expert = _sample_index(log_gate.exp(), generator)
+            if self._episode_expert is None or self._episode_expert.shape[0] != logits.shape[0]:
+                self._episode_expert = _sample_index(logits, generator)
             return self._episode_expert
-        return torch.full(log_gate.shape[:1], int(mode), dtype=torch.long,
-                          device=log_gate.device)
+        return torch.full(logits.shape[:1], int(mode), dtype=torch.long, device=logits.device)
+
+    def _select_one(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        """`select` for a single state, as a plain int (the control-loop fast path)."""
+        mode = self.expert_mode
+        if mode == 'sample' and logits.device.type == 'cpu':
+            return _sample_one(logits[0].numpy(), generator)
+        if mode == 'argmax':
+            return int(logits[0].argmax())
+        return int(self.select(logits, generator)[0])
+
+    def train(self, mode: bool = True) -> 'MixtureOfExperts':
+        self._acting = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._acting = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _acting_params(self) -> tuple[torch.Tensor, ...]:
+        """First backbone layer and mean head with the normalizers folded in (exact, cached)."""
+        if getattr(self, '_acting', None) is None:
+            with torch.no_grad():
+                first = self.backbone[0]
+                o_off = self.obs_normalizer.offset.repeat(self.obs_horizon)
+                o_scale = self.obs_normalizer.scale.repeat(self.obs_horizon)
+                w1 = first.weight / o_scale
+                b1 = first.bias - w1 @ o_off
+                a_off = self.action_normalizer.offset.repeat(self.action_horizon)
+                a_scale = self.action_normalizer.scale.repeat(self.action_horizon)
+                wm = (self.mean_head.weight.view(self.num_experts, self.dim, -1)
+                      * a_scale[:, None])
+                bm = self.mean_head.bias.view(self.num_experts, self.dim) * a_scale + a_off
+            self._acting = (w1, b1, wm.contiguous(), bm.contiguous())
+        return self._acting
 
     @torch.no_grad()
     def predict(self, obs_window: torch.Tensor, generator: torch.Generator | None = None,
                 diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-        """Policy interface: the chosen expert's mean, one backbone pass."""
+        """Policy interface: raw `(B, T_o, obs_dim)` -> the chosen expert's mean `(B, T_a, A)`.
+
+        One backbone pass; only the chosen expert's mean is computed, with the normalizers
+        folded into the first and last layers. With `diagnostics`, `info` holds the expert,
+        the gating entropy and the mixture log-likelihood of the action (raw action units).
+        """
         b = obs_window.shape[0]
-        h = self.backbone(obs_window.reshape(b, -1))
-        log_gate = F.log_softmax(self.gate(h), dim=-1)
-        means = self.mean_head(h).view(b, self.num_experts, self.dim)
-        idx = self.select(log_gate, generator)
-        action = means[torch.arange(b), idx]
+        w1, b1, wm, bm = self._acting_params()
+        h = F.linear(obs_window.reshape(b, -1), w1, b1)
+        for layer in self._trunk:
+            h = layer(h)
+        logits = self.gate(h)
+        if b == 1:
+            i = self._select_one(logits, generator)
+            action = F.linear(h, wm[i], bm[i])
+        else:
+            idx = self.select(logits, generator)
+            i = int(idx[0])
+            action = torch.einsum('bh,bdh->bd', h, wm[idx]) + bm[idx]
         info: dict[str, float] = {}
         if diagnostics:
-            gate = log_gate[0].exp()
-            info['expert'] = float(idx[0])
-            info['gating_entropy'] = float(-(gate * log_gate[0]).sum())
-            comp = self.component_log_prob(action[:1, None], means[:1], self.scales(h[:1]))
-            info['log_prob'] = float(torch.logsumexp(log_gate[:1] + comp[:, 0], -1))
+            log_gate = F.log_softmax(logits[:1], dim=-1)
+            info['expert'] = float(i)
+            info['gating_entropy'] = float(-(log_gate.exp() * log_gate).sum())
+            a_norm = self.action_normalizer.normalize(
+                action[:1].view(1, self.action_horizon, self.action_dim)).view(1, 1, -1)
+            comp = self.component_log_prob(a_norm, self.means(h[:1]), self.scales(h[:1]))
+            log_det = self.action_horizon * self.action_normalizer.scale.log().sum()
+            info['log_prob'] = float(torch.logsumexp(log_gate + comp[:, 0], -1) - log_det)
         return action.view(b, self.action_horizon, self.action_dim), info
 
     def to_config(self) -> dict[str, Any]:
@@ -200,8 +252,15 @@ class MixtureOfExperts(nn.Module):
                 'obs_horizon': self.obs_horizon, 'action_horizon': self.action_horizon}
 
 
-def _sample_index(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Inverse-CDF draw of one index per row (cheaper than torch.multinomial at batch 1)."""
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator)
-    idx = (probs.cumsum(-1) < u * probs.sum(-1, keepdim=True)).sum(-1)
-    return idx.clamp_(max=probs.shape[-1] - 1)
+def _sample_index(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one index per row from softmax(logits) by inverse CDF (cheap at batch 1)."""
+    u = torch.rand(logits.shape[0], 1, device=logits.device, generator=generator)
+    cdf = torch.softmax(logits, dim=-1).cumsum(-1)
+    return (cdf < u * cdf[:, -1:]).sum(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+def _sample_one(logits: np.ndarray, generator: torch.Generator | None) -> int:
+    """Draw from softmax(logits) of one state with numpy (a few microseconds)."""
+    cdf = np.cumsum(np.exp(logits - logits.max()))
+    u = float(torch.rand((), generator=generator)) * cdf[-1]
+    return min(int(np.searchsorted(cdf, u, side='right')), len(logits) - 1)

@@ -63,12 +63,11 @@ class Policy(ABC):
 
 
 class ModelPolicy(Policy):
-    """Runs a torch model that maps a normalised observation window to an action chunk.
+    """Runs a torch model that maps an observation window to an action chunk.
 
-    The model implements `predict(obs_window, generator) -> (actions, info)` where
-    `obs_window` is `(B, obs_horizon, obs_dim)` normalised and `actions` is
-    `(B, action_horizon, action_dim)` normalised; `info` is a dict of floats.
-    The model also owns `obs_normalizer` and `action_normalizer` (see normalizer.py).
+    The model implements `predict(obs_window, generator, diagnostics) -> (actions, info)` with
+    `obs_window (B, obs_horizon, obs_dim)` and `actions (B, action_horizon, action_dim)` in
+    raw units (the model owns its normalizers); `info` is a dict of floats.
     Set `diagnostics = True` to have `info` filled on every query (costs a little latency).
     """
 
@@ -102,11 +101,13 @@ class ModelPolicy(Policy):
         else:
             self._history.append(obs)
         if not self._queue:
-            window = torch.from_numpy(np.stack(self._history)).to(self.device)[None]
-            window = self.model.obs_normalizer.normalize(window)
+            stacked = obs[None] if self.spec.obs_horizon == 1 else np.stack(self._history)
+            window = torch.from_numpy(stacked)[None]
+            if self.device.type != 'cpu':
+                window = window.to(self.device)
             actions, info = self.model.predict(window, generator=self._generator,
                                                diagnostics=self.diagnostics)
-            actions = self.model.action_normalizer.unnormalize(actions)[0].cpu().numpy()
+            actions = actions[0].cpu().numpy()
             self._queue.extend(actions[:self.spec.action_exec])
             self.info = dict(info)
         return self._queue.popleft()

@@ -103,9 +103,11 @@ class DiffusionTeacher(nn.Module):
 
     def predict(self, obs_window: torch.Tensor, generator: torch.Generator | None = None,
                 diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-        """Policy interface: normalised `(B, T_o, obs_dim)` -> `(B, T_a, action_dim)`."""
-        flat = self.sample(obs_window.reshape(obs_window.shape[0], -1), generator=generator)
-        return flat.reshape(-1, self.action_horizon, self.action_dim), {}
+        """Policy interface: raw `(B, T_o, obs_dim)` -> raw `(B, T_a, action_dim)`."""
+        obs = self.obs_normalizer.normalize(obs_window).reshape(obs_window.shape[0], -1)
+        flat = self.sample(obs, generator=generator)
+        return self.action_normalizer.unnormalize(
+            flat.reshape(-1, self.action_horizon, self.action_dim)), {}
 
     def to_config(self) -> dict[str, Any]:
         return {'obs_dim': self.obs_dim, 'action_dim': self.action_dim,

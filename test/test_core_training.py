@@ -1,0 +1,126 @@
+"""Training loops: VDD recovers the modes of an exact mixture score, baselines fit the data,
+divergence raises, early stop and progress callbacks work."""
+import threading
+
+import pytest
+import torch
+
+from vdd_ros.core.baselines import train_em
+from vdd_ros.core.config import BaselineConfig, MoEConfig, TeacherConfig, VDDConfig
+from vdd_ros.core.moe import MixtureOfExperts
+from vdd_ros.core.progress import DivergenceError
+from vdd_ros.core.teacher import DiffusionTeacher, train_teacher
+from vdd_ros.core.toy import RingProblem, ToyConfig, mean_errors
+from vdd_ros.core.vdd import distill, gating_loss
+
+FAST_VDD = VDDConfig(iterations=400, batch_size=64, lr=1e-2, gating_lr=1e-2,
+                     final_lr_fraction=0.05)
+
+
+def ring_moe(cfg: ToyConfig, actions: torch.Tensor, gen: torch.Generator) -> MixtureOfExperts:
+    moe = MixtureOfExperts(cfg.moe, 1, 2)
+    moe.init_means(actions, gen)
+    return moe
+
+
+def test_vdd_on_the_exact_score_puts_one_expert_on_each_mode():
+    cfg = ToyConfig()
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    problem = RingProblem(cfg)
+    obs, actions = problem.sample(4000, gen)
+    moe = ring_moe(cfg, actions, gen)
+    distill(moe, problem.score(), obs, actions, FAST_VDD, seed=0, show_bar=False)
+    covered, worst, distinct = mean_errors(problem, moe, torch.linspace(-1, 1, 5)[:, None])
+    assert covered == 8
+    assert distinct
+    assert worst < 0.25
+    # after the uniform warm-up the gating learns the (equal) mode weights
+    gate = moe.log_gating(moe.features(torch.zeros(1, 1))).exp()
+    assert (gate - 1 / 8).abs().max() < 0.06
+
+
+def test_vdd_raises_on_divergence_naming_the_iteration():
+    cfg = ToyConfig()
+    gen = torch.Generator().manual_seed(0)
+    obs, actions = RingProblem(cfg).sample(256, gen)
+    moe = ring_moe(cfg, actions, gen)
+    calls = {'n': 0}
+
+    def bad_score(a, obs, sigma):
+        calls['n'] += 1
+        return torch.full_like(a, float('nan')) if calls['n'] > 6 else torch.zeros_like(a)
+
+    with pytest.raises(DivergenceError, match='iteration 3'):
+        distill(moe, bad_score, obs, actions, FAST_VDD, show_bar=False)
+
+
+def test_teacher_training_raises_on_nan_data():
+    teacher = DiffusionTeacher(TeacherConfig(hidden_dim=16, num_layers=1, iterations=5), 1, 2)
+    actions = torch.zeros(32, 2)
+    actions[:, 0] = float('nan')
+    with pytest.raises(DivergenceError, match='teacher: loss became nan at iteration 0'):
+        train_teacher(teacher, torch.zeros(32, 1), actions, show_bar=False)
+
+
+def test_early_stop_and_progress_callback():
+    cfg = ToyConfig()
+    gen = torch.Generator().manual_seed(0)
+    problem = RingProblem(cfg)
+    obs, actions = problem.sample(256, gen)
+    moe = ring_moe(cfg, actions, gen)
+    stop = threading.Event()
+    reports = []
+
+    def on_progress(p):
+        reports.append(p)
+        if p.iteration >= 5:
+            stop.set()
+
+    vcfg = VDDConfig(iterations=1000, batch_size=32)
+    history = distill(moe, problem.score(), obs, actions, vcfg, progress=on_progress,
+                      stop=stop, show_bar=False)
+    assert 5 <= len(history) < 1000
+    assert reports and reports[-1].stage == 'vdd' and reports[-1].total == 1000
+    assert reports[-1].eta_s > 0
+
+
+def test_gating_step_moves_toward_data_responsibilities():
+    """Data only on expert 0's mean: the M-step must raise q(z=0|s)."""
+    moe = MixtureOfExperts(MoEConfig(num_experts=2, hidden_dim=16, num_layers=1), 1, 1)
+    with torch.no_grad():
+        moe.mean_head.weight.zero_()
+        moe.mean_head.bias.copy_(torch.tensor([-1.0, 1.0]))
+    obs, actions = torch.zeros(64, 1), torch.full((64, 1), -1.0)
+    opt = torch.optim.Adam(moe.gate.parameters(), lr=0.05)
+    for _ in range(50):
+        loss = gating_loss(moe, obs, actions)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert moe.log_gating(moe.features(obs[:1])).exp()[0, 0] > 0.9
+
+
+def test_em_moe_recovers_unequal_mode_weights_and_gaussian_bc_averages():
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    n = 4000
+    obs = torch.rand(n, 1, generator=gen)
+    left = torch.rand(n, generator=gen) < 0.3
+    actions = torch.where(left, -1.0, 1.0)[:, None] + 0.1 * torch.randn(n, 1, generator=gen)
+    bcfg = BaselineConfig(iterations=600, batch_size=256, lr=1e-2)
+    em = MixtureOfExperts(MoEConfig(num_experts=2, hidden_dim=32, num_layers=1), 1, 1)
+    em.init_means(actions, gen)
+    train_em(em, obs, actions, bcfg, show_bar=False)
+    log_gate, means, scales = em(torch.full((1, 1), 0.5))
+    order = means[0, :, 0].argsort()
+    assert torch.allclose(means[0, order, 0], torch.tensor([-1.0, 1.0]), atol=0.1)
+    assert torch.allclose(log_gate.exp()[0, order], torch.tensor([0.3, 0.7]), atol=0.05)
+    assert torch.allclose(scales[0, :, 0], torch.tensor([0.1, 0.1]), atol=0.05)
+
+    bc = MixtureOfExperts(MoEConfig(num_experts=1, hidden_dim=32, num_layers=1), 1, 1)
+    train_em(bc, obs, actions, bcfg, show_bar=False)
+    with torch.no_grad():
+        _, mean, std = bc(torch.full((1, 1), 0.5))
+    assert float(mean) == pytest.approx(0.4, abs=0.1)        # 0.7 * 1 + 0.3 * -1
+    assert float(std) == pytest.approx(float(actions.std()), abs=0.1)

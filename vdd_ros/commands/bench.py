@@ -1,0 +1,56 @@
+"""`vdd-ros bench`: per-action latency at batch 1 on the CPU, MoE against the teacher."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vdd_ros.core.bench import latency_benchmark
+from vdd_ros.core.io import write_json
+
+TARGET_SPEEDUP_8 = 8.0       # MoE at least 8x faster than the 8-step teacher
+TARGET_ACT_OVER_FORWARD = 1.5  # MoE act within 1.5x of its bare network forward
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--json', type=Path, default=Path('results/bench/latency.json'),
+                        help='where to write the results (default: %(default)s)')
+    parser.add_argument('--calls', type=int, default=2000,
+                        help='timed calls per policy after warm-up (default: %(default)s)')
+    parser.add_argument('--warmup', type=int, default=200)
+    parser.add_argument('--obs-dim', type=int, default=60)
+    parser.add_argument('--action-dim', type=int, default=7)
+    parser.add_argument('--hidden-dim', type=int, default=256)
+    parser.add_argument('--layers', type=int, default=3)
+    parser.add_argument('--experts', type=int, default=8)
+    parser.add_argument('--expert-mode', default='sample',
+                        choices=['sample', 'argmax', 'per_episode'])
+    parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+
+
+def run(args: argparse.Namespace) -> int:
+    from vdd_ros.errors import UserError
+    if args.calls < 1000:
+        raise UserError(f'--calls: at least 1000 calls are needed for a p99, got {args.calls}')
+    r = latency_benchmark(args.obs_dim, args.action_dim, args.hidden_dim, args.layers,
+                          args.experts, calls=args.calls, warmup=args.warmup,
+                          expert_mode=args.expert_mode, threads=args.threads)
+    r['targets'] = {'speedup_vs_teacher_8': TARGET_SPEEDUP_8,
+                    'act_over_forward': TARGET_ACT_OVER_FORWARD}
+    r['met'] = {'speedup_vs_teacher_8': r['speedup_vs_teacher_8'] >= TARGET_SPEEDUP_8,
+                'act_over_forward': r['act_over_forward'] <= TARGET_ACT_OVER_FORWARD}
+    s = r['settings']
+    print(f'batch 1, CPU, {s["threads"]} thread(s), {s["num_layers"]}x{s["hidden_dim"]} MLP, '
+          f'obs {s["obs_dim"]}-d, action {s["action_dim"]}-d, {s["calls"]} calls')
+    print(f'{"policy":<26}{"p50 ms":>10}{"p99 ms":>10}{"vs MoE":>9}')
+    rows = [('MoE act (1 pass)', r['moe']), ('MoE bare network forward', r['moe_forward'])]
+    rows += [(f'teacher, {k} step(s)', v) for k, v in r['teacher'].items()]
+    for name, v in rows:
+        print(f'{name:<26}{v["p50"]:>10.4f}{v["p99"]:>10.4f}{v["p50"] / r["moe_ms_p50"]:>8.1f}x')
+    flag = {True: 'met', False: 'MISSED'}
+    print(f'speed-up vs 8-step teacher: {r["speedup_vs_teacher_8"]:.1f}x '
+          f'(target >= {TARGET_SPEEDUP_8:.0f}x, {flag[r["met"]["speedup_vs_teacher_8"]]})')
+    print(f'MoE act / bare forward: {r["act_over_forward"]:.2f}x '
+          f'(target <= {TARGET_ACT_OVER_FORWARD}x, {flag[r["met"]["act_over_forward"]]})')
+    write_json(args.json, r)
+    print(f'wrote {args.json}')
+    return 0
