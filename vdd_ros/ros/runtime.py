@@ -1,0 +1,155 @@
+"""What every vdd_ros node shares: parameter declaration, diagnostics, and the run loop.
+
+`run_node` gives each executable the same life cycle: init rclpy with the command line, build
+the node (a UserError from bad parameters is logged as FATAL, exit status 2), spin until the node
+says it is finished or a signal arrives (one SIGINT or SIGTERM is a clean stop, exit status 0),
+then ignore further signals while the node shuts down, so a second signal never crashes it.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.clock import Clock, ClockType
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+from vdd_ros.errors import UserError
+from vdd_ros.ros.conversions import diagnostic_array, diagnostic_status
+
+try:  # rclpy raises this one on access to a parameter declared by type without a value
+    from rclpy.exceptions import ParameterUninitializedException
+except ImportError:  # pragma: no cover - older rclpy
+    ParameterUninitializedException = LookupError  # type: ignore[misc, assignment]
+
+DIAGNOSTICS_TOPIC = '/diagnostics'
+_ARRAY_TYPES = {
+    'int[]': Parameter.Type.INTEGER_ARRAY, 'float[]': Parameter.Type.DOUBLE_ARRAY,
+    'str[]': Parameter.Type.STRING_ARRAY,
+}
+
+
+class VddNode(Node):
+    """Base of the vdd_ros nodes: described parameters, diagnostics, a steady clock.
+
+    A node that ends by itself sets `finished` and `exit_code`; `shutdown()` releases what the
+    node owns (threads, environments) and runs once, with signals ignored.
+    """
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.finished = threading.Event()
+        self.exit_code = 0
+        self.steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self._diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC, 10)
+
+    # -- parameters ---------------------------------------------------------------------------
+    def param(self, name: str, default: Any, description: str, *, read_only: bool = False,
+              dynamic: bool = False, constraints: str = '') -> Any:
+        """Declare a parameter with a description and return its value.
+
+        `default` may be a value or an array type name ('int[]', 'float[]', 'str[]'): such a
+        parameter has no default and reads as an empty list until it is set. `dynamic` allows
+        any type (for numbers given as `20` or `20.0`, or a mode given as `sample` or `2`).
+        """
+        desc = ParameterDescriptor(description=description, read_only=read_only,
+                                   dynamic_typing=dynamic, additional_constraints=constraints)
+        if isinstance(default, str) and default in _ARRAY_TYPES:
+            self.declare_parameter(name, _ARRAY_TYPES[default], desc)
+            try:
+                value = self.get_parameter(name).value
+            except ParameterUninitializedException:
+                return []
+            return list(value) if value is not None else []
+        return self.declare_parameter(name, default, desc).value
+
+    def number(self, name: str, value: Any, low: float = 0.0, inclusive: bool = False) -> float:
+        """`value` as a float above `low` (or at least `low`); UserError naming the parameter."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f'parameter {name}: expected a number, got {value!r}')
+        value = float(value)
+        ok = value >= low if inclusive else value > low
+        if not ok or value != value or value == float('inf'):
+            raise UserError(f'parameter {name}: must be {">=" if inclusive else ">"} {low}, '
+                            f'got {value}')
+        return value
+
+    # -- diagnostics --------------------------------------------------------------------------
+    def publish_diagnostics(self, level: str, message: str, values: dict[str, Any],
+                            name: str | None = None) -> None:
+        """One status on /diagnostics, named after this node's full name."""
+        status = diagnostic_status(name or self.get_fully_qualified_name().lstrip('/'), level,
+                                   message, values,
+                                   hardware_id=self.get_fully_qualified_name())
+        self._diag_pub.publish(diagnostic_array([status], self.get_clock().now().to_msg()))
+
+    def create_steady_timer(self, period_s: float, callback: Callable[[], None]) -> Any:
+        """A timer on the steady clock (immune to system-time jumps)."""
+        return self.create_timer(period_s, callback, clock=self.steady)
+
+    def finish(self, code: int = 0) -> None:
+        """Ask the run loop to end with exit status `code`."""
+        self.exit_code = code
+        self.finished.set()
+
+    def shutdown(self) -> None:
+        """Release what the node owns (override)."""
+
+
+def _ignore_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+
+def spin(node: VddNode, executor: Any, timeout_s: float | None = None,
+         until: Callable[[], bool] | None = None) -> bool:
+    """Spin `executor` until `node.finished`, `until()`, the timeout or shutdown.
+
+    Returns True when it ended for `finished` or `until`, False on timeout or shutdown.
+    """
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    while node.context.ok():
+        if node.finished.is_set() or (until is not None and until()):
+            return True
+        if end is not None and time.monotonic() >= end:
+            return False
+        executor.spin_once(timeout_sec=0.1)
+    return False
+
+
+def run_node(factory: Callable[[], VddNode], args: list[str] | None = None,
+             name: str = 'vdd_ros') -> int:
+    """Init rclpy with `args`, build the node, spin it, shut down cleanly; the exit status."""
+    rclpy.init(args=sys.argv if args is None else args)
+    node: VddNode | None = None
+    code = 0
+    try:
+        node = factory()
+        executor = SingleThreadedExecutor(context=node.context)
+        executor.add_node(node)
+        spin(node, executor)
+        code = node.exit_code if node.finished.is_set() else 0
+    except (KeyboardInterrupt, ExternalShutdownException):
+        code = 0
+    except UserError as exc:
+        rclpy.logging.get_logger(name).fatal(str(exc))
+        code = 2
+    finally:
+        _ignore_signals()
+        if node is not None:
+            try:
+                node.shutdown()
+            finally:
+                node.destroy_node()
+        rclpy.try_shutdown()
+    return code

@@ -1,0 +1,135 @@
+"""Helpers shared by the ROS tests and the latency benchmark: private contexts, a probe node
+that plays the simulator's side of the topics, and a tiny MoE checkpoint."""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import qos_profile_sensor_data
+from std_msgs.msg import Float32MultiArray
+
+from vdd_ros.ros.conversions import (level_name, msg_meta, msg_to_array, observation_to_msg,
+                                     status_values)
+from vdd_ros.ros.policy_node import ACTION_QOS
+
+
+def domain_id() -> int:
+    """This run's ROS domain: ROS_DOMAIN_ID when set, else one derived from the process id."""
+    env = os.environ.get('ROS_DOMAIN_ID', '')
+    return int(env) if env.isdigit() else 10 + os.getpid() % 90
+
+
+@contextlib.contextmanager
+def ros_context(domain: int | None = None) -> Iterator[Context]:
+    """A private, initialised rclpy context (no signal handlers), shut down on exit."""
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=domain_id() if domain is None else domain,
+               signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
+    try:
+        yield ctx
+    finally:
+        ctx.try_shutdown()
+
+
+def spin_until(executor: Any, predicate: Callable[[], bool], timeout_s: float) -> bool:
+    """Spin until `predicate()` holds (True) or `timeout_s` passes (False)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        executor.spin_once(timeout_sec=0.02)
+    return predicate()
+
+
+def spin_for(executor: Any, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        executor.spin_once(timeout_sec=min(0.02, max(end - time.monotonic(), 0.0)))
+
+
+class Probe:
+    """Publishes observations and records actions and diagnostics, like a simulator would."""
+
+    def __init__(self, context: Context, namespace: str = '', name: str = 'probe') -> None:
+        self.node = rclpy.create_node(name, namespace=namespace, context=context)
+        self.obs_pub = self.node.create_publisher(Float32MultiArray, 'observation',
+                                                  qos_profile_sensor_data)
+        self.actions: list[tuple[float, np.ndarray, dict[str, int]]] = []
+        self.diagnostics: list[tuple[str, str, str, dict[str, str]]] = []
+        self.sent: dict[int, float] = {}
+        self.seq = 0
+        self.node.create_subscription(Float32MultiArray, 'action', self._on_action, ACTION_QOS)
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 50)
+
+    def _on_action(self, msg: Float32MultiArray) -> None:
+        self.actions.append((time.perf_counter(), msg_to_array(msg), msg_meta(msg)))
+
+    def _on_diag(self, msg: DiagnosticArray) -> None:
+        for s in msg.status:
+            self.diagnostics.append((s.name, level_name(s.level), s.message, status_values(s)))
+
+    def send(self, obs: np.ndarray, fields: list[tuple[str, int]] | None, episode: int = 1,
+             step: int = 0, raw: bool = False) -> int:
+        """Publish one observation (labelled unless `raw`); returns its sequence number."""
+        self.seq += 1
+        if raw:
+            msg = Float32MultiArray()
+            msg.data = np.asarray(obs, dtype=np.float32).tolist()
+        else:
+            msg = observation_to_msg(obs, fields, self.seq, episode, step)
+        self.sent[self.seq] = time.perf_counter()
+        self.obs_pub.publish(msg)
+        return self.seq
+
+    def answers(self, seq: int) -> list[np.ndarray]:
+        return [a for _, a, m in self.actions if m.get('seq') == seq]
+
+    def last_status(self, node_name: str) -> tuple[str, str, dict[str, str]] | None:
+        for name, level, message, values in reversed(self.diagnostics):
+            if name.endswith(node_name):
+                return level, message, values
+        return None
+
+    def destroy(self) -> None:
+        self.node.destroy_node()
+
+
+def make_executor(context: Context, *nodes: Any) -> SingleThreadedExecutor:
+    executor = SingleThreadedExecutor(context=context)
+    for node in nodes:
+        executor.add_node(getattr(node, 'node', node))
+    return executor
+
+
+def tiny_moe_checkpoint(path: str | os.PathLike, task: str = 'lift_carry',
+                        num_experts: int = 3, hidden_dim: int = 32, seed: int = 0) -> Path:
+    """A small untrained VDD-MoE checkpoint for `task`'s observation (for tests and benches).
+
+    The experts' means are spread apart so that each expert gives a different action.
+    """
+    import torch
+
+    from vdd_ros.core.checkpoint import save_checkpoint
+    from vdd_ros.core.config import MoEConfig
+    from vdd_ros.core.moe import MixtureOfExperts
+    from vdd_ros.core.policy import PolicySpec
+    from vdd_ros.sim.tasks import get_task
+
+    spec = get_task(task)
+    torch.manual_seed(seed)
+    model = MixtureOfExperts(MoEConfig(num_experts=num_experts, hidden_dim=hidden_dim,
+                                       num_layers=1), spec.obs_dim, spec.action_dim)
+    with torch.no_grad():
+        model.mean_head.bias.copy_(torch.linspace(-0.9, 0.9, num_experts)
+                                   .repeat_interleave(spec.action_dim))
+    return save_checkpoint(path, model, PolicySpec(obs_fields=list(spec.obs_fields),
+                                                   action_dim=spec.action_dim, task=spec.name),
+                           'vdd_moe')
