@@ -1,0 +1,294 @@
+"""State-only robosuite environments for the multimodal tasks, behind one small interface.
+
+`SimEnv` builds the task's robosuite environment (Panda, OSC pose-delta controller, no
+cameras), places the cubes in the task's regions, samples virtual goals where the task has
+them, flattens the observation into named fields, and classifies success and behaviour mode
+from the simulator state. robosuite is imported on first use only.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+
+from vdd_ros.sim.tasks import TABLE_Z, TaskSpec, get_task
+
+# Every robosuite environment is built with this seed, so that model-time randomness (the
+# Lift cube's size) is identical in every process; episodes are seeded on reset instead.
+MAKE_SEED = 0
+_ROBOSUITE: Any = None
+
+
+def _quiet_robosuite_logger() -> None:
+    """Drop robosuite's import-time warnings (private macros, optional robots, IK)."""
+    logger = logging.getLogger('robosuite_logs')
+    if not any(getattr(f, 'vdd_ros', False) for f in logger.filters):
+        class _Filter(logging.Filter):
+            vdd_ros = True
+
+            def filter(self, record: logging.LogRecord) -> bool:
+                return record.levelno >= logging.ERROR
+
+        logger.addFilter(_Filter())
+
+
+def import_robosuite() -> Any:
+    """Import robosuite quietly (once per process) and return the module."""
+    global _ROBOSUITE
+    if _ROBOSUITE is None:
+        _quiet_robosuite_logger()
+        import robosuite
+        _ROBOSUITE = robosuite
+    return _ROBOSUITE
+
+
+def robosuite_kwargs(spec: TaskSpec, render: bool = False) -> dict[str, Any]:
+    """Keyword arguments of `robosuite.make` for a task (JSON-serialisable)."""
+    import_robosuite()
+    from robosuite.controllers import load_composite_controller_config
+    return dict(
+        robots='Panda',
+        controller_configs=load_composite_controller_config(controller=None, robot='Panda'),
+        has_renderer=False,
+        has_offscreen_renderer=bool(render),
+        use_camera_obs=False,
+        use_object_obs=True,
+        reward_shaping=False,
+        control_freq=spec.control_freq,
+        horizon=spec.horizon,
+        ignore_done=False,
+        hard_reset=False,
+        seed=MAKE_SEED,
+    )
+
+
+class _CubePlacement:
+    """Placement sampler for robosuite's soft reset: each cube uniform in its own region.
+
+    Draws from the environment's own generator, which `SimEnv.reset(seed)` re-seeds.
+    """
+
+    def __init__(self, env: Any, spec: TaskSpec) -> None:
+        self.env = env
+        self.objects = [(getattr(env, name), region) for name, region in spec.regions.items()]
+
+    def reset(self) -> None:
+        pass
+
+    def sample(self, *args: Any, **kwargs: Any) -> dict[str, tuple]:
+        rng = self.env.rng
+        ox, oy, oz = (float(v) for v in self.env.table_offset)
+        out = {}
+        for obj, region in self.objects:
+            x = ox + rng.uniform(*region.x)
+            y = oy + rng.uniform(*region.y)
+            yaw = rng.uniform(*region.yaw)
+            z = oz + 0.01 - float(obj.bottom_offset[2])
+            quat = np.array([math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)])
+            out[obj.name] = (np.array([x, y, z]), quat, obj)
+        return out
+
+
+class SimEnv:
+    """One task's robosuite environment with a flat observation and success/mode classifiers.
+
+    `reset(seed)` re-seeds the episode (placement and goals), so the same seed gives the same
+    episode in any process and after any history. `step` returns `(obs, reward, done)` with
+    reward 1 on success; `done` when the task succeeds or the horizon is reached.
+    """
+
+    def __init__(self, task: str, seed: int | None = None, render: bool = False,
+                 camera: str = 'frontview', width: int = 256, height: int = 256) -> None:
+        self.spec = get_task(task)
+        self.task = self.spec.name
+        self.obs_fields: list[tuple[str, int]] = list(self.spec.obs_fields)
+        self.obs_dim = self.spec.obs_dim
+        self.action_dim = self.spec.action_dim
+        self.modes: list[str] = list(self.spec.modes)
+        self.horizon = self.spec.horizon
+        self.render_enabled = bool(render)
+        self.camera, self.width, self.height = camera, int(width), int(height)
+        suite = import_robosuite()
+        self.env_kwargs = robosuite_kwargs(self.spec, render)
+        self._env = suite.make(self.spec.env_name, **self.env_kwargs)
+        self._env.placement_initializer = _CubePlacement(self._env, self.spec)
+        self._gripper = self._env.robots[0].gripper
+        if self.spec.env_name == 'Lift':
+            self._cubes = {'cube': (self._env.cube, self._env.cube_body_id)}
+        else:
+            self._cubes = {'cubeA': (self._env.cubeA, self._env.cubeA_body_id),
+                           'cubeB': (self._env.cubeB, self._env.cubeB_body_id)}
+        self.half_sizes = {k: float(obj.size[2]) for k, (obj, _) in self._cubes.items()}
+        self._next_seed = seed
+        self.goals: dict[str, np.ndarray] = {}
+        self.t = 0
+        self._done = True
+        self._success = False
+        self._raw: dict[str, np.ndarray] = {}
+
+    # -- episode -----------------------------------------------------------------------------
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """Start an episode; a seed makes it reproducible. Returns the flat observation."""
+        if seed is None:
+            seed, self._next_seed = self._next_seed, None
+        if seed is not None:
+            fresh = np.random.default_rng(int(seed))
+            self._env.rng.bit_generator.state = fresh.bit_generator.state
+        self._raw = self._env.reset()
+        self.goals = self._sample_goals(self._env.rng)
+        self.t = 0
+        self._done = False
+        self._success = self._check_success()
+        return self._flatten(self._raw)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
+        """Apply one 7-d action for one control step."""
+        if self._done:
+            raise RuntimeError('the episode is over: call reset() before step()')
+        action = np.asarray(action, dtype=np.float64).reshape(-1)
+        if action.shape[0] != self.action_dim or not np.all(np.isfinite(action)):
+            raise ValueError(f'action must be {self.action_dim} finite values, got {action}')
+        self._raw, _, env_done, _ = self._env.step(np.clip(action, -1.0, 1.0))
+        self.t += 1
+        self._success = self._check_success()
+        self._done = bool(self._success or env_done or self.t >= self.horizon)
+        return self._flatten(self._raw), float(self._success), self._done
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def success(self) -> bool:
+        """Whether the task is solved in the current state."""
+        return self._success
+
+    def observation(self) -> np.ndarray:
+        """The latest flat observation."""
+        return self._flatten(self._raw)
+
+    def raw_observation(self) -> dict[str, np.ndarray]:
+        """The latest observation as named fields (the flat vector split by `obs_fields`)."""
+        flat = self._flatten(self._raw)
+        return {k: flat[s] for k, s in self.spec.obs_slices().items()}
+
+    def get_state(self) -> np.ndarray:
+        """The flattened MuJoCo state (time, qpos, qvel), as robomimic stores it."""
+        return np.asarray(self._env.sim.get_state().flatten(), dtype=np.float64)
+
+    def env_args(self) -> dict[str, Any]:
+        """robomimic-style `env_args`: env name, type (1 = robosuite) and make kwargs."""
+        return {'env_name': self.spec.env_name, 'type': 1,
+                'env_kwargs': dict(self.env_kwargs),
+                'vdd_ros_task': self.task,
+                'robosuite_version': getattr(import_robosuite(), '__version__', 'unknown')}
+
+    def render_frame(self) -> np.ndarray:
+        """Upright HxWx3 uint8 frame from the offscreen camera (needs render=True)."""
+        if not self.render_enabled:
+            raise RuntimeError('SimEnv was built without render=True')
+        img = self._env.sim.render(camera_name=self.camera, width=self.width,
+                                   height=self.height)
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8)[::-1])
+
+    def close(self) -> None:
+        env, self._env = getattr(self, '_env', None), None
+        if env is not None:
+            env.close()
+
+    def __enter__(self) -> 'SimEnv':
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- observation -------------------------------------------------------------------------
+    def _sample_goals(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if self.spec.goal_region is None:
+            return {}
+        (x0, x1), (y0, y1), (h0, h1) = self.spec.goal_region
+        goals = {}
+        for name, sign in (('left', 1.0), ('right', -1.0)):
+            goals[name] = np.array([rng.uniform(x0, x1), sign * rng.uniform(y0, y1),
+                                    TABLE_Z + rng.uniform(h0, h1)])
+        return goals
+
+    def _flatten(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        eef = raw['robot0_eef_pos']
+        parts = [eef, raw['robot0_gripper_qpos']]
+        if self.spec.env_name == 'Lift':
+            cube = raw['cube_pos']
+            gl, gr = self.goals['left'], self.goals['right']
+            parts += [cube, gl, gr, cube - eef, gl - cube, gr - cube]
+        else:
+            a, b = raw['cubeA_pos'], raw['cubeB_pos']
+            parts += [a, b, a - eef, b - eef, b - a]
+        return np.concatenate(parts).astype(np.float32)
+
+    # -- classifiers -------------------------------------------------------------------------
+    def cube_pos(self, name: str) -> np.ndarray:
+        return np.array(self._env.sim.data.body_xpos[self._cubes[name][1]])
+
+    def _lifted(self, name: str, margin: float) -> bool:
+        return self.cube_pos(name)[2] > TABLE_Z + self.half_sizes[name] + margin
+
+    def _grasped(self, name: str) -> bool:
+        return bool(self._env._check_grasp(gripper=self._gripper,
+                                           object_geoms=self._cubes[name][0]))
+
+    def _stacked(self, top: str, bottom: str) -> bool:
+        pt, pb = self.cube_pos(top), self.cube_pos(bottom)
+        gap = pt[2] - pb[2] - self.half_sizes[top] - self.half_sizes[bottom]
+        if np.linalg.norm(pt[:2] - pb[:2]) > 0.025 or abs(gap) > 0.01:
+            return False
+        if self._lifted(bottom, 0.01):
+            return False
+        return (not self._grasped(top)
+                and bool(self._env.check_contact(self._cubes[top][0], self._cubes[bottom][0])))
+
+    def _check_success(self) -> bool:
+        name = self.task
+        if name == 'lift_carry':
+            if not self._lifted('cube', 0.03):
+                return False
+            cube = self.cube_pos('cube')
+            return any(np.linalg.norm(cube - g) < self.spec.success_radius
+                       for g in self.goals.values())
+        if name == 'pick_either':
+            up = [c for c in ('cubeA', 'cubeB') if self._lifted(c, self.spec.lift_height)]
+            if len(up) != 1:
+                return False
+            other = 'cubeB' if up[0] == 'cubeA' else 'cubeA'
+            return not self._lifted(other, 0.01) and self._grasped(up[0])
+        if name == 'stack_either':
+            return self._stacked('cubeA', 'cubeB') or self._stacked('cubeB', 'cubeA')
+        raise AssertionError(name)
+
+    def mode(self) -> str | None:
+        """The behaviour mode the current state shows, or None when it shows none.
+
+        On success this is the mode that succeeded; otherwise a mode is named only when the
+        state has committed to it (the cube carried three quarters of the way to one goal,
+        exactly one cube lifted).
+        """
+        name = self.task
+        if name == 'lift_carry':
+            if not self._lifted('cube', 0.03):
+                return None
+            cube = self.cube_pos('cube')
+            dist = {m: float(np.linalg.norm(cube - g)) for m, g in self.goals.items()}
+            best = min(dist, key=dist.get)
+            quarter = 0.25 * float(np.linalg.norm(self.goals['left'] - self.goals['right']))
+            return best if dist[best] < quarter else None
+        if name == 'stack_either':
+            if self._stacked('cubeA', 'cubeB'):
+                return 'A_on_B'
+            if self._stacked('cubeB', 'cubeA'):
+                return 'B_on_A'
+        up = [c for c in ('cubeA', 'cubeB') if self._lifted(c, 0.02)]
+        if len(up) != 1:
+            return None
+        if name == 'pick_either':
+            return up[0]
+        return 'A_on_B' if up[0] == 'cubeA' else 'B_on_A'

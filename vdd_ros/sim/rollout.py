@@ -1,0 +1,287 @@
+"""Closed-loop rollouts: one runner for evaluation, collection, the CLI, ROS checks and tests.
+
+`evaluate` runs a policy (a checkpoint folder, an oracle name, or a picklable factory) on a
+fixed list of evaluation seeds, in worker processes that each build one environment and one
+policy and reuse them across episodes, and returns a metrics dict.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from vdd_ros.core.policy import Policy
+from vdd_ros.errors import UserError
+from vdd_ros.sim.tasks import get_task
+
+# Evaluation seeds start here; collection seeds must stay below it.
+EVAL_SEED_BASE = 1_000_000
+ORACLE_NAMES = ('scripted', 'averaged')
+
+PolicyRef = Union[str, os.PathLike, Callable[[], Policy]]
+
+
+def evaluation_seeds(n: int) -> list[int]:
+    """The first `n` evaluation seeds (disjoint from every collection seed)."""
+    return [EVAL_SEED_BASE + i for i in range(int(n))]
+
+
+def describe_policy(policy: PolicyRef) -> str:
+    """A short printable name of a policy reference."""
+    if isinstance(policy, (str, os.PathLike)):
+        return os.fspath(policy)
+    return getattr(policy, '__qualname__', None) or getattr(policy, '__name__', None) or \
+        type(policy).__name__
+
+
+def build_policy(policy: PolicyRef, task: str, device: str = 'cpu') -> Policy:
+    """Instantiate a policy reference and check that it fits the task's observation."""
+    spec = get_task(task)
+    if isinstance(policy, (str, os.PathLike)) and os.fspath(policy) in ORACLE_NAMES:
+        from vdd_ros.sim.demonstrators import make_oracle
+        built = make_oracle(task, kind=os.fspath(policy))
+    elif isinstance(policy, (str, os.PathLike)):
+        path = Path(policy)
+        if not path.exists():
+            raise UserError(f'no such checkpoint: {path} (a policy is a checkpoint folder, '
+                            f'{" or ".join(repr(n) for n in ORACLE_NAMES)})')
+        from vdd_ros.core.checkpoint import load_policy
+        built = load_policy(path, device=device)
+    elif callable(policy):
+        built = policy()
+    else:
+        raise UserError(f'cannot make a policy from {policy!r}')
+    pspec = getattr(built, 'spec', None)
+    if pspec is not None:
+        if getattr(pspec, 'task', None) not in (None, spec.name):
+            raise UserError(f'policy {describe_policy(policy)} was made for task '
+                            f'{pspec.task!r}, not {spec.name!r}')
+        fields = [(str(k), int(n)) for k, n in pspec.obs_fields]
+        if fields != list(spec.obs_fields):
+            raise UserError(f'policy {describe_policy(policy)} expects observation fields '
+                            f'{fields}, task {spec.name} gives {list(spec.obs_fields)}')
+        if int(pspec.action_dim) != spec.action_dim:
+            raise UserError(f'policy {describe_policy(policy)} outputs {pspec.action_dim} '
+                            f'actions, task {spec.name} takes {spec.action_dim}')
+    return built
+
+
+def run_episode(env: Any, policy: Policy, seed: int, record: bool = False,
+                frames: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """Run one seeded episode of `policy` in `env` (a SimEnv).
+
+    Returns seed, success, mode, length, the oracle's mode (`policy_mode`, None for learned
+    policies), per-action latencies in ms and, with `record`, the robomimic arrays (obs[t] and
+    states[t] are seen before actions[t]; rewards[t] and dones[t] follow it). With `frames`,
+    appends one rendered frame per step.
+    """
+    obs = env.reset(seed)
+    policy.reset(seed)
+    latencies: list[float] = []
+    rec: dict[str, list] = {'obs': [], 'actions': [], 'rewards': [], 'dones': [], 'states': []}
+    if frames is not None:
+        frames.append(env.render_frame())
+    done, t0 = False, time.perf_counter()
+    while not done:
+        if record:
+            rec['obs'].append(obs)
+            rec['states'].append(env.get_state())
+        start = time.perf_counter()
+        action = np.asarray(policy.act(obs), dtype=np.float32).reshape(-1)
+        latencies.append((time.perf_counter() - start) * 1e3)
+        obs, reward, done = env.step(action)
+        if record:
+            rec['actions'].append(action)
+            rec['rewards'].append(reward)
+            rec['dones'].append(done)
+        if frames is not None:
+            frames.append(env.render_frame())
+    out: dict[str, Any] = {
+        'seed': int(seed), 'success': bool(env.success()), 'mode': env.mode(),
+        'length': int(env.t), 'policy_mode': getattr(policy, 'mode', None),
+        'latency_ms': latencies, 'episode_s': time.perf_counter() - t0}
+    if record:
+        out['obs'] = np.stack(rec['obs']).astype(np.float32)
+        out['actions'] = np.stack(rec['actions']).astype(np.float32)
+        out['rewards'] = np.asarray(rec['rewards'], dtype=np.float64)
+        out['dones'] = np.asarray(rec['dones'], dtype=np.int64)
+        out['states'] = np.stack(rec['states'])
+    return out
+
+
+# -- worker processes -------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def worker_init() -> None:
+    """Per-process setup: one torch thread (workers already run in parallel)."""
+    import torch
+    torch.set_num_threads(1)
+
+
+def cached_env(task: str) -> Any:
+    """This process's environment for `task`, built on first use and then reused."""
+    env = _WORKER.get('env')
+    if env is None or env.task != task:
+        from vdd_ros.sim.env import SimEnv
+        if env is not None:
+            env.close()
+        env = _WORKER['env'] = SimEnv(task)
+    return env
+
+
+def worker_objects(task: str, policy: PolicyRef, device: str, token: str) -> tuple[Any, Policy]:
+    """This process's environment and policy; the policy is rebuilt once per `token` (one
+    evaluation), so a checkpoint rewritten between evaluations is never served stale."""
+    env = cached_env(task)
+    if _WORKER.get('token') != token:
+        _WORKER['policy'] = build_policy(policy, task, device)
+        _WORKER['token'] = token
+    return env, _WORKER['policy']
+
+
+def _eval_job(job: tuple[int, int, str, PolicyRef, str, str]) -> tuple[int, dict[str, Any]]:
+    index, seed, task, policy, device, token = job
+    env, pol = worker_objects(task, policy, device, token)
+    return index, run_episode(env, pol, seed)
+
+
+def mp_context() -> mp.context.BaseContext:
+    """Process start method for workers: forkserver where available, else spawn."""
+    methods = mp.get_all_start_methods()
+    return mp.get_context('forkserver' if 'forkserver' in methods else 'spawn')
+
+
+# -- metrics ----------------------------------------------------------------------------------
+def mode_entropy(counts: dict[str, int], n_modes: int) -> float:
+    """Normalised entropy -sum p log p / log M of a mode histogram (0 when it is empty)."""
+    total = sum(counts.values())
+    if total == 0 or n_modes < 2:
+        return 0.0
+    p = np.array([c / total for c in counts.values() if c > 0])
+    return float(-(p * np.log(p)).sum() / math.log(n_modes))
+
+
+def summarize(records: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
+    """Metrics over episode records (see `evaluate`)."""
+    n = len(records)
+    wins = [r for r in records if r['success']]
+    counts = {m: 0 for m in modes}
+    for r in wins:
+        if r['mode'] in counts:
+            counts[r['mode']] += 1
+    lat = np.concatenate([np.asarray(r['latency_ms'], dtype=np.float64) for r in records]) \
+        if records else np.zeros(0)
+    lengths = [r['length'] for r in records]
+    return {
+        'episodes': n,
+        'successes': len(wins),
+        'success_rate': len(wins) / n if n else 0.0,
+        'mode_counts': counts,
+        'mode_entropy': mode_entropy(counts, len(modes)),
+        'mean_length': float(np.mean(lengths)) if lengths else 0.0,
+        'mean_length_success': float(np.mean([r['length'] for r in wins])) if wins else 0.0,
+        'latency_ms_p50': float(np.percentile(lat, 50)) if lat.size else 0.0,
+        'latency_ms_p99': float(np.percentile(lat, 99)) if lat.size else 0.0,
+        'latency_ms_mean': float(lat.mean()) if lat.size else 0.0,
+        'episodes_detail': [
+            {'seed': r['seed'], 'success': r['success'], 'mode': r['mode'],
+             'length': r['length'], 'policy_mode': r.get('policy_mode')} for r in records],
+    }
+
+
+# -- evaluation -------------------------------------------------------------------------------
+def evaluate(policy: PolicyRef, task: str, episodes: int, workers: int = 1,
+             seeds: list[int] | None = None, video: str | None = None,
+             show_progress: bool = True, device: str = 'cpu') -> dict:
+    """Roll `policy` out on `task` for `episodes` seeded episodes and return the metrics.
+
+    `policy` is a checkpoint folder, 'scripted', 'averaged' or a picklable factory returning a
+    Policy. Seeds default to `evaluation_seeds(episodes)`. Metrics: episodes, successes,
+    success_rate, mode_counts and mode_entropy (over successful rollouts), mean_length,
+    latency_ms_p50/p99/mean, episodes_detail (seed, success, mode, length per episode), plus
+    task, policy, workers and wall_s. With `video` (a .gif path), the first seed is replayed
+    with offscreen rendering and written as a GIF.
+    """
+    spec = get_task(task)
+    episodes = int(episodes)
+    if episodes < 1:
+        raise UserError(f'episodes must be at least 1, got {episodes}')
+    if workers < 1:
+        raise UserError(f'workers must be at least 1, got {workers}')
+    if seeds is None:
+        seeds = evaluation_seeds(episodes)
+    elif len(seeds) < episodes:
+        raise UserError(f'{episodes} episodes need {episodes} seeds, got {len(seeds)}')
+    seeds = [int(s) for s in seeds[:episodes]]
+    if video is not None and not str(video).lower().endswith('.gif'):
+        raise UserError(f'--video must name a .gif file, got {video}')
+    local = build_policy(policy, task, device)  # fails early, here, on a bad policy
+    workers = min(int(workers), episodes)
+    records: list[dict[str, Any] | None] = [None] * episodes
+    start = time.perf_counter()
+    bar = tqdm(total=episodes, desc=f'evaluate {task}', disable=not show_progress,
+               dynamic_ncols=True, leave=False)
+    pool = None
+    try:
+        if workers == 1:
+            env = cached_env(task)
+            results: Any = ((i, run_episode(env, local, s)) for i, s in enumerate(seeds))
+        else:
+            token = uuid.uuid4().hex
+            jobs = [(i, s, task, policy, device, token) for i, s in enumerate(seeds)]
+            pool = mp_context().Pool(workers, initializer=worker_init)
+            results = pool.imap_unordered(_eval_job, jobs)
+        wins = 0
+        for index, rec in results:
+            records[index] = rec
+            wins += rec['success']
+            bar.update(1)
+            bar.set_postfix(success=f'{wins}/{bar.n}', refresh=False)
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    metrics = summarize([r for r in records if r is not None], spec.modes)
+    metrics.update(task=spec.name, policy=describe_policy(policy), workers=workers,
+                   wall_s=time.perf_counter() - start)
+    if video is not None:
+        metrics['video'] = record_video(policy, task, seeds[0], video, device=device)
+    return metrics
+
+
+def record_video(policy: PolicyRef, task: str, seed: int, path: str | os.PathLike,
+                 device: str = 'cpu', fps: int | None = None) -> str:
+    """Render one seeded episode offscreen and write it as a GIF (atomically). Returns path."""
+    from PIL import Image
+    from vdd_ros.sim.env import SimEnv
+    spec = get_task(task)
+    fps = fps or spec.control_freq
+    pol = build_policy(policy, task, device)
+    frames: list[np.ndarray] = []
+    with SimEnv(task, render=True) as env:
+        run_episode(env, pol, seed, frames=frames)
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise UserError(f'cannot write {path}: folder {path.parent} does not exist')
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    images = [Image.fromarray(f) for f in frames]
+    try:
+        images[0].save(tmp, format='GIF', save_all=True, append_images=images[1:],
+                       duration=int(round(1000 / fps)), loop=0)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return str(path)
