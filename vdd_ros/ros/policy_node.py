@@ -258,7 +258,7 @@ class PolicyNode(VddNode):
             self.stats.rejected += 1
             self._latest = _Observation(None, meta, now, str(exc))
             self._fresh = True
-            self.get_logger().warn(f'observation rejected: {exc}; holding',
+            self.get_logger().warning(f'observation rejected: {exc}; holding',
                                    throttle_duration_sec=THROTTLE_S)
             return
         self._latest = _Observation(obs, meta, now)
@@ -266,6 +266,8 @@ class PolicyNode(VddNode):
         self._last_valid = now
 
     def _on_tick(self) -> None:
+        if not self.context.ok():
+            return  # shutting down
         start = time.perf_counter()
         expired = start - self._last_valid > self.obs_timeout
         if expired:
@@ -274,7 +276,7 @@ class PolicyNode(VddNode):
             if not self._tripped:
                 self._tripped = True
                 self.stats.watchdog_trips += 1
-                self.get_logger().warn(f'no valid observation for {self.obs_timeout:g} s: '
+                self.get_logger().warning(f'no valid observation for {self.obs_timeout:g} s: '
                                        'publishing the hold action')
                 self._publish_status()
         elif self._fresh:

@@ -212,7 +212,7 @@ class SimNode(VddNode):
             action = msg_to_array(msg, expected_dim=self.env.action_dim)
         except InvalidMessage as exc:
             self.invalid_actions += 1
-            self.get_logger().warn(f'action ignored: {exc}', throttle_duration_sec=THROTTLE_S)
+            self.get_logger().warning(f'action ignored: {exc}', throttle_duration_sec=THROTTLE_S)
             return
         if not self.active:
             return
@@ -255,7 +255,7 @@ class SimNode(VddNode):
             self.resends += 1
             self._published = time.perf_counter()
             self.obs_pub.publish(self._msg)
-            self.get_logger().warn(f'no action answers observation {self.seq} (episode seed '
+            self.get_logger().warning(f'no action answers observation {self.seq} (episode seed '
                                    f'{self.seed}, step {self.env.t}) yet: resending',
                                    throttle_duration_sec=5.0)
 
