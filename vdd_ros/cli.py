@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'bench': ('bench', 'per-action inference latency: MoE against the teacher'),
     'train-teacher': ('train_teacher', 'train the diffusion teacher on a demonstration dataset'),
     'distill': ('distill', 'distil a teacher checkpoint into a VDD Mixture of Experts'),
+    'collect': ('collect', 'collect scripted demonstrations of a task into an HDF5 file'),
+    'evaluate': ('evaluate', 'roll a policy out on a task: success, modes, latency'),
 }
 
 

@@ -178,10 +178,11 @@ class SimEnv:
         return np.asarray(self._env.sim.get_state().flatten(), dtype=np.float64)
 
     def env_args(self) -> dict[str, Any]:
-        """robomimic-style `env_args`: env name, type (1 = robosuite) and make kwargs."""
+        """robomimic-style `env_args` (env name, type 1 = robosuite, make kwargs) plus the
+        vdd_ros `task` name."""
         return {'env_name': self.spec.env_name, 'type': 1,
                 'env_kwargs': dict(self.env_kwargs),
-                'vdd_ros_task': self.task,
+                'task': self.task,
                 'robosuite_version': getattr(import_robosuite(), '__version__', 'unknown')}
 
     def render_frame(self) -> np.ndarray:
