@@ -81,19 +81,19 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
                 probe.node.create_timer(1.0 / source_hz, tick,
                                         clock=Clock(clock_type=ClockType.STEADY_TIME))
                 ok = spin_until(executor, lambda: any('seq' in m for _, _, m in probe.actions)
-                                and probe.last_status('policy_node') is not None,
+                                and probe.last_status(f'{namespace}/policy_node') is not None,
                                 startup_timeout_s)
                 if not ok:
                     raise UserError(f'policy_node gave no answer within {startup_timeout_s:g} '
                                     f's:\n{node.log_tail()}')
                 spin_until(executor, lambda: False, 1.0)   # settle
                 first_seq = probe.seq + 1
-                before = _diag_numbers(probe)
+                before = _diag_numbers(probe, f'{namespace}/policy_node')
                 n_diag = len(probe.diagnostics)
                 spin_until(executor, lambda: False, duration_s)
                 last_seq = probe.seq
                 spin_until(executor, lambda: len(probe.diagnostics) > n_diag + 1, 2.0)
-                after = _diag_numbers(probe)
+                after = _diag_numbers(probe, f'{namespace}/policy_node')
                 answered: dict[int, float] = {}
                 for t, _, meta in probe.actions:
                     s = meta.get('seq')
@@ -130,8 +130,8 @@ def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else 0.0
 
 
-def _diag_numbers(probe: Any) -> dict[str, float]:
-    status = probe.last_status('policy_node')
+def _diag_numbers(probe: Any, name: str) -> dict[str, float]:
+    status = probe.last_status(name)
     out: dict[str, float] = {}
     if status is not None:
         for key, value in status[2].items():

@@ -16,7 +16,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
 from std_msgs.msg import Float32MultiArray
 
-from vdd_ros.ros.conversions import (level_name, msg_meta, msg_to_array, observation_to_msg,
+from vdd_ros.ros.conversions import (array_to_msg, level_name, msg_meta, msg_to_array, observation_to_msg,
                                      status_values)
 from vdd_ros.ros.policy_node import ACTION_QOS
 
@@ -78,11 +78,10 @@ class Probe:
 
     def send(self, obs: np.ndarray, fields: list[tuple[str, int]] | None, episode: int = 1,
              step: int = 0, raw: bool = False) -> int:
-        """Publish one observation (labelled unless `raw`); returns its sequence number."""
+        """Publish one observation (fields labelled unless `raw`); returns its `@seq`."""
         self.seq += 1
-        if raw:
-            msg = Float32MultiArray()
-            msg.data = np.asarray(obs, dtype=np.float32).tolist()
+        if raw:  # no field labels, only the metadata
+            msg = array_to_msg(obs, None, {'seq': self.seq, 'episode': episode, 'step': step})
         else:
             msg = observation_to_msg(obs, fields, self.seq, episode, step)
         self.sent[self.seq] = time.perf_counter()
@@ -93,8 +92,9 @@ class Probe:
         return [a for _, a, m in self.actions if m.get('seq') == seq]
 
     def last_status(self, node_name: str) -> tuple[str, str, dict[str, str]] | None:
+        """The latest status named `node_name` (a full name without the leading slash)."""
         for name, level, message, values in reversed(self.diagnostics):
-            if name.endswith(node_name):
+            if name == node_name.lstrip('/'):
                 return level, message, values
         return None
 
@@ -133,3 +133,25 @@ def tiny_moe_checkpoint(path: str | os.PathLike, task: str = 'lift_carry',
     return save_checkpoint(path, model, PolicySpec(obs_fields=list(spec.obs_fields),
                                                    action_dim=spec.action_dim, task=spec.name),
                            'vdd_moe')
+
+
+def tiny_dataset(path: str | os.PathLike, task: str = 'lift_carry', demos: int = 6,
+                 length: int = 24, seed: int = 0) -> Path:
+    """A small random demonstration file in the task's observation layout (for smoke tests)."""
+    from vdd_ros.core.data import Demo, write_dataset
+    from vdd_ros.sim.tasks import get_task
+
+    spec = get_task(task)
+    rng = np.random.default_rng(seed)
+    items = [Demo(obs=rng.normal(size=(length, spec.obs_dim)).astype(np.float32),
+                  actions=rng.uniform(-1, 1, size=(length, spec.action_dim)).astype(np.float32),
+                  mode=spec.modes[i % len(spec.modes)]) for i in range(demos)]
+    write_dataset(path, items, list(spec.obs_fields), {'task': spec.name})
+    return Path(path)
+
+
+# Overrides that make every training stage take a fraction of a second.
+TINY_TRAINING = ['obs_horizon=1', 'action_horizon=2', 'action_exec=2', 'teacher.hidden_dim=32',
+                 'teacher.num_layers=1', 'teacher.batch_size=32', 'moe.num_experts=2',
+                 'moe.hidden_dim=32', 'moe.num_layers=1', 'moe.gating_hidden_dim=16',
+                 'vdd.batch_size=16']

@@ -1,0 +1,236 @@
+"""policy_node with real rclpy and real messages: rate, rejection, watchdog, expert_mode, exit."""
+import time
+import uuid
+
+import numpy as np
+import pytest
+import rclpy
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
+from std_srvs.srv import Trigger
+
+from vdd_ros.ros.evaluation import NodeProcess
+from vdd_ros.ros.policy_node import PolicyNode
+from vdd_ros.ros.runtime import make_executor
+from vdd_ros.ros.testing import (Probe, domain_id, ros_context, spin_for, spin_until,
+                                 tiny_moe_checkpoint)
+from vdd_ros.sim.tasks import get_task
+
+SPEC = get_task('lift_carry')
+FIELDS = list(SPEC.obs_fields)
+OBS = np.random.default_rng(0).normal(size=(64, SPEC.obs_dim)).astype(np.float32)
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    return str(tiny_moe_checkpoint(tmp_path_factory.mktemp('ckpt') / 'moe'))
+
+
+@pytest.fixture(scope='module')
+def context():
+    with ros_context() as ctx:
+        yield ctx
+
+
+@pytest.fixture
+def rig(context, checkpoint):
+    """make(**params) -> (node, probe, executor), in a fresh namespace; torn down after."""
+    made = []
+
+    def make(**params):
+        ns = f'/t_{uuid.uuid4().hex[:8]}'
+        params.setdefault('checkpoint', checkpoint)
+        node = PolicyNode(context=context, namespace=ns, parameter_overrides=[
+            Parameter(k, value=v) for k, v in params.items()])
+        probe = Probe(context, ns)
+        executor = make_executor(context)
+        executor.add_node(node)
+        executor.add_node(probe.node)
+        made.append((node, probe, executor))
+        assert spin_until(executor, lambda: probe.node.count_publishers('action') > 0
+                          and node.count_subscribers('action') > 0, 10.0)
+        return node, probe, executor
+
+    yield make
+    for node, probe, executor in made:
+        executor.shutdown()
+        node.destroy_node()
+        probe.destroy()
+
+
+def feed(probe, executor, n, period_s, start=0):
+    """Send n observations, one per period, while spinning; returns their sequence numbers."""
+    seqs = []
+    for i in range(n):
+        seqs.append(probe.send(OBS[(start + i) % len(OBS)], FIELDS, step=start + i))
+        spin_for(executor, period_s)
+    return seqs
+
+
+def test_publishes_at_the_requested_rate_and_answers_each_observation(rig):
+    node, probe, executor = rig(control_rate_hz=50)
+    seqs = feed(probe, executor, 5, 0.02)
+    probe.actions.clear()
+    t0 = time.perf_counter()
+    seqs = feed(probe, executor, 50, 0.02, start=5)
+    elapsed = time.perf_counter() - t0
+    rate = len(probe.actions) / elapsed
+    assert 0.75 * 50 <= rate <= 1.25 * 50, rate
+    answered = [s for s in seqs if probe.answers(s)]
+    assert len(answered) >= 0.8 * len(seqs)
+    action = probe.answers(answered[-1])[0]
+    assert action.shape == (SPEC.action_dim,) and np.all(np.isfinite(action))
+    assert node.stats.computed >= len(answered)
+
+
+def test_invalid_observations_get_the_hold_action_and_the_node_keeps_running(rig):
+    node, probe, executor = rig(control_rate_hz=100, obs_timeout_s=5.0)
+    good = probe.send(OBS[0], FIELDS)
+    assert spin_until(executor, lambda: probe.answers(good), 5.0)
+    gripper = float(probe.answers(good)[0][-1])
+    bad_nan = OBS[1].copy()
+    bad_nan[4] = np.nan
+    bad_inf = OBS[1].copy()
+    bad_inf[0] = np.inf
+    renamed = [('x' + k, n) for k, n in FIELDS]
+    sent = []
+    for obs, fields, raw in ((bad_nan, FIELDS, False), (bad_inf, FIELDS, False),
+                             (OBS[1][:-2], None, True), (OBS[1], renamed, False)):
+        seq = probe.send(obs, fields, raw=raw)
+        sent.append(seq)
+        # answered with the hold action: no motion, the last gripper command kept
+        assert spin_until(executor, lambda: probe.answers(seq), 3.0)
+        hold = probe.answers(seq)[0]
+        assert np.all(hold[:-1] == 0.0) and hold[-1] == pytest.approx(gripper)
+    assert node.stats.rejected == 4
+    again = probe.send(OBS[2], FIELDS)
+    assert spin_until(executor, lambda: probe.answers(again), 5.0)
+    status = node.status()
+    assert status[2]['rejected_observations'] == 4
+    node._publish_status()
+    assert spin_until(executor, lambda: probe.last_status(node.get_fully_qualified_name())
+                      is not None, 5.0)
+
+
+def test_watchdog_trips_to_the_hold_action_with_a_warning_and_recovers(rig):
+    node, probe, executor = rig(control_rate_hz=100, obs_timeout_s=0.3,
+                                diagnostics_period_s=0.2)
+    name = node.get_fully_qualified_name()
+    feed(probe, executor, 20, 0.01)
+    assert not node._tripped
+    probe.actions.clear()
+    probe.diagnostics.clear()
+    spin_for(executor, 0.8)          # no observations
+    assert node._tripped and node.stats.watchdog_trips >= 1
+    tail = [a for t, a, m in probe.actions[-10:]]
+    assert tail and all(np.all(a[:-1] == 0.0) for a in tail)
+    assert all('seq' not in m for _, _, m in probe.actions[-10:])
+    level, message, values = probe.last_status(name)
+    assert level == 'WARN' and 'no valid observation' in message and \
+        values['watchdog'] == 'tripped'
+    feed(probe, executor, 10, 0.01)
+    assert not node._tripped
+    assert spin_until(executor, lambda: probe.last_status(name)[2]['watchdog'] == 'ok', 3.0)
+
+
+def test_expert_mode_changes_at_runtime_take_effect(rig, context):
+    node, probe, executor = rig(control_rate_hz=100, expert_mode='0', diagnostics_period_s=0.2)
+    name = node.get_fully_qualified_name()
+    client_node = rclpy.create_node(f'client_{uuid.uuid4().hex[:6]}', context=context)
+    executor.add_node(client_node)
+    client = AsyncParameterClient(client_node, name)
+    assert client.wait_for_services(10.0)
+
+    def set_mode(value):
+        future = client.set_parameters([Parameter('expert_mode', value=value)])
+        assert spin_until(executor, future.done, 10.0)
+        return future.result().results[0]
+
+    def expert_after_feeding():
+        seqs = feed(probe, executor, 5, 0.015)
+        spin_until(executor, lambda: probe.answers(seqs[-1]), 2.0)
+        return int(node.policy.info['expert']), probe.answers(seqs[-1])[0]
+
+    expert, action0 = expert_after_feeding()
+    assert expert == 0
+    assert set_mode('2').successful
+    expert, action2 = expert_after_feeding()
+    assert expert == 2 and node.model.expert_mode == 2
+    # the tiny MoE's experts sit at -0.9, 0 and +0.9: the pinned expert moves the action
+    assert action0.mean() < -0.5 < 0.5 < action2.mean()
+    assert set_mode(1).successful                       # an integer works too
+    assert expert_after_feeding()[0] == 1
+    bad = set_mode('7')
+    assert not bad.successful and 'out of range' in bad.reason
+    bad = set_mode('loudest')
+    assert not bad.successful and node.model.expert_mode == 1
+    assert set_mode('argmax').successful and node.model.expert_mode == 'argmax'
+    assert spin_until(executor, lambda: (probe.last_status(name) or ('', '', {}))[2]
+                      .get('expert_mode') == 'argmax', 3.0)
+    executor.remove_node(client_node)
+    client_node.destroy_node()
+
+
+def test_reset_service_starts_a_new_episode_and_episode_metadata_reseeds(rig, context):
+    node, probe, executor = rig(control_rate_hz=100, expert_mode='per_episode')
+    name = node.get_fully_qualified_name()
+    client_node = rclpy.create_node(f'client_{uuid.uuid4().hex[:6]}', context=context)
+    executor.add_node(client_node)
+    client = client_node.create_client(Trigger, f'{name}/reset')
+    assert client.wait_for_service(timeout_sec=10.0)
+    future = client.call_async(Trigger.Request())
+    assert spin_until(executor, future.done, 10.0)
+    assert future.result().success
+    # the same @episode seed picks the same per-episode expert every time
+    experts = []
+    for episode in (5, 6, 5):
+        seq = probe.send(OBS[0], FIELDS, episode=episode)
+        assert spin_until(executor, lambda: probe.answers(seq), 5.0)
+        experts.append(int(node.policy.info['expert']))
+    assert node._episode == 5 and experts[0] == experts[2]
+    executor.remove_node(client_node)
+    client_node.destroy_node()
+
+
+def test_scripted_oracle_loads_by_name(rig):
+    node, probe, executor = rig(checkpoint='scripted', task='lift_carry', control_rate_hz=50)
+    seq = probe.send(OBS[0], FIELDS, episode=3)
+    assert spin_until(executor, lambda: probe.answers(seq), 5.0)
+    assert node.status()[2]['policy'] == 'scripted oracle'
+
+
+@pytest.mark.parametrize('sig', ['SIGINT', 'SIGTERM'])
+def test_node_process_exits_cleanly_on_one_signal_and_survives_a_second(sig, checkpoint,
+                                                                         tmp_path):
+    import signal as signals
+    ns = f'/t_{uuid.uuid4().hex[:8]}'
+    proc = NodeProcess('policy_node', 'policy_node', {'checkpoint': checkpoint,
+                                                      'control_rate_hz': 200.0},
+                       tmp_path, domain_id(), ns)
+    try:
+        with ros_context() as ctx:
+            probe = Probe(ctx, ns)
+            executor = make_executor(ctx)
+            executor.add_node(probe.node)
+            assert spin_until(executor, lambda: len(probe.actions) > 5, 30.0), proc.log_tail()
+            executor.shutdown()
+            probe.destroy()
+        proc.proc.send_signal(getattr(signals, sig))
+        time.sleep(0.05)
+        proc.proc.send_signal(getattr(signals, sig))
+        code = proc.proc.wait(timeout=15)
+    finally:
+        proc.stop()
+    log = proc.log_file.read_text()
+    assert code == 0, log
+    assert 'Traceback' not in log and 'FATAL' not in log, log
+
+
+def test_holds_500_hz_with_the_moe(checkpoint):
+    from vdd_ros.ros.bench import benchmark_latency
+    result = benchmark_latency(checkpoint, 500.0, duration_s=3.0, domain_id=domain_id())
+    assert result['policy_exit_status'] == 0
+    assert result['policy_ticks'] >= 0.85 * 500 * 3.0, result
+    assert result['answered_fraction'] >= 0.8, result
+    assert result['deadline_miss_rate'] <= 0.15, result
+    assert 0 < result['obs_to_action_ms_p50'] < 10.0, result
