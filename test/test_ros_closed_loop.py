@@ -4,6 +4,7 @@ import uuid
 
 import pytest
 
+from vdd_ros.cli import main as cli_main
 from vdd_ros.ros.evaluation import NodeProcess, evaluate_via_ros
 from vdd_ros.ros.testing import domain_id
 from vdd_ros.sim.rollout import evaluate, evaluation_seeds
@@ -17,9 +18,12 @@ def _detail(metrics):
             for d in metrics['episodes_detail']]
 
 
-def test_lockstep_episodes_through_ros_succeed_and_match_the_in_process_runner():
-    via_ros = evaluate_via_ros('scripted', 'lift_carry', 2, control_rate_hz=500.0,
-                               show_progress=False, domain_id=domain_id())
+def test_lockstep_episodes_through_ros_succeed_and_match_the_in_process_runner(tmp_path):
+    out = tmp_path / 'metrics.json'
+    assert cli_main(['evaluate', '--policy', 'scripted', '--task', 'lift_carry',
+                     '--episodes', '2', '--via-ros', '--control-rate-hz', '500', '--quiet',
+                     '--domain-id', str(domain_id()), '--json', str(out)]) == 0
+    via_ros = json.loads(out.read_text())
     assert via_ros['success_rate'] == 1.0
     for key in KEYS + ('obs_to_action_ms_p50', 'obs_to_action_ms_p99'):
         assert key in via_ros, key
@@ -63,3 +67,5 @@ def test_evaluate_via_ros_rejects_what_a_process_cannot_run():
     with pytest.raises(UserError, match='expert_mode applies'):
         evaluate_via_ros('scripted', 'lift_carry', 1, expert_mode='argmax',
                          show_progress=False)
+    assert cli_main(['evaluate', '--policy', 'scripted', '--task', 'lift_carry', '--via-ros',
+                     '--workers', '2']) == 2

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vdd_ros.errors import UserError
+from vdd_ros.ros.evaluation import add_via_ros_arguments, evaluate_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='write a GIF of the first evaluation episode here')
     parser.add_argument('--device', default='cpu', help='torch device of the policy')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
+    add_via_ros_arguments(parser)
 
 
 def format_table(m: dict[str, Any]) -> str:
@@ -71,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (('--json', args.json), ('--video', args.video)):
         if value is not None and not Path(value).parent.is_dir():
             raise UserError(f'{flag}: folder {Path(value).parent} does not exist')
-    metrics = evaluate(args.policy, args.task, args.episodes, workers=args.workers,
-                       video=args.video, show_progress=not args.quiet, device=args.device)
+    metrics = evaluate_from_args(args) if args.via_ros else evaluate(
+        args.policy, args.task, args.episodes, workers=args.workers, video=args.video,
+        show_progress=not args.quiet, device=args.device)
     print(format_table(metrics))
     if args.json:
         write_json(args.json, metrics)

@@ -212,3 +212,38 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
 
 def _number(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+# -- `vdd-ros evaluate --via-ros` ---------------------------------------------------------------
+def add_via_ros_arguments(parser: Any) -> None:
+    """The `--via-ros` options of `vdd-ros evaluate` (options the command already has are kept)."""
+    existing = {s for action in parser._actions for s in action.option_strings}
+    group = parser.add_argument_group('over ROS 2')
+    options = [
+        ('--via-ros', dict(action='store_true', help='roll out through sim_node (lockstep) and '
+                           'policy_node over DDS, as separate processes on a private domain')),
+        ('--control-rate-hz', dict(type=float, default=500.0, help='policy_node timer rate '
+                                   'with --via-ros (default: %(default)s)')),
+        ('--expert-mode', dict(default=None, help='with --via-ros, the MoE expert choice: '
+                               "sample, argmax, per_episode or an expert index (default: "
+                               "the checkpoint's)")),
+        ('--domain-id', dict(type=int, default=None, help='ROS domain of the run with '
+                             '--via-ros (default: a random free one)')),
+    ]
+    for flag, kwargs in options:
+        if flag not in existing:
+            group.add_argument(flag, **kwargs)
+
+
+def evaluate_from_args(args: Any) -> dict[str, Any]:
+    """`vdd-ros evaluate --via-ros`: the metrics of evaluate_via_ros for parsed arguments."""
+    if getattr(args, 'workers', 1) != 1:
+        raise UserError('--via-ros runs one simulator node: drop --workers')
+    if getattr(args, 'video', None):
+        raise UserError('--video is not available with --via-ros')
+    return evaluate_via_ros(args.policy, args.task, args.episodes,
+                            control_rate_hz=args.control_rate_hz,
+                            expert_mode=getattr(args, 'expert_mode', None),
+                            device=getattr(args, 'device', 'cpu'),
+                            show_progress=not getattr(args, 'quiet', False),
+                            domain_id=getattr(args, 'domain_id', None))
