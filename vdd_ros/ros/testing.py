@@ -12,12 +12,11 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.context import Context
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
 from std_msgs.msg import Float32MultiArray
 
-from vdd_ros.ros.conversions import (array_to_msg, level_name, msg_meta, msg_to_array, observation_to_msg,
-                                     status_values)
+from vdd_ros.ros.conversions import (array_to_msg, level_name, msg_meta, msg_to_array,
+                                     observation_to_msg, status_values)
 from vdd_ros.ros.policy_node import ACTION_QOS
 
 
@@ -100,13 +99,6 @@ class Probe:
 
     def destroy(self) -> None:
         self.node.destroy_node()
-
-
-def make_executor(context: Context, *nodes: Any) -> SingleThreadedExecutor:
-    executor = SingleThreadedExecutor(context=context)
-    for node in nodes:
-        executor.add_node(getattr(node, 'node', node))
-    return executor
 
 
 def tiny_moe_checkpoint(path: str | os.PathLike, task: str = 'lift_carry',
