@@ -5,14 +5,14 @@ observations at the same rate from a steady timer (as a simulator would, without
 stepping one) and times each observation until the first action that answers it (same @seq).
 Deadline misses and inference times come from the policy node's own diagnostics.
 
-    python -m vdd_ros.ros.bench --policy tiny --rates 20 500 --duration 10 --json bench.json
+    python -m vdd_ros.ros.bench --policy default --rates 20 500 --duration 10 --json bench.json
 
-`--policy tiny` uses a small untrained MoE; pass a checkpoint folder to time a real one.
+`--policy tiny` or `default` use an untrained MoE of that size that queries its network on
+every step (the worst case); pass a checkpoint folder to time a real one.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,11 +24,17 @@ import numpy as np
 
 from vdd_ros.errors import UserError
 
+# untrained MoEs that query their network on every step: 'tiny' (tests) and 'default' (the
+# size of config/train.yaml's moe section: 8 experts, 3 x 256)
+SIZES = {'tiny': dict(num_experts=3, hidden_dim=32, num_layers=1),
+         'default': dict(num_experts=8, hidden_dim=256, num_layers=3)}
+
 
 def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
                       task: str = 'lift_carry', expert_mode: str | None = None,
                       domain_id: int | None = None, startup_timeout_s: float = 90.0,
-                      seed: int = 0, sweep_phase: bool = True) -> dict[str, Any]:
+                      seed: int = 0, sweep_phase: bool = True,
+                      realtime_priority: int = 0) -> dict[str, Any]:
     """Measure policy_node at `rate_hz` for `duration_s` seconds (after the first answer).
 
     The obs-to-action latency of a timer-driven policy includes the wait for its next tick,
@@ -53,13 +59,17 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
     observations = rng.normal(size=(256, spec.obs_dim)).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix='vdd_ros_bench_') as tmp:
         folder = Path(tmp)
-        checkpoint = str(tiny_moe_checkpoint(folder / 'tiny_moe', task)) \
-            if policy == 'tiny' else policy
+        if policy in SIZES:
+            checkpoint = str(tiny_moe_checkpoint(folder / policy, task, **SIZES[policy]))
+        else:
+            checkpoint = policy
         params: dict[str, Any] = {'checkpoint': checkpoint, 'task': spec.name,
                                   'control_rate_hz': float(rate_hz),
                                   'diagnostics_period_s': 0.5}
         if expert_mode:
             params['expert_mode'] = str(expert_mode)
+        if realtime_priority:
+            params['realtime_priority'] = int(realtime_priority)
         node = NodeProcess('policy_node', 'policy_node', params, folder, domain, namespace)
         try:
             with ros_context(domain) as ctx:
@@ -119,8 +129,11 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
         'inference_ms_p99': after.get('inference_ms_p99', 0.0),
         'obs_age_ms_p50': after.get('obs_age_ms_p50', 0.0),
         'obs_age_ms_p99': after.get('obs_age_ms_p99', 0.0),
-        'sweep_phase': bool(sweep_phase),
+        'sweep_phase': bool(sweep_phase), 'realtime_priority': int(realtime_priority),
         'policy_ticks': int(ticks), 'deadline_misses': int(misses),
+        'skipped_periods': int(after.get('skipped_periods', 0.0)
+                               - before.get('skipped_periods', 0.0)),
+        'overruns': int(after.get('overruns', 0.0) - before.get('overruns', 0.0)),
         'deadline_miss_rate': float(misses / ticks) if ticks else 0.0,
         'policy_exit_status': code,
     }
@@ -145,19 +158,23 @@ def _diag_numbers(probe: Any, name: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m vdd_ros.ros.bench', description=__doc__
                                      .split('\n\n')[0])
-    parser.add_argument('--policy', default='tiny', help="checkpoint folder, 'scripted', or "
-                        "'tiny' (a small untrained MoE; default)")
+    parser.add_argument('--policy', default='default', help="checkpoint folder, 'scripted', "
+                        "or an untrained MoE: 'default' (8 x 3x256) or 'tiny' (default: "
+                        "%(default)s)")
     parser.add_argument('--task', default='lift_carry')
     parser.add_argument('--rates', type=float, nargs='+', default=[20.0, 500.0])
     parser.add_argument('--duration', type=float, default=10.0, help='seconds per rate')
     parser.add_argument('--expert-mode', default=None)
     parser.add_argument('--fixed-phase', action='store_true',
                         help='publish at exactly the policy rate (one arbitrary phase)')
+    parser.add_argument('--realtime-priority', type=int, default=0,
+                        help='SCHED_FIFO priority of the policy node (0: normal scheduler)')
     parser.add_argument('--json', type=Path, help='write the results here')
     args = parser.parse_args(argv)
     try:
         results = [benchmark_latency(args.policy, rate, args.duration, args.task,
-                                     args.expert_mode, sweep_phase=not args.fixed_phase)
+                                     args.expert_mode, sweep_phase=not args.fixed_phase,
+                                     realtime_priority=args.realtime_priority)
                    for rate in args.rates]
     except UserError as exc:
         print(f'bench: error: {exc}', file=sys.stderr)

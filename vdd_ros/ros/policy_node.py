@@ -17,6 +17,7 @@ Run: `python -m vdd_ros.ros.policy_node --ros-args -p checkpoint:=PATH -p task:=
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -65,6 +66,20 @@ def load_any_policy(checkpoint: str, task: str = '', device: str = 'cpu',
     return policy
 
 
+def set_realtime_priority(priority: int, logger: Any) -> bool:
+    """Run this thread (the executor's) under SCHED_FIFO at `priority`; warn when not allowed."""
+    if not 1 <= priority <= 99:
+        raise UserError(f'parameter realtime_priority: must be 0 or 1-99, got {priority}')
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except (AttributeError, PermissionError, OSError) as exc:
+        logger.warning(f'cannot use SCHED_FIFO priority {priority} ({exc}); keeping the '
+                       'normal scheduler (needs CAP_SYS_NICE or an rtprio limit)')
+        return False
+    logger.info(f'control loop runs under SCHED_FIFO priority {priority}')
+    return True
+
+
 class DeadlineMonitor:
     """Counts missed control deadlines of a periodic callback.
 
@@ -77,6 +92,7 @@ class DeadlineMonitor:
         self.ticks = 0
         self.misses = 0
         self.skipped = 0
+        self.overruns = 0
         self._last: float | None = None
 
     def record(self, start: float, end: float) -> None:
@@ -89,6 +105,7 @@ class DeadlineMonitor:
                 self.misses += skipped
         self._last = start
         if end - start > self.period:
+            self.overruns += 1
             self.misses += 1
 
     @property
@@ -154,6 +171,11 @@ class PolicyNode(VddNode):
         self.stats_file = str(self.param('stats_file', '', 'JSON file that receives the final '
                                          'diagnostics values at exit (empty: none)',
                                          read_only=True))
+        priority = int(self.param('realtime_priority', 0, 'SCHED_FIFO priority (1-99) for the '
+                                  'control loop thread; 0 keeps the normal scheduler',
+                                  read_only=True))
+        if priority:
+            set_realtime_priority(priority, self.get_logger())
         threads = int(self.param('torch_threads', 1, 'torch CPU threads (0: torch default)',
                                  read_only=True))
         if threads > 0:
@@ -356,6 +378,7 @@ class PolicyNode(VddNode):
             'obs_age_ms_p50': age50, 'obs_age_ms_p99': age99,
             'ticks': self.deadlines.ticks, 'deadline_misses': self.deadlines.misses,
             'deadline_miss_rate': self.deadlines.rate,
+            'skipped_periods': self.deadlines.skipped, 'overruns': self.deadlines.overruns,
             'observations': s.received, 'rejected_observations': s.rejected,
             'actions_computed': s.computed, 'watchdog': 'tripped' if self._tripped else 'ok',
             'watchdog_trips': s.watchdog_trips, 'policy_errors': s.errors,

@@ -102,10 +102,12 @@ class Probe:
 
 
 def tiny_moe_checkpoint(path: str | os.PathLike, task: str = 'lift_carry',
-                        num_experts: int = 3, hidden_dim: int = 32, seed: int = 0) -> Path:
-    """A small untrained VDD-MoE checkpoint for `task`'s observation (for tests and benches).
+                        num_experts: int = 3, hidden_dim: int = 32, num_layers: int = 1,
+                        seed: int = 0) -> Path:
+    """An untrained VDD-MoE checkpoint for `task`'s observation (for tests and benches).
 
-    The experts' means are spread apart so that each expert gives a different action.
+    It queries its network on every step (no action chunk). The experts' means are spread
+    apart so that each expert gives a different action.
     """
     import torch
 
@@ -118,7 +120,7 @@ def tiny_moe_checkpoint(path: str | os.PathLike, task: str = 'lift_carry',
     spec = get_task(task)
     torch.manual_seed(seed)
     model = MixtureOfExperts(MoEConfig(num_experts=num_experts, hidden_dim=hidden_dim,
-                                       num_layers=1), spec.obs_dim, spec.action_dim)
+                                       num_layers=num_layers), spec.obs_dim, spec.action_dim)
     with torch.no_grad():
         model.mean_head.bias.copy_(torch.linspace(-0.9, 0.9, num_experts)
                                    .repeat_interleave(spec.action_dim))
