@@ -37,5 +37,5 @@ exec "$VENV/bin/python" -m vdd_ros.cli "\$@"
 WRAP
 chmod +x "$VENV/bin/vdd-ros"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export AMENT_PREFIX_PATH="$ROOT/install/vdd_ros:$VENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
+export AMENT_PREFIX_PATH="$ROOT/install/vdd_ros${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
 export PATH="$ROOT/install/vdd_ros/lib/vdd_ros:$PATH"

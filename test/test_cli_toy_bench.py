@@ -5,10 +5,9 @@ import pytest
 
 from vdd_ros.cli import main
 
-REDUCED = ['data_size=4000', 'eval_states=5', 'eval_samples=400', 'teacher.iterations=1500',
-           'teacher.hidden_dim=64', 'teacher.num_layers=2', 'teacher.batch_size=256',
-           'teacher.lr=0.003', 'vdd.iterations=400', 'vdd.batch_size=64', 'vdd.lr=0.01',
-           'vdd.gating_lr=0.01', 'gaussian_bc.iterations=300', 'em_moe.iterations=300']
+REDUCED = ['eval_states=5', 'eval_samples=400', 'teacher.iterations=2000',
+           'vdd.iterations=800', 'vdd.batch_size=64', 'gaussian_bc.iterations=300',
+           'em_moe.iterations=300']
 
 
 def test_reduced_toy_recovers_the_modes(tmp_path):

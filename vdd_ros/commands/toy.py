@@ -78,9 +78,10 @@ def print_table(m: dict[str, Any]) -> None:
          f'<= {COVER_RADIUS}', ''),
         ('VDD, teacher score: modes covered', f'{t["modes_covered"]}/8', '>= 7/8',
          ok[m['passed']['teacher']]),
+        ('VDD, teacher score: max mean error', f'{t["max_mean_error"]:.3f}', '', ''),
         ('VDD, teacher score: max mode-mass error', f'{t["max_mass_error"]:.3f}', '<= 0.05', ''),
     ]
-    rows += [(f'energy distance to data: {k}', f'{v:.4f}', '', '') for k, v in d.items()]
+    rows += [(f'energy distance to data: {name}', f'{v:.4f}', '', '') for name, v in d.items()]
     rows.append(('VDD-MoE closer to the data than Gaussian BC', '', '',
                  ok[m['passed']['distance']]))
     width = max(len(r[0]) for r in rows)
