@@ -82,9 +82,13 @@ def test_done_at_horizon_and_no_step_after_done(lift_env: SimEnv) -> None:
 
 
 def test_render_frame_upright() -> None:
-    with SimEnv('pick_either', render=True, width=64, height=48) as env:
+    with SimEnv('pick_either', render=True, width=96, height=80) as env:
         env.reset(0)
         frame = env.render_frame()
-    assert frame.shape == (48, 64, 3) and frame.dtype == np.uint8
-    # the floor (bottom rows) is darker than the backdrop (top rows) when upright
-    assert frame[:6].mean() > frame[-6:].mean()
+        red, green = env.project(env.cube_pos('cubeA')), env.project(env.cube_pos('cubeB'))
+    assert frame.shape == (80, 96, 3) and frame.dtype == np.uint8
+    # cube A is red and cube B green where the camera geometry puts them in an upright image
+    r = frame[red].astype(int)
+    g = frame[green].astype(int)
+    assert r[0] > r[1] + 40 and r[0] > r[2] + 40, r
+    assert g[1] > g[0] + 20 and g[1] > g[2] + 20, g

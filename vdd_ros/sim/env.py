@@ -100,7 +100,7 @@ class SimEnv:
     """
 
     def __init__(self, task: str, seed: int | None = None, render: bool = False,
-                 camera: str = 'frontview', width: int = 256, height: int = 256) -> None:
+                 camera: str = 'agentview', width: int = 256, height: int = 256) -> None:
         self.spec = get_task(task)
         self.task = self.spec.name
         self.obs_fields: list[tuple[str, int]] = list(self.spec.obs_fields)
@@ -185,13 +185,39 @@ class SimEnv:
                 'task': self.task,
                 'robosuite_version': getattr(import_robosuite(), '__version__', 'unknown')}
 
-    def render_frame(self) -> np.ndarray:
-        """Upright HxWx3 uint8 frame from the offscreen camera (needs render=True)."""
+    def render_frame(self, goal_markers: bool = True) -> np.ndarray:
+        """Upright HxWx3 uint8 frame from the offscreen camera (needs render=True). Virtual
+        goals, which have no body in the scene, are drawn as small squares (left blue, right
+        orange)."""
         if not self.render_enabled:
             raise RuntimeError('SimEnv was built without render=True')
         img = self._env.sim.render(camera_name=self.camera, width=self.width,
                                    height=self.height)
-        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8)[::-1])
+        frame = np.array(np.asarray(img, dtype=np.uint8)[::-1])
+        if goal_markers:
+            colours = {'left': (40, 90, 230), 'right': (240, 140, 20)}
+            for name, goal in self.goals.items():
+                px = self.project(goal)
+                if px is not None:
+                    r, c = px
+                    frame[max(r - 3, 0):r + 4, max(c - 3, 0):c + 4] = colours.get(name, (0, 0, 0))
+        return frame
+
+    def project(self, point: np.ndarray) -> tuple[int, int] | None:
+        """(row, column) of a world point in the upright camera image; None when it is out of
+        view."""
+        sim = self._env.sim
+        cam = sim.model.camera_name2id(self.camera)
+        rot = np.asarray(sim.data.cam_xmat[cam]).reshape(3, 3)
+        local = rot.T @ (np.asarray(point, dtype=np.float64) - sim.data.cam_xpos[cam])
+        if local[2] >= -1e-6:  # behind the camera (it looks along its -z axis)
+            return None
+        focal = 0.5 * self.height / math.tan(math.radians(float(sim.model.cam_fovy[cam])) / 2)
+        col = int(round(self.width / 2 + focal * local[0] / -local[2]))
+        row = int(round(self.height / 2 - focal * local[1] / -local[2]))
+        if 0 <= row < self.height and 0 <= col < self.width:
+            return row, col
+        return None
 
     def close(self) -> None:
         env, self._env = getattr(self, '_env', None), None
