@@ -2,6 +2,7 @@
 import json
 import uuid
 
+import numpy as np
 import pytest
 
 from vdd_ros.cli import main as cli_main
@@ -58,6 +59,35 @@ def test_realtime_clock_steps_at_the_control_rate(tmp_path):
     assert len(record['obs_to_action_ms']) >= 0.8 * record['length']
     assert record['stale_steps'] <= record['length'] // 4
     assert 'Traceback' not in sim.log_file.read_text()
+
+
+def test_lockstep_moe_episode_is_bitwise_the_in_process_one(tmp_path):
+    """A sampling MoE through ROS ends in exactly the state the in-process runner reaches."""
+    from vdd_ros.ros.testing import tiny_moe_checkpoint
+    from vdd_ros.sim.env import SimEnv
+    from vdd_ros.sim.rollout import build_policy, run_episode
+    checkpoint = str(tiny_moe_checkpoint(tmp_path / 'moe', hidden_dim=64))
+    seed = evaluation_seeds(1)[0]
+    ns = f'/t_{uuid.uuid4().hex[:8]}'
+    results = tmp_path / 'results.json'
+    policy = NodeProcess('policy_node', 'policy_node', {
+        'checkpoint': checkpoint, 'task': 'lift_carry', 'control_rate_hz': 500.0,
+        'expert_mode': 'sample'}, tmp_path, domain_id(), ns)
+    sim = NodeProcess('sim_node', 'sim_node', {
+        'task': 'lift_carry', 'clock_mode': 'lockstep', 'seeds': [seed],
+        'exit_when_done': True, 'results_file': str(results)}, tmp_path, domain_id(), ns)
+    try:
+        code = sim.proc.wait(timeout=90)
+    finally:
+        sim.stop()
+        policy.stop()
+    assert code == 0, sim.log_tail()
+    (record,) = json.loads(results.read_text())['episodes']
+    with SimEnv('lift_carry') as env:
+        local = run_episode(env, build_policy(checkpoint, 'lift_carry'), seed)
+        final = env.observation()
+    assert record['length'] == local['length']
+    assert np.array_equal(np.asarray(record['final_obs'], dtype=np.float32), final)
 
 
 def test_evaluate_via_ros_rejects_what_a_process_cannot_run():

@@ -178,6 +178,7 @@ class SimNode(VddNode):
             'obs_to_action_ms_p50': p50, 'obs_to_action_ms_p99': p99,
             'stale_steps': int(stats['stale_steps']),
             'episode_s': time.perf_counter() - stats['start'],
+            'final_obs': [float(v) for v in self.env.observation()],
             'obs_to_action_ms': [round(v, 4) for v in lat],
             'latency_ms': [round(v, 4) for v in stats['latency_ms']],
         }
