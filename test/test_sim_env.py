@@ -63,6 +63,13 @@ def test_same_seed_same_episode_after_any_history(lift_env: SimEnv) -> None:
     assert not np.array_equal(lift_env.reset(12), lift_env.reset(11))
 
 
+def test_unseeded_envs_differ_and_constructor_seed_counts(lift_env: SimEnv) -> None:
+    with SimEnv('lift_carry') as a, SimEnv('lift_carry') as b:
+        assert not np.array_equal(a.reset(), b.reset())
+    with SimEnv('lift_carry', seed=11) as c:
+        np.testing.assert_array_equal(c.reset(), lift_env.reset(11))
+
+
 def test_done_at_horizon_and_no_step_after_done(lift_env: SimEnv) -> None:
     env = lift_env
     env.reset(3)

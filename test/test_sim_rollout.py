@@ -86,6 +86,12 @@ def test_evaluate_errors(tmp_path: Path) -> None:
                  show_progress=False)
 
 
+def test_unpicklable_factory_needs_one_worker() -> None:
+    with pytest.raises(UserError, match='picklable'):
+        evaluate(lambda: make_oracle('pick_either'), 'pick_either', 2, workers=2,
+                 show_progress=False)
+
+
 def test_video_gif(tmp_path: Path) -> None:
     from PIL import Image
     path = tmp_path / 'episode.gif'

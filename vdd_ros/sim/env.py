@@ -122,6 +122,7 @@ class SimEnv:
                            'cubeB': (self._env.cubeB, self._env.cubeB_body_id)}
         self.half_sizes = {k: float(obj.size[2]) for k, (obj, _) in self._cubes.items()}
         self._next_seed = seed
+        self._seeded = False
         self.goals: dict[str, np.ndarray] = {}
         self.t = 0
         self._done = True
@@ -130,12 +131,17 @@ class SimEnv:
 
     # -- episode -----------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> np.ndarray:
-        """Start an episode; a seed makes it reproducible. Returns the flat observation."""
+        """Start an episode and return the flat observation. A seed (here or, for the first
+        episode, in the constructor) makes it reproducible; without one the episode continues
+        the environment's random stream (fresh entropy if it was never seeded)."""
         if seed is None:
             seed, self._next_seed = self._next_seed, None
         if seed is not None:
             fresh = np.random.default_rng(int(seed))
             self._env.rng.bit_generator.state = fresh.bit_generator.state
+        elif not self._seeded:  # never seeded: start from fresh entropy, not MAKE_SEED's stream
+            self._env.rng.bit_generator.state = np.random.default_rng().bit_generator.state
+        self._seeded = True
         self._raw = self._env.reset()
         self.goals = self._sample_goals(self._env.rng)
         self.t = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import pickle
 import time
 import uuid
 from pathlib import Path
@@ -137,6 +138,15 @@ def cached_env(task: str) -> Any:
     return env
 
 
+def release_cached_env() -> None:
+    """Close this process's cached environment (the in-process runner keeps one for reuse)."""
+    env = _WORKER.pop('env', None)
+    _WORKER.pop('policy', None)
+    _WORKER.pop('token', None)
+    if env is not None:
+        env.close()
+
+
 def worker_objects(task: str, policy: PolicyRef, device: str, token: str) -> tuple[Any, Policy]:
     """This process's environment and policy; the policy is rebuilt once per `token` (one
     evaluation), so a checkpoint rewritten between evaluations is never served stale."""
@@ -239,6 +249,12 @@ def evaluate(policy: PolicyRef, task: str, episodes: int, workers: int = 1,
             env = cached_env(task)
             results: Any = ((i, run_episode(env, local, s)) for i, s in enumerate(seeds))
         else:
+            try:
+                pickle.dumps(policy)
+            except Exception as exc:
+                raise UserError(f'workers > 1 need a picklable policy factory (a module-level '
+                                f'function or functools.partial), not {policy!r}: '
+                                f'{exc}') from None
             token = uuid.uuid4().hex
             jobs = [(i, s, task, policy, device, token) for i, s in enumerate(seeds)]
             pool = mp_context().Pool(workers, initializer=worker_init)
