@@ -165,3 +165,31 @@ def test_cli_train_teacher_and_distill_run_the_same_jobs(dataset, tmp_path):
                      str(tmp_path / 'x'), '--quiet']) == 2
     assert cli_main(['distill', '--teacher', str(teacher), '--dataset', str(dataset),
                      '--out', str(tmp_path / 'y'), '--set', 'vdd.iterations']) == 2
+
+
+def test_node_process_saves_and_exits_0_on_sigint_even_with_a_second_signal(dataset, tmp_path):
+    import signal
+    import time
+
+    from vdd_ros.ros.evaluation import NodeProcess
+    from vdd_ros.ros.testing import domain_id
+    out = tmp_path / 'teacher'
+    proc = NodeProcess('teacher_training_node', 'teacher_training_node', {
+        'dataset': str(dataset), 'out': str(out),
+        'overrides': TINY_TRAINING + ['teacher.iterations=100000000']}, tmp_path, domain_id(),
+        f'/t_{uuid.uuid4().hex[:8]}')
+    try:
+        end = time.monotonic() + 60
+        while 'teacher training:' not in proc.log_file.read_text() and time.monotonic() < end:
+            assert proc.poll() is None, proc.log_tail()
+            time.sleep(0.1)
+        proc.proc.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+        proc.proc.send_signal(signal.SIGINT)
+        code = proc.proc.wait(timeout=30)
+    finally:
+        proc.stop()
+    log = proc.log_file.read_text()
+    assert code == 0 and 'Traceback' not in log, log
+    assert f'teacher: stopped, checkpoint {out}' in log
+    assert load_policy(out).spec.obs_dim > 0

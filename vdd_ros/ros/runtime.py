@@ -3,7 +3,8 @@
 `run_node` gives each executable the same life cycle: init rclpy with the command line, build
 the node (a UserError from bad parameters is logged as FATAL, exit status 2), spin until the node
 says it is finished or a signal arrives (one SIGINT or SIGTERM is a clean stop, exit status 0),
-then ignore further signals while the node shuts down, so a second signal never crashes it.
+then ignore further signals while the node shuts down (with its context still valid), so a
+second signal never crashes it.
 """
 from __future__ import annotations
 
@@ -154,16 +155,28 @@ def make_executor(context: Any) -> Any:
 
 def run_node(factory: Callable[[], VddNode], args: list[str] | None = None,
              name: str = 'vdd_ros') -> int:
-    """Init rclpy with `args`, build the node, spin it, shut down cleanly; the exit status."""
-    rclpy.init(args=sys.argv if args is None else args)
+    """Init rclpy with `args`, build the node, spin it, shut down cleanly; the exit status.
+
+    SIGINT and SIGTERM are handled here rather than by rclpy, so that `node.shutdown()` runs
+    while the context is still valid (it may log and publish, e.g. a final checkpoint path).
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    rclpy.init(args=sys.argv if args is None else args,
+               signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     node: VddNode | None = None
     code = 0
     try:
         node = factory()
         executor = make_executor(node.context)
         executor.add_node(node)
-        spin(node, executor)
-        code = node.exit_code if node.finished.is_set() else 0
+        spin(node, executor, until=stop.is_set)
+        code = node.exit_code if node.finished.is_set() and not stop.is_set() else 0
     except (KeyboardInterrupt, ExternalShutdownException):
         code = 0
     except UserError as exc:
@@ -177,4 +190,4 @@ def run_node(factory: Callable[[], VddNode], args: list[str] | None = None,
             finally:
                 node.destroy_node()
         rclpy.try_shutdown()
-    return code
+    return code  # signals stay ignored: the process is about to exit

@@ -195,8 +195,8 @@ class TrainingNode(VddNode):
             self.thread.join(self.stop_timeout_s)
             if self.thread.is_alive():
                 self.get_logger().error('training did not stop in time; no final checkpoint')
-        if self.checkpoint and not self._announced:
-            self.get_logger().info(f'{self.stage}: {self.state}, checkpoint {self.checkpoint}')
+        if self._job_done.is_set() and not self._announced:
+            self._on_timer()  # announce the checkpoint (or the failure) before leaving
 
 
 class TeacherTrainingNode(TrainingNode):
