@@ -19,17 +19,14 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.clock import Clock, ClockType
+from rclpy.exceptions import (InvalidParameterTypeException, InvalidParameterValueException,
+                              ParameterUninitializedException)
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from vdd_ros.errors import UserError
 from vdd_ros.ros.conversions import diagnostic_array, diagnostic_status
-
-try:  # rclpy raises this one on access to a parameter declared by type without a value
-    from rclpy.exceptions import ParameterUninitializedException
-except ImportError:  # pragma: no cover - older rclpy
-    ParameterUninitializedException = LookupError  # type: ignore[misc, assignment]
 
 DIAGNOSTICS_TOPIC = '/diagnostics'
 _ARRAY_TYPES = {
@@ -63,14 +60,17 @@ class VddNode(Node):
         """
         desc = ParameterDescriptor(description=description, read_only=read_only,
                                    dynamic_typing=dynamic, additional_constraints=constraints)
-        if isinstance(default, str) and default in _ARRAY_TYPES:
-            self.declare_parameter(name, _ARRAY_TYPES[default], desc)
-            try:
-                value = self.get_parameter(name).value
-            except ParameterUninitializedException:
-                return []
-            return list(value) if value is not None else []
-        return self.declare_parameter(name, default, desc).value
+        try:
+            if isinstance(default, str) and default in _ARRAY_TYPES:
+                self.declare_parameter(name, _ARRAY_TYPES[default], desc)
+                try:
+                    value = self.get_parameter(name).value
+                except ParameterUninitializedException:
+                    return []
+                return list(value) if value is not None else []
+            return self.declare_parameter(name, default, desc).value
+        except (InvalidParameterTypeException, InvalidParameterValueException) as exc:
+            raise UserError(f'parameter {name}: {exc}') from None
 
     def number(self, name: str, value: Any, low: float = 0.0, inclusive: bool = False) -> float:
         """`value` as a float above `low` (or at least `low`); UserError naming the parameter."""

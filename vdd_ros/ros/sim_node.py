@@ -66,7 +66,7 @@ class SimNode(VddNode):
         self.max_episodes = int(self.param('episodes', 0, 'stop after this many episodes '
                                            '(0: unlimited, or len(seeds))', read_only=True))
         self.auto_reset = bool(self.param('auto_reset', True, 'start the next episode when '
-                                          'one ends'))
+                                          'one ends (else wait for ~/reset)', read_only=True))
         self.exit_when_done = bool(self.param('exit_when_done', False, 'exit (status 0) once '
                                               'the last episode has ended', read_only=True))
         self.results_file = str(self.param('results_file', '', 'JSON file rewritten after '
