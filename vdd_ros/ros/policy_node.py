@@ -380,7 +380,8 @@ class PolicyNode(VddNode):
             'deadline_miss_rate': self.deadlines.rate,
             'skipped_periods': self.deadlines.skipped, 'overruns': self.deadlines.overruns,
             'observations': s.received, 'rejected_observations': s.rejected,
-            'actions_computed': s.computed, 'hold_answers': s.holds, 'watchdog': 'tripped' if self._tripped else 'ok',
+            'actions_computed': s.computed, 'hold_answers': s.holds,
+            'watchdog': 'tripped' if self._tripped else 'ok',
             'watchdog_trips': s.watchdog_trips, 'policy_errors': s.errors,
             'last_observation_age_s': time.perf_counter() - self._last_valid,
         }
