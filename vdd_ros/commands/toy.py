@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from vdd_ros.core.config import apply_overrides, from_dict, load_config, to_dict
+from vdd_ros.core.config import (apply_overrides, from_dict, load_config, parse_overrides,
+                                 to_dict)
 from vdd_ros.core.io import atomic_path, write_json
 from vdd_ros.core.toy import COVER_RADIUS, ToyConfig, run_toy
 
@@ -26,18 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
                         help='override config fields, e.g. vdd.iterations=500')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    import yaml
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep:
-            from vdd_ros.errors import UserError
-            raise UserError(f'--set {item!r}: expected KEY=VALUE')
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,22 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from vdd_ros.core.config import parse_overrides
 from vdd_ros.errors import UserError
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`['vdd.iterations=10', ...]` as dotted-key overrides (values parsed as YAML)."""
-    import yaml
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = str(item).partition('=')
-        if not sep or not key.strip():
-            raise UserError(f'override {item!r}: expected KEY=VALUE (e.g. vdd.iterations=10)')
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise UserError(f'override {item!r}: value is not valid YAML ({exc})') from None
-    return out
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -277,6 +277,20 @@ def load_config(cls: type[C], path: str | os.PathLike,
     return from_dict(cls, data, str(path))
 
 
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`['vdd.iterations=10', ...]` as dotted-key overrides (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = str(item).partition('=')
+        if not sep or not key.strip():
+            raise ConfigError(f'override {item!r}: expected KEY=VALUE (e.g. vdd.iterations=10)')
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f'override {item!r}: value is not valid YAML ({exc})') from None
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Set dotted keys in a nested dict in place (`{'vdd.iterations': 10}`)."""
     for dotted, value in overrides.items():
