@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'distill': ('distill', 'distil a teacher checkpoint into a VDD Mixture of Experts'),
     'collect': ('collect', 'collect scripted demonstrations of a task into an HDF5 file'),
     'evaluate': ('evaluate', 'roll a policy out on a task: success, modes, latency'),
+    'pipeline': ('pipeline', 'the whole job on one task: collect, train, distil, baselines, '
+                 'evaluate, report'),
+    'report': ('report', 'redraw task reports and write the cross-task summary'),
 }
 
 

@@ -1,0 +1,566 @@
+"""The end-to-end pipeline on one task: demonstrations to a results report.
+
+Stages, in order (each reads the outputs of the stages named in its `deps`):
+
+    collect -> teacher -> vdd_moe -> gaussian_bc -> em_moe
+            -> eval_<policy> for teacher, teacher_1step, vdd_moe, gaussian_bc, em_moe
+            -> video -> report
+
+Everything goes under `<results>/<task>/`. A stage writes its outputs atomically, then its
+marker `stages/<stage>.json` (wall time, outputs, the settings it used, a key and a run id).
+A stage is skipped when its marker exists, the marker's key matches and every output exists.
+The key hashes the stage's settings and the run ids of the stages it reads, so a stage that
+reruns (changed settings, lost output, `force`) makes everything downstream of it rerun too.
+A run killed at any moment leaves no marker for the stage it was in, so the next run resumes
+there. Robosuite, ROS and matplotlib are imported only by the stages that need them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from vdd_ros.core.config import (TrainConfig, apply_overrides, at_least, check_expert_mode,
+                                 from_dict, positive, to_dict)
+from vdd_ros.core.io import atomic_path, write_json
+from vdd_ros.errors import ConfigError, UserError
+
+# Policies evaluated, in report order: name -> (training stage, label)
+POLICIES: dict[str, tuple[str, str]] = {
+    'teacher': ('teacher', 'diffusion teacher'),
+    'teacher_1step': ('teacher', 'diffusion teacher, 1 step'),
+    'vdd_moe': ('vdd_moe', 'VDD-MoE (over ROS)'),
+    'gaussian_bc': ('gaussian_bc', 'Gaussian BC'),
+    'em_moe': ('em_moe', 'EM-trained MoE'),
+}
+TRAINED = ('teacher', 'vdd_moe', 'gaussian_bc', 'em_moe')
+GIF_NAME = 'vdd_moe_modes.gif'
+
+
+# -- configuration ----------------------------------------------------------------------------
+@dataclass
+class PipelineConfig:
+    """Settings of one pipeline run on one task (config/pipeline.yaml, merged per task)."""
+
+    demos: int = 200                     # successful scripted demonstrations to collect
+    collect_workers: int = 2
+    collect_seed: int = 0                # first collection seed
+    eval_episodes: int = 50              # rollouts per policy, on the same evaluation seeds
+    eval_workers: int = 2                # in-process evaluations (the ROS one runs one sim)
+    ros_control_rate_hz: float = 500.0   # policy_node timer in the lockstep ROS evaluation
+    teacher_steps: int | None = None     # teacher's default sampling steps (None: checkpoint's)
+    expert_mode: str | int | None = None  # VDD-MoE expert choice (None: checkpoint's)
+    video_episodes_per_mode: int = 1     # VDD-MoE episodes rendered per behaviour mode
+    latency_queries: int = 300           # timed single-observation queries per policy
+    train: dict[str, Any] = field(default_factory=dict)  # dotted TrainConfig overrides
+
+    def validate(self) -> None:
+        for name in ('demos', 'collect_workers', 'eval_episodes', 'eval_workers',
+                     'video_episodes_per_mode'):
+            at_least(getattr(self, name), 1, name)
+        at_least(self.collect_seed, 0, 'collect_seed')
+        at_least(self.latency_queries, 10, 'latency_queries')
+        positive(self.ros_control_rate_hz, 'ros_control_rate_hz')
+        if self.teacher_steps is not None:
+            at_least(self.teacher_steps, 1, 'teacher_steps')
+        if not isinstance(self.train, Mapping):
+            raise ConfigError(f'train: expected a mapping of dotted training keys, got '
+                              f'{self.train!r}')
+        self.train = flatten(self.train)
+        train = self.train_config()
+        if self.expert_mode is not None:
+            check_expert_mode(self.expert_mode, train.moe.num_experts, 'expert_mode')
+
+    def train_config(self) -> TrainConfig:
+        """The training config: built-in defaults with `train` applied."""
+        try:
+            return from_dict(TrainConfig, apply_overrides(to_dict(TrainConfig()),
+                                                          self.train), 'train')
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace('train: ', 'train.', 1)) from None
+
+
+def flatten(data: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    """Nested mappings as dotted keys: `{'vdd': {'lr': 1}}` -> `{'vdd.lr': 1}`."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f'{prefix}{key}'
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f'{dotted}.'))
+        else:
+            out[dotted] = value
+    return out
+
+
+def default_config_path() -> Path | None:
+    """config/pipeline.yaml of the source tree, else of the installed package's share."""
+    here = Path(__file__).resolve().parents[1] / 'config' / 'pipeline.yaml'
+    if here.is_file():
+        return here
+    for prefix in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep):
+        shared = Path(prefix) / 'share' / 'vdd_ros' / 'config' / 'pipeline.yaml'
+        if prefix and shared.is_file():
+            return shared
+    return None
+
+
+def load_pipeline_config(task: str, path: str | os.PathLike | None = None,
+                         overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """`defaults`, then `tasks.<task>`, then `overrides` (dotted; `train.<key>` for training).
+
+    Errors name the file, the section and the field.
+    """
+    from vdd_ros.sim.tasks import TASKS, get_task
+    get_task(task)
+    path = Path(path) if path is not None else default_config_path()
+    if path is None:
+        raise UserError('config/pipeline.yaml not found (pass --config)')
+    if not path.is_file():
+        raise ConfigError(f'{path}: config file not found')
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f'{path}: not valid YAML ({exc})') from None
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: expected a mapping at the top level')
+    unknown = sorted(set(data) - {'defaults', 'tasks'})
+    if unknown:
+        raise ConfigError(f'{path}: {unknown[0]}: unknown key (known: defaults, tasks)')
+    tasks = data.get('tasks') or {}
+    if not isinstance(tasks, dict):
+        raise ConfigError(f'{path}: tasks: expected a mapping of task names')
+    for name in tasks:
+        if name not in TASKS:
+            raise ConfigError(f'{path}: tasks.{name}: unknown task (known: {", ".join(TASKS)})')
+    merged: dict[str, Any] = {}
+    for section, part in (('defaults', data.get('defaults')), (f'tasks.{task}', tasks.get(task)),
+                          ('--set', overrides)):
+        if part is None:
+            continue
+        if not isinstance(part, Mapping):
+            raise ConfigError(f'{path}: {section}: expected a mapping')
+        _merge(merged, part, section, path)
+    return from_dict(PipelineConfig, merged, f'{path} [{task}]')
+
+
+def _merge(into: dict[str, Any], part: Mapping[str, Any], section: str, path: Path) -> None:
+    """Merge one section: fields replace, `train` entries merge key by key."""
+    for key, value in part.items():
+        top, _, rest = str(key).partition('.')
+        if top == 'train':
+            train = into.setdefault('train', {})
+            if rest:
+                train[rest] = value
+            elif isinstance(value, Mapping):
+                train.update(flatten(value))
+            else:
+                raise ConfigError(f'{path}: {section}: train: expected a mapping of dotted '
+                                  f'training keys, got {value!r}')
+        elif rest:
+            raise ConfigError(f'{path}: {section}: {key}: {top} is not a section')
+        else:
+            into[key] = value
+
+
+# -- stages -----------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    """One cached step: `run(ctx)` writes `outputs` (paths relative to the task folder)."""
+
+    name: str
+    title: str
+    deps: tuple[str, ...]
+    outputs: list[str]
+    settings: dict[str, Any]
+    run: Callable[['Context'], dict[str, Any]]
+
+
+@dataclass
+class Context:
+    """What every stage needs: the task, its folder, the settings and where to print."""
+
+    task: str
+    folder: Path
+    cfg: PipelineConfig
+    train: TrainConfig
+    device: str = 'cpu'
+    show_progress: bool = True
+    log: Callable[[str], None] = print
+
+    def path(self, relative: str) -> Path:
+        return self.folder / relative
+
+
+def _train_settings(train: TrainConfig, *sections: str) -> dict[str, Any]:
+    d = to_dict(train)
+    return {k: d[k] for k in ('seed', 'obs_horizon', 'action_horizon', 'action_exec',
+                              *sections)}
+
+
+def build_stages(ctx: Context) -> list[Stage]:
+    """The stages of a run, in execution order."""
+    cfg, train = ctx.cfg, ctx.train
+    stages = [
+        Stage('collect', 'collect scripted demonstrations', (), ['demos.hdf5'],
+              {'task': ctx.task, 'demos': cfg.demos, 'seed': cfg.collect_seed}, _collect),
+        Stage('teacher', 'train the diffusion teacher', ('collect',), ['teacher'],
+              _train_settings(train, 'teacher'), functools.partial(_train, 'teacher')),
+        Stage('vdd_moe', 'distil the VDD-MoE', ('collect', 'teacher'), ['vdd_moe'],
+              {k: to_dict(train)[k] for k in ('seed', 'moe', 'vdd')},
+              functools.partial(_train, 'vdd_moe')),
+        Stage('gaussian_bc', 'train the Gaussian BC baseline', ('collect',), ['gaussian_bc'],
+              _train_settings(train, 'moe', 'gaussian_bc'),
+              functools.partial(_train, 'gaussian_bc')),
+        Stage('em_moe', 'train the EM-trained MoE baseline', ('collect',), ['em_moe'],
+              _train_settings(train, 'moe', 'em_moe'), functools.partial(_train, 'em_moe')),
+    ]
+    for policy, (source, label) in POLICIES.items():
+        settings: dict[str, Any] = {'episodes': cfg.eval_episodes,
+                                    'latency_queries': cfg.latency_queries}
+        if policy == 'teacher':
+            settings['steps'] = cfg.teacher_steps
+        elif policy == 'teacher_1step':
+            settings['steps'] = 1
+        elif policy == 'vdd_moe':
+            settings.update(via_ros=True, control_rate_hz=cfg.ros_control_rate_hz,
+                            expert_mode=cfg.expert_mode)
+        stages.append(Stage(f'eval_{policy}', f'evaluate: {label}', ('collect', source),
+                            [f'eval/{policy}.json'], settings,
+                            functools.partial(_evaluate, policy)))
+    stages.append(Stage('video', 'render VDD-MoE rollouts of each mode', ('eval_vdd_moe',),
+                        [GIF_NAME], {'per_mode': cfg.video_episodes_per_mode,
+                                     'expert_mode': cfg.expert_mode}, _video))
+    from vdd_ros.report import REPORT_OUTPUTS
+    stages.append(Stage('report', 'metrics, report and plots',
+                        tuple(s.name for s in stages), list(REPORT_OUTPUTS),
+                        {'config': to_dict(cfg)}, _report))
+    return stages
+
+
+def _collect(ctx: Context) -> dict[str, Any]:
+    from vdd_ros.sim.collection import collect
+    cfg = ctx.cfg
+    summary = collect(ctx.task, cfg.demos, str(ctx.path('demos.hdf5')),
+                      workers=cfg.collect_workers, seed=cfg.collect_seed,
+                      show_progress=ctx.show_progress)
+    if not summary['complete']:
+        ctx.log(f'  warning: only {summary["kept"]} of {cfg.demos} demonstrations succeeded')
+    ctx.log(f'  {summary["kept"]} demonstrations ({_counts(summary["mode_counts"])}), '
+            f'{summary["discarded"]} failed discarded')
+    return {k: summary[k] for k in ('kept', 'discarded', 'attempts', 'steps', 'mode_counts',
+                                    'mean_length', 'workers')}
+
+
+def _train(method: str, ctx: Context) -> dict[str, Any]:
+    from vdd_ros.core.jobs import baseline_job, distill_job, train_teacher_job
+    from vdd_ros.core.progress import DivergenceError
+    demos, out = ctx.path('demos.hdf5'), ctx.path(method)
+    common = dict(overrides=ctx.cfg.train, device=ctx.device, show_bar=ctx.show_progress)
+    try:
+        if method == 'teacher':
+            train_teacher_job(demos, out, **common)
+        elif method == 'vdd_moe':
+            distill_job(ctx.path('teacher'), demos, out, **common)
+        else:
+            baseline_job(method, demos, out, **common)
+    except DivergenceError as exc:
+        raise UserError(f'training diverged: {exc}') from None
+    history = _loss_history(out)
+    info = {'iterations': len(history), 'device': ctx.device,
+            'final_loss': _tail_mean([v for _, v in history])}
+    ctx.log(f'  {info["iterations"]} iterations, final loss {info["final_loss"]:.4g}')
+    return info
+
+
+def _loss_history(checkpoint: Path) -> list[tuple[int, float]]:
+    from vdd_ros.core.checkpoint import read_meta
+    meta = read_meta(checkpoint)
+    return [(int(i), float(v)) for i, v in (meta.get('metrics') or {}).get('loss_history', [])]
+
+
+def _tail_mean(values: list[float], fraction: float = 0.05) -> float:
+    if not values:
+        return math.nan
+    tail = values[-max(1, int(len(values) * fraction)):]
+    return float(sum(tail) / len(tail))
+
+
+def policy_ref(ctx: Context, policy: str) -> Any:
+    """What the runners load for `policy`: a checkpoint folder or a picklable factory."""
+    from vdd_ros.core.checkpoint import load_policy
+    source = str(ctx.path(POLICIES[policy][0]))
+    if policy == 'teacher_1step':
+        return functools.partial(load_policy, source, ctx.device, None, 1)
+    if policy == 'teacher' and ctx.cfg.teacher_steps is not None:
+        return functools.partial(load_policy, source, ctx.device, None, ctx.cfg.teacher_steps)
+    if policy == 'vdd_moe' and ctx.cfg.expert_mode is not None:
+        return functools.partial(load_policy, source, ctx.device, ctx.cfg.expert_mode)
+    return source
+
+
+def _evaluate(policy: str, ctx: Context) -> dict[str, Any]:
+    from vdd_ros.sim.rollout import build_policy, evaluate, evaluation_seeds
+    cfg = ctx.cfg
+    seeds = evaluation_seeds(cfg.eval_episodes)
+    ref = policy_ref(ctx, policy)
+    if policy == 'vdd_moe':
+        from vdd_ros.ros.evaluation import evaluate_via_ros
+        try:
+            metrics = evaluate_via_ros(ctx.path('vdd_moe'), ctx.task, cfg.eval_episodes, seeds,
+                                       control_rate_hz=cfg.ros_control_rate_hz,
+                                       expert_mode=cfg.expert_mode, device=ctx.device,
+                                       show_progress=ctx.show_progress)
+        except UserError as exc:
+            raise UserError(f'the ROS evaluation failed (no fallback to the in-process '
+                            f'runner): {exc}') from None
+    else:
+        metrics = evaluate(ref, ctx.task, cfg.eval_episodes, workers=cfg.eval_workers,
+                           seeds=seeds, show_progress=ctx.show_progress, device=ctx.device)
+    built = build_policy(ref, ctx.task, ctx.device)
+    model = built.model
+    if hasattr(model, 'sampling_steps'):
+        metrics['sampling_steps'] = int(model.sampling_steps)
+    if hasattr(model, 'expert_mode'):
+        metrics['expert_mode'] = str(model.expert_mode)
+    metrics.update(query_latency(built, ctx.path('demos.hdf5'), cfg.latency_queries))
+    metrics.update(name=policy, label=POLICIES[policy][1], checkpoint=POLICIES[policy][0],
+                   device=ctx.device)
+    write_json(ctx.path(f'eval/{policy}.json'), metrics)
+    ctx.log(f'  success {metrics["successes"]}/{metrics["episodes"]} '
+            f'({_counts(metrics["mode_counts"])}), mode entropy {metrics["mode_entropy"]:.2f}, '
+            f'{metrics["query_ms_p50"]:.3f} ms per action (p50)')
+    return {k: metrics[k] for k in ('success_rate', 'mode_entropy', 'query_ms_p50')}
+
+
+def query_latency(policy: Any, dataset: Path, queries: int, warmup: int = 20
+                  ) -> dict[str, float]:
+    """Per-action inference latency of a loaded ModelPolicy, with no chunk to amortise it.
+
+    Every `act` call queries the network (the policy's `action_exec` is set to 1), on the
+    demonstrations' observations in episode order, one thread, batch 1: the cost of each
+    action when the policy is queried at every control step, as `vdd-ros bench` measures it.
+    """
+    import numpy as np
+    import torch
+
+    from vdd_ros.core.bench import time_calls
+    from vdd_ros.core.data import load_dataset
+    data = load_dataset(dataset, [k for k, _ in policy.spec.obs_fields])
+    observations = [(i, t, demo.obs[t]) for i, demo in enumerate(data.demos)
+                    for t in range(len(demo))]
+    policy.spec = dataclasses.replace(policy.spec, action_exec=1)
+    cursor = iter(observations * (1 + (queries + warmup) // max(len(observations), 1)))
+
+    def step() -> None:
+        episode, t, obs = next(cursor)
+        if t == 0:
+            policy.reset(episode)
+        policy.act(obs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ms = time_calls(step, queries, warmup)
+    finally:
+        torch.set_num_threads(threads)
+    return {'query_ms_p50': float(np.percentile(ms, 50)),
+            'query_ms_p99': float(np.percentile(ms, 99)), 'query_ms_mean': float(ms.mean()),
+            'query_count': int(queries)}
+
+
+def _video(ctx: Context) -> dict[str, Any]:
+    detail = json.loads(ctx.path('eval/vdd_moe.json').read_text())['episodes_detail']
+    shown = render_mode_gif(policy_ref(ctx, 'vdd_moe'), ctx.task, detail,
+                            ctx.cfg.video_episodes_per_mode, ctx.path(GIF_NAME), ctx.device)
+    ctx.log(f'  {GIF_NAME}: ' + '; '.join(f'{m}: seeds {", ".join(map(str, s)) or "none"}'
+                                           for m, s in shown.items()))
+    return {'episodes': shown}
+
+
+def pick_mode_episodes(detail: list[dict[str, Any]], modes: list[str], per_mode: int
+                       ) -> dict[str, list[tuple[int, bool]]]:
+    """(seed, succeeded) of up to `per_mode` evaluation episodes per mode: successes first,
+    then episodes that committed to the mode but failed; the first episode when none did."""
+    picks: dict[str, list[tuple[int, bool]]] = {}
+    for mode in modes:
+        ranked = [d for d in detail if d['mode'] == mode and d['success']] + \
+            [d for d in detail if d['mode'] == mode and not d['success']]
+        picks[mode] = [(int(d['seed']), bool(d['success'])) for d in ranked[:per_mode]]
+    if not any(picks.values()) and detail:
+        picks = {'no mode': [(int(detail[0]['seed']), bool(detail[0]['success']))]}
+    return {m: p for m, p in picks.items() if p}
+
+
+def render_mode_gif(ref: Any, task: str, detail: list[dict[str, Any]], per_mode: int,
+                    out: Path, device: str = 'cpu', frame_step: int = 2
+                    ) -> dict[str, list[int]]:
+    """Render the picked episodes of each mode side by side, one panel per mode with a
+    caption strip, into one GIF (written atomically). Returns the seeds shown per mode.
+
+    The episodes are replayed in this process with the same seeds (and so the same
+    outcomes) as in the evaluation; every `frame_step`-th frame is kept.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from vdd_ros.sim.env import SimEnv
+    from vdd_ros.sim.rollout import build_policy, run_episode
+    from vdd_ros.sim.tasks import get_task
+    spec = get_task(task)
+    picks = pick_mode_episodes(detail, list(spec.modes), per_mode)
+    policy = build_policy(ref, task, device)
+    panels: list[list[np.ndarray]] = []
+    with SimEnv(task, render=True) as env:
+        for mode, episodes in picks.items():
+            frames: list[np.ndarray] = []
+            for seed, _ in episodes:
+                raw: list[np.ndarray] = []
+                rec = run_episode(env, policy, seed, frames=raw)
+                outcome = 'success' if rec['success'] else f'failed ({rec["mode"] or "-"})'
+                caption = f'VDD-MoE | {mode} | seed {seed} | {outcome}'
+                frames += [_captioned(f, caption) for f in raw[::frame_step] + raw[-1:]]
+            panels.append(frames)
+    length = max(len(p) for p in panels)
+    images = [Image.fromarray(np.concatenate([p[min(i, len(p) - 1)] for p in panels], axis=1))
+              for i in range(length)]
+    with atomic_path(out) as tmp:
+        images[0].save(tmp, format='GIF', save_all=True, append_images=images[1:], loop=0,
+                       duration=int(round(1000 * frame_step / spec.control_freq)))
+    return {m: [s for s, _ in p] for m, p in picks.items()}
+
+
+def _captioned(frame: Any, text: str, height: int = 18) -> Any:
+    """`frame` (H x W x 3 uint8) with a caption strip on top."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    strip = Image.new('RGB', (frame.shape[1], height), (20, 20, 20))
+    ImageDraw.Draw(strip).text((4, 3), text, fill=(240, 240, 240))
+    return np.concatenate([np.asarray(strip), frame], axis=0)
+
+
+def _report(ctx: Context) -> dict[str, Any]:
+    from vdd_ros.report import assemble_metrics, render_task_report
+    metrics = assemble_metrics(ctx.folder, to_dict(ctx.cfg), to_dict(ctx.train))
+    write_json(ctx.path('metrics.json'), metrics)
+    render_task_report(ctx.folder)
+    return {'targets_met': metrics['targets_met']}
+
+
+def _counts(counts: Mapping[str, int]) -> str:
+    return ', '.join(f'{k} {v}' for k, v in counts.items())
+
+
+# -- markers and the runner -------------------------------------------------------------------
+def marker_path(folder: Path, stage: str) -> Path:
+    return folder / 'stages' / f'{stage}.json'
+
+
+def read_marker(folder: Path, stage: str) -> dict[str, Any] | None:
+    """A stage's marker, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(marker_path(folder, stage).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def stage_key(settings: Mapping[str, Any], deps: Mapping[str, str]) -> str:
+    """Hash of a stage's settings and the run ids of the stages it reads."""
+    text = json.dumps({'settings': settings, 'deps': deps}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _decide(ctx: Context, stage: Stage, deps: dict[str, str], forced: bool
+            ) -> tuple[bool, str]:
+    """(run?, why) for one stage."""
+    if forced:
+        return True, 'forced'
+    marker = read_marker(ctx.folder, stage.name)
+    if marker is None:
+        return True, 'not done yet'
+    if marker.get('key') != stage_key(stage.settings, deps):
+        settings = json.loads(json.dumps(stage.settings, default=str))
+        if marker.get('settings') != settings:
+            return True, 'settings changed'
+        changed = [d for d, run_id in deps.items() if (marker.get('deps') or {}).get(d) != run_id]
+        return True, f'input rerun ({", ".join(changed) or "?"})'
+    missing = [o for o in stage.outputs if not ctx.path(o).exists()]
+    if missing:
+        return True, f'output missing ({missing[0]})'
+    return False, f'done {marker.get("finished", "?")}, {marker.get("wall_s", 0):.1f} s'
+
+
+def run_pipeline(task: str, cfg: PipelineConfig, results: str | os.PathLike = 'results', *,
+                 device: str = 'cpu', force: bool = False, rerun_from: str | None = None,
+                 show_progress: bool = True, log: Callable[[str], None] = print
+                 ) -> dict[str, Any]:
+    """Run (or resume) the pipeline on `task`; returns the metrics written to metrics.json.
+
+    `force` reruns every stage; `rerun_from` reruns that stage (and so everything after it
+    that reads it).
+    """
+    ctx = Context(task, Path(results) / task, cfg, cfg.train_config(), device, show_progress,
+                  log)
+    stages = build_stages(ctx)
+    names = [s.name for s in stages]
+    if rerun_from is not None and rerun_from not in names:
+        raise UserError(f'unknown stage {rerun_from!r} (stages: {", ".join(names)})')
+    ctx.folder.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    ran: list[str] = []
+    for index, stage in enumerate(stages, 1):
+        deps = {}
+        for dep in stage.deps:
+            marker = read_marker(ctx.folder, dep)
+            if marker is None:  # only when a dependency's marker vanished during this run
+                raise UserError(f'stage {stage.name}: input stage {dep} has no marker')
+            deps[dep] = marker['run_id']
+        run, why = _decide(ctx, stage, deps, force or stage.name == rerun_from)
+        log(f'== [{index}/{len(stages)}] {stage.name}: {stage.title} -- '
+            f'{"run" if run else "skip"} ({why})')
+        if not run:
+            continue
+        marker_path(ctx.folder, stage.name).unlink(missing_ok=True)
+        t0 = time.monotonic()
+        try:
+            info = stage.run(ctx)
+        except UserError as exc:
+            raise UserError(f'stage {stage.name} failed: {exc}') from None
+        except KeyboardInterrupt:
+            log(f'stage {stage.name} interrupted; finished stages are kept, rerun to resume')
+            raise
+        wall = time.monotonic() - t0
+        missing = [o for o in stage.outputs if not ctx.path(o).exists()]
+        if missing:
+            raise UserError(f'stage {stage.name} did not write {missing[0]}')
+        write_json(marker_path(ctx.folder, stage.name), {
+            'stage': stage.name, 'key': stage_key(stage.settings, deps),
+            'run_id': uuid.uuid4().hex, 'deps': deps,
+            'settings': json.loads(json.dumps(stage.settings, default=str)),
+            'outputs': stage.outputs, 'wall_s': wall,
+            'finished': datetime.now(timezone.utc).astimezone().isoformat(timespec='seconds'),
+            'info': info})
+        ran.append(stage.name)
+        log(f'   {stage.name} done in {wall:.1f} s')
+    from vdd_ros.report import format_summary, write_summary
+    metrics = json.loads(ctx.path('metrics.json').read_text())
+    write_summary(Path(results))
+    log(format_summary(metrics))
+    log(f'ran {len(ran)} of {len(stages)} stages in {time.monotonic() - start:.1f} s; '
+        f'report: {ctx.path("report.md")}; cross-task summary: {Path(results) / "summary.md"}')
+    return metrics
+
+
+def describe_config(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML (for the console and the report)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip()
