@@ -1,0 +1,210 @@
+"""`vdd-ros pipeline` end to end at a tiny size: artefacts, caching, resume, --force, errors."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vdd_ros import pipeline
+from vdd_ros.cli import main
+
+PNG = b'\x89PNG\r\n\x1a\n'
+STAGES = ['collect', 'teacher', 'vdd_moe', 'gaussian_bc', 'em_moe', 'eval_teacher',
+          'eval_teacher_1step', 'eval_vdd_moe', 'eval_gaussian_bc', 'eval_em_moe', 'video',
+          'report']
+TINY = {
+    'demos': 4, 'collect_workers': 1, 'eval_episodes': 2, 'eval_workers': 1,
+    'latency_queries': 20,
+    'train': {'teacher.iterations': 30, 'teacher.hidden_dim': 32, 'teacher.num_layers': 2,
+              'teacher.batch_size': 32, 'moe.hidden_dim': 32, 'moe.num_layers': 2,
+              'moe.num_experts': 2, 'vdd.iterations': 10, 'vdd.batch_size': 16,
+              'gaussian_bc.iterations': 10, 'em_moe.iterations': 10},
+}
+
+
+def _config(tmp_path: Path, defaults: dict | None = None) -> Path:
+    path = tmp_path / 'pipeline.yaml'
+    path.write_text(yaml.safe_dump({'defaults': TINY if defaults is None else defaults,
+                                    'tasks': {'lift_carry': {}}}))
+    return path
+
+
+def _run(config: Path, results: Path, *extra: str) -> int:
+    return main(['pipeline', '--task', 'lift_carry', '--config', str(config), '--results',
+                 str(results), '--quiet', *extra])
+
+
+def _decisions(text: str) -> dict[str, str]:
+    """Stage -> 'run' or 'skip' from the pipeline's banners."""
+    return dict(re.findall(r'^== \[\d+/\d+\] (\w+): .* -- (run|skip) ', text, re.M))
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns
+            for p in folder.rglob('*') if p.is_file()}
+
+
+def _check_artefacts(folder: Path) -> None:
+    from PIL import Image
+
+    from vdd_ros.core.checkpoint import load_policy
+    from vdd_ros.core.data import load_dataset
+    assert len(load_dataset(folder / 'demos.hdf5').demos) == 4
+    for name in ('teacher', 'vdd_moe', 'gaussian_bc', 'em_moe'):
+        policy = load_policy(folder / name)
+        assert policy.spec.task == 'lift_carry'
+        assert policy.meta['metrics']['loss_history'], name
+    metrics = json.loads((folder / 'metrics.json').read_text())
+    assert list(metrics['policies']) == ['teacher', 'teacher_1step', 'vdd_moe', 'gaussian_bc',
+                                         'em_moe']
+    for name, m in metrics['policies'].items():
+        for key in ('success_rate', 'mode_entropy', 'latency_ms_p50', 'query_ms_p50',
+                    'mode_counts', 'episodes'):
+            assert key in m, (name, key)
+        assert m['episodes'] == 2 and m['query_ms_p50'] > 0
+        detail = json.loads((folder / 'eval' / f'{name}.json').read_text())['episodes_detail']
+        assert [d['seed'] for d in detail] == [1_000_000, 1_000_001]
+    assert metrics['policies']['teacher']['sampling_steps'] == 4
+    assert metrics['policies']['teacher_1step']['sampling_steps'] == 1
+    vdd = metrics['policies']['vdd_moe']
+    assert vdd['via_ros'] and 0 < vdd['obs_to_action_ms_p50'] <= vdd['obs_to_action_ms_p99']
+    assert {t['name'] for t in metrics['targets']} == {
+        'success_vs_teacher', 'success_floor', 'mode_entropy', 'latency'}
+    assert set(metrics['stages']) == set(STAGES) - {'report'}
+    for plot in ('success_entropy', 'latency', 'training_curves'):
+        assert (folder / 'plots' / f'{plot}.png').read_bytes()[:8] == PNG
+    with Image.open(folder / 'vdd_moe_modes.gif') as gif:
+        assert gif.format == 'GIF' and gif.n_frames > 5
+    report = (folder / 'report.md').read_text()
+    assert '| policy | success |' in report and '| VDD-MoE (over ROS) |' in report
+    assert 'MISSED' in report or 'met' in report
+    assert 'plots/training_curves.png' in report and 'vdd_moe_modes.gif' in report
+    summary = (folder.parent / 'summary.md').read_text()
+    assert '[lift_carry](lift_carry/report.md)' in summary
+    assert not list(folder.rglob('.*tmp*')), 'temporary files left behind'
+
+
+def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
+    config, results = _config(tmp_path), tmp_path / 'results'
+    folder = results / 'lift_carry'
+
+    # 1. A run killed during the Gaussian BC evaluation, after a partial output.
+    real_evaluate = pipeline._evaluate
+
+    def killed(policy, ctx):
+        if policy == 'gaussian_bc':
+            ctx.path('eval/gaussian_bc.json').write_text('{"partial": ')
+            raise KeyboardInterrupt
+        return real_evaluate(policy, ctx)
+    monkeypatch.setattr(pipeline, '_evaluate', killed)
+    assert _run(config, results) == 130
+    out = capsys.readouterr().out
+    done = STAGES[:STAGES.index('eval_gaussian_bc')]
+    assert _decisions(out) == {s: 'run' for s in done + ['eval_gaussian_bc']}
+    assert 'rerun to resume' in out
+    assert sorted(p.stem for p in (folder / 'stages').glob('*.json')) == sorted(done)
+    monkeypatch.setattr(pipeline, '_evaluate', real_evaluate)
+
+    # 2. The rerun resumes at the interrupted stage and finishes; exit 1: targets missed.
+    before = _mtimes(folder)
+    assert _run(config, results) == 1
+    out = capsys.readouterr().out
+    assert _decisions(out) == {s: 'skip' if s in done else 'run' for s in STAGES}
+    after = _mtimes(folder)
+    for path in ('demos.hdf5', 'teacher/model.safetensors', 'vdd_moe/model.safetensors',
+                 'eval/teacher.json', 'eval/vdd_moe.json', 'stages/teacher.json'):
+        assert after[path] == before[path], path
+    assert 'MISSED' in out and 'VDD-MoE (over ROS)' in out
+    _check_artefacts(folder)
+
+    # 3. Everything cached: nothing reruns, no file changes except summary.md.
+    before = _mtimes(folder)
+    assert _run(config, results) == 1
+    assert set(_decisions(capsys.readouterr().out).values()) == {'skip'}
+    assert _mtimes(folder) == before
+
+    # 4. A changed training setting reruns that model and what reads it, nothing else.
+    assert _run(config, results, '--set', 'train.em_moe.iterations=12') == 1
+    ran = {s for s, d in _decisions(capsys.readouterr().out).items() if d == 'run'}
+    assert ran == {'em_moe', 'eval_em_moe', 'report'}
+    assert json.loads((folder / 'stages' / 'em_moe.json').read_text())['info'][
+        'iterations'] == 12
+
+    # 5. A lost output reruns its stage; --from reruns a stage and its dependants.
+    (folder / 'vdd_moe_modes.gif').unlink()
+    assert _run(config, results, '--from', 'gaussian_bc', '--set',
+                'train.em_moe.iterations=12') == 1
+    decisions = _decisions(capsys.readouterr().out)
+    assert {s for s, d in decisions.items() if d == 'run'} == {
+        'gaussian_bc', 'eval_gaussian_bc', 'video', 'report'}
+    assert (folder / 'vdd_moe_modes.gif').is_file()
+
+    # 6. --force reruns every stage.
+    before = _mtimes(folder)
+    assert _run(config, results, '--force') == 1
+    assert set(_decisions(capsys.readouterr().out).values()) == {'run'}
+    after = _mtimes(folder)
+    assert after['teacher/model.safetensors'] != before['teacher/model.safetensors']
+    _check_artefacts(folder)
+
+    # `vdd-ros report` redraws from metrics.json and writes the cross-task summary.
+    (folder / 'report.md').unlink()
+    assert main(['report', '--results', str(results), '--all']) == 0
+    assert (folder / 'report.md').is_file()
+    assert 'pending' in (results / 'summary.md').read_text()
+
+
+def test_a_bad_config_field_is_one_clear_error(tmp_path, capsys):
+    results = tmp_path / 'results'
+    config = _config(tmp_path, dict(TINY, eval_episodes=0))
+    assert _run(config, results) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f'vdd-ros pipeline: error: {config} [lift_carry]: eval_episodes: '
+                   f'must be >= 1, got 0')
+    assert _run(_config(tmp_path), results, '--set', 'train.teacher.iterations=many') == 2
+    assert "train.teacher.iterations: expected an integer, got 'many'" in \
+        capsys.readouterr().err
+    assert _run(_config(tmp_path), results, '--set', 'demo=3') == 2
+    assert 'demo: unknown key' in capsys.readouterr().err
+    assert _run(_config(tmp_path), results, '--from', 'nothing') == 2
+    assert "unknown stage 'nothing'" in capsys.readouterr().err
+    assert not results.exists() or not any(results.rglob('*.json'))
+
+
+def test_shipped_config_is_valid_for_every_task():
+    for task in ('lift_carry', 'pick_either', 'stack_either'):
+        cfg = pipeline.load_pipeline_config(task)
+        assert cfg.eval_episodes >= 50
+        assert cfg.train_config().teacher.iterations == cfg.train['teacher.iterations']
+
+
+def test_task_sections_merge_over_the_defaults(tmp_path):
+    path = tmp_path / 'p.yaml'
+    path.write_text(yaml.safe_dump({
+        'defaults': {'demos': 10, 'train': {'teacher.iterations': 5, 'vdd.iterations': 7}},
+        'tasks': {'pick_either': {'demos': 20, 'train': {'teacher': {'iterations': 9}}}}}))
+    cfg = pipeline.load_pipeline_config('pick_either', path, {'train.vdd.lr': 0.01})
+    assert cfg.demos == 20
+    assert cfg.train == {'teacher.iterations': 9, 'vdd.iterations': 7, 'vdd.lr': 0.01}
+    assert pipeline.load_pipeline_config('lift_carry', path).demos == 10
+    path.write_text(yaml.safe_dump({'tasks': {'fly': {}}}))
+    with pytest.raises(pipeline.ConfigError, match=r'tasks\.fly: unknown task'):
+        pipeline.load_pipeline_config('lift_carry', path)
+
+
+def test_cross_task_target_and_mode_episode_picks():
+    from vdd_ros.report import cross_task_status
+    win, lose = {'beats_baselines': True}, {'beats_baselines': False}
+    assert cross_task_status({'a': win}) == 'pending'
+    assert cross_task_status({'a': win, 'b': win}) == 'met'
+    assert cross_task_status({'a': lose, 'b': lose}) == 'MISSED'
+    assert cross_task_status({'a': win, 'b': lose, 'c': lose}) == 'MISSED'
+    detail = [{'seed': 1, 'success': False, 'mode': 'left'},
+              {'seed': 2, 'success': True, 'mode': 'right'},
+              {'seed': 3, 'success': True, 'mode': 'left'},
+              {'seed': 4, 'success': False, 'mode': None}]
+    assert pipeline.pick_mode_episodes(detail, ['left', 'right'], 2) == {
+        'left': [(3, True), (1, False)], 'right': [(2, True)]}
+    assert pipeline.pick_mode_episodes(detail[3:], ['left', 'right'], 1) == {
+        'no mode': [(4, False)]}
