@@ -1,6 +1,10 @@
 """`vdd-ros pipeline` end to end at a tiny size: artefacts, caching, resume, --force, errors."""
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,7 +93,24 @@ def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
     config, results = _config(tmp_path), tmp_path / 'results'
     folder = results / 'lift_carry'
 
-    # 1. A run killed during the Gaussian BC evaluation, after a partial output.
+    # 1. A run killed (SIGKILL) once the teacher is done: the next run skips what finished.
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, '-m', 'vdd_ros.cli', 'pipeline', '--task',
+                             'lift_carry', '--config', str(config), '--results', str(results),
+                             '--quiet'], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / 'stages' / 'teacher.json').exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    finished = {p.stem for p in (folder / 'stages').glob('*.json')}
+    assert {'collect', 'teacher'} <= finished and 'report' not in finished
+
+    # 2. A run interrupted during the Gaussian BC evaluation, after a partial output.
     real_evaluate = pipeline._evaluate
 
     def killed(policy, ctx):
@@ -101,12 +122,13 @@ def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
     assert _run(config, results) == 130
     out = capsys.readouterr().out
     done = STAGES[:STAGES.index('eval_gaussian_bc')]
-    assert _decisions(out) == {s: 'run' for s in done + ['eval_gaussian_bc']}
+    assert _decisions(out) == {s: 'skip' if s in finished else 'run'
+                               for s in done + ['eval_gaussian_bc']}
     assert 'rerun to resume' in out
     assert sorted(p.stem for p in (folder / 'stages').glob('*.json')) == sorted(done)
     monkeypatch.setattr(pipeline, '_evaluate', real_evaluate)
 
-    # 2. The rerun resumes at the interrupted stage and finishes; exit 1: targets missed.
+    # 3. The rerun resumes at the interrupted stage and finishes; exit 1: targets missed.
     before = _mtimes(folder)
     assert _run(config, results) == 1
     out = capsys.readouterr().out
@@ -118,20 +140,20 @@ def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
     assert 'MISSED' in out and 'VDD-MoE (over ROS)' in out
     _check_artefacts(folder)
 
-    # 3. Everything cached: nothing reruns, no file changes except summary.md.
+    # 4. Everything cached: nothing reruns, no file changes except summary.md.
     before = _mtimes(folder)
     assert _run(config, results) == 1
     assert set(_decisions(capsys.readouterr().out).values()) == {'skip'}
     assert _mtimes(folder) == before
 
-    # 4. A changed training setting reruns that model and what reads it, nothing else.
+    # 5. A changed training setting reruns that model and what reads it, nothing else.
     assert _run(config, results, '--set', 'train.em_moe.iterations=12') == 1
     ran = {s for s, d in _decisions(capsys.readouterr().out).items() if d == 'run'}
     assert ran == {'em_moe', 'eval_em_moe', 'report'}
     assert json.loads((folder / 'stages' / 'em_moe.json').read_text())['info'][
         'iterations'] == 12
 
-    # 5. A lost output reruns its stage; --from reruns a stage and its dependants.
+    # 6. A lost output reruns its stage; --from reruns a stage and its dependants.
     (folder / 'vdd_moe_modes.gif').unlink()
     assert _run(config, results, '--from', 'gaussian_bc', '--set',
                 'train.em_moe.iterations=12') == 1
@@ -140,7 +162,7 @@ def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
         'gaussian_bc', 'eval_gaussian_bc', 'video', 'report'}
     assert (folder / 'vdd_moe_modes.gif').is_file()
 
-    # 6. --force reruns every stage.
+    # 7. --force reruns every stage.
     before = _mtimes(folder)
     assert _run(config, results, '--force') == 1
     assert set(_decisions(capsys.readouterr().out).values()) == {'run'}
@@ -208,3 +230,24 @@ def test_cross_task_target_and_mode_episode_picks():
         'left': [(3, True), (1, False)], 'right': [(2, True)]}
     assert pipeline.pick_mode_episodes(detail[3:], ['left', 'right'], 1) == {
         'no mode': [(4, False)]}
+
+
+def test_task_lock_and_stale_temporaries(tmp_path):
+    lock = tmp_path / '.lock'
+    lock.write_text(str(os.getppid()))   # a live process holds the folder
+    with pytest.raises(pipeline.UserError, match='another pipeline run'):
+        with pipeline.task_lock(tmp_path):
+            pass
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    lock.write_text(str(dead.pid))       # a killed run left its lock
+    with pipeline.task_lock(tmp_path):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()
+    (tmp_path / '.demos.hdf5.tmp123').write_text('x')
+    (tmp_path / 'teacher' / '.x.tmp-5').mkdir(parents=True)
+    (tmp_path / '.vdd_moe.old-7').mkdir()
+    (tmp_path / 'keep.json').write_text('{}')
+    assert len(pipeline.remove_stale_temporaries(tmp_path)) == 3
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == [
+        'keep.json', 'teacher']

@@ -19,15 +19,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
@@ -44,7 +46,6 @@ POLICIES: dict[str, tuple[str, str]] = {
     'gaussian_bc': ('gaussian_bc', 'Gaussian BC'),
     'em_moe': ('em_moe', 'EM-trained MoE'),
 }
-TRAINED = ('teacher', 'vdd_moe', 'gaussian_bc', 'em_moe')
 GIF_NAME = 'vdd_moe_modes.gif'
 
 
@@ -516,6 +517,62 @@ def run_pipeline(task: str, cfg: PipelineConfig, results: str | os.PathLike = 'r
     if rerun_from is not None and rerun_from not in names:
         raise UserError(f'unknown stage {rerun_from!r} (stages: {", ".join(names)})')
     ctx.folder.mkdir(parents=True, exist_ok=True)
+    with task_lock(ctx.folder):
+        remove_stale_temporaries(ctx.folder)
+        return _run_stages(ctx, stages, force, rerun_from, Path(results))
+
+
+@contextlib.contextmanager
+def task_lock(folder: Path) -> Iterator[None]:
+    """Hold `<folder>/.lock` (this process id) for the run; one run per task folder."""
+    lock = folder / '.lock'
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise UserError(f'{folder}: another pipeline run (process {pid}) is working '
+                                f'here; wait for it, or delete {lock} if it is gone') from None
+            lock.unlink(missing_ok=True)  # left by a run that was killed
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files and folders (`.name.tmp...`, `.name.old-...`) that a killed
+    run left behind; under the task lock nothing else is writing them."""
+    stale = [p for p in folder.rglob('.*') if p.name != '.lock'
+             and ('.tmp' in p.name or '.old-' in p.name)]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
+def _run_stages(ctx: Context, stages: list[Stage], force: bool, rerun_from: str | None,
+                results: Path) -> dict[str, Any]:
+    log = ctx.log
     start = time.monotonic()
     ran: list[str] = []
     for index, stage in enumerate(stages, 1):
@@ -554,10 +611,10 @@ def run_pipeline(task: str, cfg: PipelineConfig, results: str | os.PathLike = 'r
         log(f'   {stage.name} done in {wall:.1f} s')
     from vdd_ros.report import format_summary, write_summary
     metrics = json.loads(ctx.path('metrics.json').read_text())
-    write_summary(Path(results))
+    write_summary(results)
     log(format_summary(metrics))
     log(f'ran {len(ran)} of {len(stages)} stages in {time.monotonic() - start:.1f} s; '
-        f'report: {ctx.path("report.md")}; cross-task summary: {Path(results) / "summary.md"}')
+        f'report: {ctx.path("report.md")}; cross-task summary: {results / "summary.md"}')
     return metrics
 
 

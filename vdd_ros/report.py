@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
+
 from vdd_ros.core.io import atomic_path, write_text
 from vdd_ros.errors import UserError
 
@@ -205,7 +207,6 @@ def targets_table(metrics: Mapping[str, Any]) -> str:
 def render_markdown(metrics: Mapping[str, Any]) -> str:
     """report.md of one task."""
     from vdd_ros.sim.tasks import get_task
-    import yaml
     task = metrics['task']
     spec = get_task(task)
     s = metrics['settings']

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
+from typing import Any
 
 from vdd_ros.errors import UserError
 
@@ -15,7 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--force', action='store_true',
                         help='rerun every stage, even those whose outputs are cached')
     parser.add_argument('--from', dest='rerun_from', metavar='STAGE', default=None,
-                        help='rerun this stage and every stage that reads its outputs')
+                        help='rerun this stage and every stage that reads its outputs '
+                        '(collect, teacher, vdd_moe, gaussian_bc, em_moe, eval_teacher, '
+                        'eval_teacher_1step, eval_vdd_moe, eval_gaussian_bc, eval_em_moe, '
+                        'video, report)')
     parser.add_argument('--config', type=Path, default=None,
                         help='pipeline config YAML (default: config/pipeline.yaml)')
     parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
@@ -26,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, default=1,
                         help='torch CPU threads, 0 for torch default (default: %(default)s)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM unwinds like Ctrl-C, so worker processes and ROS nodes are stopped."""
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,8 +53,13 @@ def run(args: argparse.Namespace) -> int:
     print(f'vdd-ros pipeline on {args.task} -> {args.results / args.task} '
           f'(device {args.device})')
     print('\n'.join(f'  {line}' for line in describe_config(cfg).splitlines()))
-    metrics = run_pipeline(args.task, cfg, args.results, device=args.device, force=args.force,
-                           rerun_from=args.rerun_from, show_progress=not args.quiet)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        metrics = run_pipeline(args.task, cfg, args.results, device=args.device,
+                               force=args.force, rerun_from=args.rerun_from,
+                               show_progress=not args.quiet)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not metrics['targets_met']:
         print('some per-task targets were MISSED (see the report)')
         return 1
