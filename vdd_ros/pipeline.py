@@ -451,7 +451,8 @@ def _captioned(frame: Any, text: str, height: int = 18) -> Any:
 
 def _report(ctx: Context) -> dict[str, Any]:
     from vdd_ros.report import assemble_metrics, render_task_report
-    metrics = assemble_metrics(ctx.folder, to_dict(ctx.cfg), to_dict(ctx.train))
+    metrics = assemble_metrics(ctx.folder, to_dict(ctx.cfg), to_dict(ctx.train),
+                               [s.name for s in build_stages(ctx)])
     write_json(ctx.path('metrics.json'), metrics)
     render_task_report(ctx.folder)
     return {'targets_met': metrics['targets_met']}

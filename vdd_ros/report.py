@@ -96,8 +96,9 @@ def _downsample(history: list[list[float]], points: int = HISTORY_POINTS) -> lis
 
 
 def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
-                     train: Mapping[str, Any]) -> dict[str, Any]:
-    """metrics.json of a task folder whose evaluations are done."""
+                     train: Mapping[str, Any], stage_order: list[str] | None = None
+                     ) -> dict[str, Any]:
+    """metrics.json of a task folder whose evaluations are done (stages in `stage_order`)."""
     from vdd_ros.core.checkpoint import read_meta
     folder = Path(folder)
     policies: dict[str, dict[str, Any]] = {}
@@ -112,7 +113,10 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
             else None
     targets = check_targets(policies)
     stages = {}
-    for marker in sorted((folder / 'stages').glob('*.json')):
+    order = {name: i for i, name in enumerate(stage_order or [])}
+    markers = sorted((folder / 'stages').glob('*.json'),
+                     key=lambda path: (order.get(path.stem, len(order)), path.stem))
+    for marker in markers:
         data = _read_json(marker)
         stages[data['stage']] = {'wall_s': data.get('wall_s'), 'finished': data.get('finished'),
                                  'info': data.get('info', {})}
@@ -224,10 +228,29 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
     n = p['teacher']['episodes']
     verdict = 'all per-task targets met' if metrics['targets_met'] else \
         'some per-task targets MISSED'
+    notes = '\n'.join('- ' + line for line in (
+        f"*Per-action latency*: one policy query per action (no action chunk amortises it), "
+        f"batch 1, one CPU thread, on the demonstrations' observations "
+        f"({p['teacher'].get('query_count', '?')} timed queries per policy); the speed-up "
+        f"divides the teacher's p50 by each policy's.",
+        f"*Control-step act()*: what the rollout runner measured per control step, where the "
+        f"policy executes {s['train'].get('action_exec', '?')} actions of each predicted chunk "
+        f"before querying again; for the VDD-MoE, the policy node's inference time.",
+        f"The VDD-MoE ran through the ROS nodes (sim_node in lockstep, policy_node at "
+        f"{_fmt(vdd.get('control_rate_hz'), '.0f')} Hz, over DDS): observation to action "
+        f"p50 {_fmt(vdd.get('obs_to_action_ms_p50'))} ms, "
+        f"p99 {_fmt(vdd.get('obs_to_action_ms_p99'))} ms."))
+    settings = '\n'.join('- ' + line for line in (
+        f"Dataset: {ds.get('demos')} scripted demonstrations ({ds_modes}), mean length "
+        f"{_fmt(ds.get('mean_length'), '.1f')} steps, from {ds.get('attempts')} episodes on "
+        f"collection seeds {ds.get('first_seed')} onwards.",
+        f"Evaluation seeds: {_seed_range(seeds)} ({len(seeds)} per policy).",
+        f"Teacher sampling steps: {p['teacher'].get('sampling_steps', '?')} (its default) and "
+        f"1; VDD-MoE expert choice: {vdd.get('expert_mode', '?')}."))
     return f"""# VDD-MoE on `{task}`
 
-{spec.description} (robosuite {spec.env_name}, Panda, modes: {', '.join(spec.modes)}).
-Generated {metrics['generated']} by `vdd-ros pipeline --task {task}`: {verdict}.
+Task: {spec.description} (robosuite {spec.env_name}, Panda arm; modes: {', '.join(spec.modes)}).
+Generated {metrics['generated']} by `vdd-ros pipeline --task {task}`: **{verdict}**.
 
 ## Results
 
@@ -236,15 +259,7 @@ Mode shares count successful rollouts; mode entropy is -sum p log p / log {len(s
 
 {results_table(metrics)}
 
-- *Per-action latency*: one policy query per action (no action chunk amortises it), batch 1,
-  one CPU thread, on the demonstrations' observations ({p['teacher'].get('query_count', '?')}
-  timed queries per policy); the speed-up divides the teacher's p50 by each policy's.
-- *Control-step act()*: what the rollout runner measured per control step, where the policy
-  executes {s['train'].get('action_exec', '?')} actions of each predicted chunk before
-  querying again; for the VDD-MoE this is the policy node's inference time.
-- The VDD-MoE ran through the ROS nodes (sim_node in lockstep, policy_node at
-  {_fmt(vdd.get('control_rate_hz'), '.0f')} Hz, over DDS): observation to action
-  p50 {_fmt(vdd.get('obs_to_action_ms_p50'))} ms, p99 {_fmt(vdd.get('obs_to_action_ms_p99'))} ms.
+{notes}
 
 ## Targets
 
@@ -262,12 +277,7 @@ VDD-MoE rollouts of each mode: ![VDD-MoE modes](vdd_moe_modes.gif)
 
 ## Settings
 
-- Dataset: {ds.get('demos')} scripted demonstrations ({ds_modes}), mean length
-  {_fmt(ds.get('mean_length'), '.1f')} steps, collection seeds from {ds.get('first_seed')}
-  ({ds.get('attempts')} attempts).
-- Evaluation seeds: {_seed_range(seeds)} ({len(seeds)} per policy).
-- Teacher sampling steps: {p['teacher'].get('sampling_steps', '?')} (default) and 1;
-  VDD-MoE expert choice: {vdd.get('expert_mode', '?')}.
+{settings}
 
 Pipeline config:
 
@@ -369,9 +379,14 @@ def plot_latency(metrics: Mapping[str, Any], path: Path) -> None:
     for i, n in enumerate(names):
         speed = p[n].get('speedup_vs_teacher')
         ax.annotate(f'{p50[i]:.3f} ms\n{speed:.1f}x' if speed else f'{p50[i]:.3f} ms',
-                    (i, p50[i]), textcoords='offset points', xytext=(0, 4), ha='center',
-                    fontsize=7)
+                    (i, max(p50[i], p99[i])), textcoords='offset points', xytext=(0, 3),
+                    ha='center', fontsize=7)
+    ax.axhline(p['teacher']['query_ms_p50'] / 8, ls='--', c='tab:red', lw=1,
+               label="target: teacher's / 8")
     ax.set_yscale('log')
+    positive = [v for v in p50 + p99 if v > 0] or [1.0]
+    ax.set_ylim(min(positive) / 3, max(positive) * 3)
+    ax.legend(fontsize=7, loc='upper right')
     ax.set_xticks(x, [_short(n, p[n]) for n in names], fontsize=8)
     ax.set_ylabel('ms per action (p50, whisker to p99)')
     ax.set_title(f"{metrics['task']}: per-action latency, batch 1, one thread "
