@@ -54,7 +54,7 @@ class TeacherConfig:
     noise_mean: float = -1.2
     noise_std: float = 1.2
     # training
-    iterations: int = 20000
+    iterations: int = 6000
     batch_size: int = 256
     lr: float = 3e-4
     weight_decay: float = 1e-6
@@ -115,22 +115,29 @@ def check_expert_mode(mode: str | int, num_experts: int, name: str = 'expert_mod
 class VDDConfig:
     """Variational Diffusion Distillation (per-expert upper bound, EM-style gating)."""
 
-    iterations: int = 5000
-    batch_size: int = 256
+    iterations: int = 1500
+    batch_size: int = 128
     samples_per_expert: int = 2
     expert_steps: int = 2
     gating_steps: int = 1
-    lr: float = 1e-4
-    gating_lr: float = 1e-4
+    lr: float = 1e-3
+    gating_lr: float = 1e-3
     final_lr_fraction: float = 0.0
     score_sigma_min: float = 0.2
     score_sigma_max: float = 0.5
-    uniform_gating_fraction: float = 0.5
+    # the gating is held uniform for this fraction of the iterations (helps on the toy; on
+    # action chunks started from the EM warm start it collapsed modes, so it is off here)
+    uniform_gating_fraction: float = 0.0
     grad_clip: float = 10.0
+    # warm start: EM iterations on the dataset actions before distillation (0 = off)
+    init_em_iterations: int = 1000
+    init_em_lr: float = 1e-3
 
     def validate(self) -> None:
         for name in ('iterations', 'batch_size', 'samples_per_expert', 'expert_steps'):
             at_least(getattr(self, name), 1, name)
+        at_least(self.init_em_iterations, 0, 'init_em_iterations')
+        positive(self.init_em_lr, 'init_em_lr')
         at_least(self.gating_steps, 0, 'gating_steps')
         positive(self.lr, 'lr')
         positive(self.gating_lr, 'gating_lr')
@@ -147,7 +154,7 @@ class VDDConfig:
 class BaselineConfig:
     """Maximum-likelihood training of a Gaussian (Z=1) or an EM-trained MoE on the data."""
 
-    iterations: int = 5000
+    iterations: int = 3000
     batch_size: int = 256
     lr: float = 1e-3
     final_lr_fraction: float = 0.0

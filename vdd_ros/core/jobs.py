@@ -16,7 +16,8 @@ import torch
 
 from vdd_ros.core.baselines import train_em
 from vdd_ros.core.checkpoint import load_model, save_checkpoint
-from vdd_ros.core.config import MoEConfig, TrainConfig, from_dict, load_config, to_dict
+from vdd_ros.core.config import (BaselineConfig, MoEConfig, TrainConfig, from_dict, load_config,
+                                 to_dict)
 from vdd_ros.core.data import load_dataset, make_windows
 from vdd_ros.core.moe import MixtureOfExperts
 from vdd_ros.core.policy import PolicySpec
@@ -118,6 +119,11 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
     moe.to(device)
     data.spec.task = spec.task
     save = _saver(out, data.spec, 'vdd_moe', cfg)
+    if cfg.vdd.init_em_iterations:
+        warm = BaselineConfig(iterations=cfg.vdd.init_em_iterations,
+                              batch_size=cfg.vdd.batch_size, lr=cfg.vdd.init_em_lr)
+        train_em(moe, data.obs.to(device), data.actions.to(device), warm, seed=cfg.seed,
+                 stage='vdd warm start (EM)', progress=progress, stop=stop, show_bar=show_bar)
     history = distill(moe, TeacherScore(teacher), data.obs.to(device), data.actions.to(device),
                       cfg.vdd, seed=cfg.seed, progress=progress, stop=stop, show_bar=show_bar,
                       on_checkpoint=save, checkpoint_every=checkpoint_every)
