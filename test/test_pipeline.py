@@ -12,6 +12,7 @@ import yaml
 
 from vdd_ros import pipeline
 from vdd_ros.cli import main
+from vdd_ros.core.config import TrainConfig
 
 PNG = b'\x89PNG\r\n\x1a\n'
 STAGES = ['collect', 'teacher', 'vdd_moe', 'gaussian_bc', 'em_moe', 'eval_teacher',
@@ -69,7 +70,7 @@ def _check_artefacts(folder: Path) -> None:
         assert m['episodes'] == 2 and m['query_ms_p50'] > 0
         detail = json.loads((folder / 'eval' / f'{name}.json').read_text())['episodes_detail']
         assert [d['seed'] for d in detail] == [1_000_000, 1_000_001]
-    assert metrics['policies']['teacher']['sampling_steps'] == 4
+    assert metrics['policies']['teacher']['sampling_steps'] == TrainConfig().teacher.sampling_steps
     assert metrics['policies']['teacher_1step']['sampling_steps'] == 1
     vdd = metrics['policies']['vdd_moe']
     assert vdd['via_ros'] and 0 < vdd['obs_to_action_ms_p50'] <= vdd['obs_to_action_ms_p99']

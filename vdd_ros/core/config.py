@@ -49,14 +49,14 @@ class TeacherConfig:
     sigma_min: float = 0.05
     sigma_max: float = 1.0
     rho: float = 7.0
-    sampling_steps: int = 4
+    sampling_steps: int = 8
     sampler: str = 'euler'
     noise_mean: float = -1.2
     noise_std: float = 1.2
     # training
     iterations: int = 6000
     batch_size: int = 256
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 1e-6
     ema_decay: float = 0.999
 
