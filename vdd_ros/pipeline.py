@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 import yaml
 
 from vdd_ros.core.config import (TrainConfig, apply_overrides, at_least, check_expert_mode,
-                                 from_dict, positive, to_dict)
+                                 from_dict, positive, read_yaml_mapping, to_dict)
 from vdd_ros.core.io import atomic_path, write_json
 from vdd_ros.errors import ConfigError, UserError
 
@@ -127,14 +127,7 @@ def load_pipeline_config(task: str, path: str | os.PathLike | None = None,
     path = Path(path) if path is not None else default_config_path()
     if path is None:
         raise UserError('config/pipeline.yaml not found (pass --config)')
-    if not path.is_file():
-        raise ConfigError(f'{path}: config file not found')
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f'{path}: not valid YAML ({exc})') from None
-    if not isinstance(data, dict):
-        raise ConfigError(f'{path}: expected a mapping at the top level')
+    data = read_yaml_mapping(path)
     unknown = sorted(set(data) - {'defaults', 'tasks'})
     if unknown:
         raise ConfigError(f'{path}: {unknown[0]}: unknown key (known: defaults, tasks)')

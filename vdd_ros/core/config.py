@@ -271,6 +271,13 @@ def to_dict(config: Any) -> dict[str, Any]:
 def load_config(cls: type[C], path: str | os.PathLike,
                 overrides: Mapping[str, Any] | None = None) -> C:
     """Read a YAML file into `cls`; `overrides` are dotted keys (`vdd.iterations: 10`)."""
+    data = read_yaml_mapping(path)
+    apply_overrides(data, overrides or {})
+    return from_dict(cls, data, str(path))
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level mapping of a YAML file; a missing file or bad YAML names the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f'{path}: config file not found')
@@ -280,8 +287,7 @@ def load_config(cls: type[C], path: str | os.PathLike,
         raise ConfigError(f'{path}: not valid YAML ({exc})') from None
     if not isinstance(data, dict):
         raise ConfigError(f'{path}: expected a mapping at the top level')
-    apply_overrides(data, overrides or {})
-    return from_dict(cls, data, str(path))
+    return data
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
