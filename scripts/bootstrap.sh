@@ -15,7 +15,9 @@ touch "$VENV/COLCON_IGNORE"   # colcon must not crawl the wheels' package.xml fi
 want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
 if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
   echo "[vdd_ros] installing pinned requirements into .venv"
-  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$ROOT/requirements.txt"
+  # (pip's notes about absent local package mirrors are filtered; real errors still show)
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$ROOT/requirements.txt" \
+    2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
   echo "$want" > "$VENV/.requirements.sha256"
 fi
 
@@ -23,6 +25,7 @@ fi
 source "$VENV/bin/activate"
 cd "$ROOT"
 echo "[vdd_ros] colcon build"
+mkdir -p "$ROOT/log"
 colcon --log-base "$ROOT/log" build --base-paths "$ROOT" --build-base "$ROOT/build" \
   --install-base "$ROOT/install" --symlink-install --event-handlers console_cohesion- \
   summary+ > "$ROOT/log/colcon_build.txt" 2>&1 || { cat "$ROOT/log/colcon_build.txt"; exit 1; }
