@@ -27,18 +27,16 @@ cd "$ROOT"
 echo "[vdd_ros] colcon build"
 mkdir -p "$ROOT/log"
 colcon --log-base "$ROOT/log" build --base-paths "$ROOT" --build-base "$ROOT/build" \
-  --install-base "$ROOT/install" --symlink-install --event-handlers console_cohesion- \
+  --install-base "$ROOT/install" --event-handlers console_cohesion- \
   summary+ > "$ROOT/log/colcon_build.txt" 2>&1 || { cat "$ROOT/log/colcon_build.txt"; exit 1; }
 
 # `vdd-ros` on the venv's PATH runs the colcon-installed package.
-SITE="$ROOT/install/vdd_ros/lib/python3.11/site-packages"
 cat > "$VENV/bin/vdd-ros" <<WRAP
 #!/usr/bin/env bash
-export PYTHONPATH="$SITE\${PYTHONPATH:+:\$PYTHONPATH}"
-export AMENT_PREFIX_PATH="$ROOT/install/vdd_ros:$VENV\${AMENT_PREFIX_PATH:+:\$AMENT_PREFIX_PATH}"
-exec "$VENV/bin/python" -m vdd_ros.cli "\$@"
+source "$ROOT/install/setup.bash"
+exec "$ROOT/install/vdd_ros/lib/vdd_ros/vdd-ros" "\$@"
 WRAP
 chmod +x "$VENV/bin/vdd-ros"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export AMENT_PREFIX_PATH="$ROOT/install/vdd_ros${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
+# shellcheck disable=SC1091
+source "$ROOT/install/setup.bash"
 export PATH="$ROOT/install/vdd_ros/lib/vdd_ros:$PATH"
