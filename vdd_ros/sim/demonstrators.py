@@ -233,7 +233,7 @@ class OraclePolicy(Policy):
         """The mode index of episode `seed`: the golden-ratio (Weyl) sequence over seeds,
         shifted per task, through the inverse CDF of `mode_probs`. Any run of consecutive
         seeds then follows the probabilities to within a few episodes, unlike independent
-        draws (a 50-episode run of fair coins lands outside 40-60% one time in five)."""
+        draws (a 50-episode run of fair coins lands outside 40-60% about one time in eight)."""
         u = (int(seed) * _GOLDEN + self._task_key / 2 ** 32) % 1.0
         index = int(np.searchsorted(np.cumsum(self.mode_probs), u, side='right'))
         while self.mode_probs[min(index, len(self.modes) - 1)] == 0:  # float edge at the end
