@@ -14,7 +14,7 @@ from vdd_ros.core.toy import RingProblem, ToyConfig, mean_errors
 from vdd_ros.core.vdd import distill, gating_loss
 
 FAST_VDD = VDDConfig(iterations=400, batch_size=64, lr=1e-2, gating_lr=1e-2,
-                     final_lr_fraction=0.05)
+                     final_lr_fraction=0.05, uniform_gating_fraction=0.5)
 
 
 def ring_moe(cfg: ToyConfig, actions: torch.Tensor, gen: torch.Generator) -> MixtureOfExperts:

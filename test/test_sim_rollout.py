@@ -165,3 +165,15 @@ def test_cli_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
                  '--out', str(tmp_path / 'missing_dir' / 'x.hdf5')]) == 2
     assert 'does not exist' in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['d.hdf5', 'm.json']
+
+
+def test_collect_records_each_task_env_args_in_one_process(tmp_path: Path) -> None:
+    """The in-process worker serves several tasks in turn; each file names its own env."""
+    names = {}
+    for task in ('lift_carry', 'pick_either'):
+        out = tmp_path / f'{task}.hdf5'
+        collect(task, 1, str(out), seed=7, show_progress=False)
+        with h5py.File(out, 'r') as f:
+            env_args = json.loads(f['data'].attrs['env_args'])
+        names[task] = (env_args['env_name'], env_args['task'])
+    assert names == {'lift_carry': ('Lift', 'lift_carry'), 'pick_either': ('Stack', 'pick_either')}

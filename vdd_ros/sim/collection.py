@@ -33,11 +33,9 @@ def collect_episode(job: tuple[str, int, list[float] | None, float]) -> dict[str
     """Run one scripted episode (in a worker) and return its recorded arrays."""
     task, seed, mode_probs, noise = job
     env = cached_env(task)
-    if 'env_args' not in _WORKER:
-        _WORKER['env_args'] = env.env_args()
     rec = run_episode(env, _oracle(task, mode_probs, noise), seed, record=True)
     rec.pop('latency_ms')
-    rec['env_args'] = _WORKER['env_args']
+    rec['env_args'] = env.env_args()   # of this task's env (a worker may serve several tasks)
     return rec
 
 
