@@ -16,8 +16,7 @@ from tqdm import tqdm
 from vdd_ros.core.data import Demo, write_dataset
 from vdd_ros.errors import UserError
 from vdd_ros.sim.demonstrators import DEFAULT_NOISE, make_oracle
-from vdd_ros.sim.rollout import (EVAL_SEED_BASE, _WORKER, cached_env, mp_context, run_episode,
-                                 worker_init)
+from vdd_ros.sim.rollout import EVAL_SEED_BASE, _WORKER, cached_env, run_episode, worker_pool
 from vdd_ros.sim.tasks import get_task
 
 
@@ -69,38 +68,30 @@ def collect(task: str, episodes: int, out: str, workers: int = 1, seed: int = 0,
     start = time.perf_counter()
     bar = tqdm(total=episodes, desc=f'collect {task}', disable=not show_progress,
                dynamic_ncols=True, leave=False)
-    pool = None
     try:
-        if workers > 1:
-            pool = mp_context().Pool(workers, initializer=worker_init)
-        next_seed = seed
-        while len(kept) < episodes and attempts < max_attempts:
-            n = min(episodes - len(kept), max_attempts - attempts)
-            jobs = [(task, s, mode_probs, noise) for s in range(next_seed, next_seed + n)]
-            next_seed += n
-            attempts += n
-            results = map(collect_episode, jobs) if pool is None else \
-                pool.imap_unordered(collect_episode, jobs)
-            batch = []
-            for rec in results:
-                steps += rec['length']
-                busy += rec['episode_s']
-                env_args = rec['env_args']
-                if rec['success']:
-                    batch.append(rec)
-                    bar.update(1)
-                else:
-                    discarded += 1
-                bar.set_postfix(discarded=discarded, refresh=False)
-            kept += sorted(batch, key=lambda r: r['seed'])
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
+        with worker_pool(workers) as pool:
+            next_seed = seed
+            while len(kept) < episodes and attempts < max_attempts:
+                n = min(episodes - len(kept), max_attempts - attempts)
+                jobs = [(task, s, mode_probs, noise) for s in range(next_seed, next_seed + n)]
+                next_seed += n
+                attempts += n
+                results = map(collect_episode, jobs) if pool is None else \
+                    pool.imap_unordered(collect_episode, jobs)
+                batch = []
+                for rec in results:
+                    steps += rec['length']
+                    busy += rec['episode_s']
+                    env_args = rec['env_args']
+                    if rec['success']:
+                        batch.append(rec)
+                        bar.update(1)
+                    else:
+                        discarded += 1
+                    bar.set_postfix(discarded=discarded, refresh=False)
+                kept += sorted(batch, key=lambda r: r['seed'])
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
     wall = time.perf_counter() - start
     if not kept:
         raise UserError(f'no successful {task} episode in {attempts} attempts; '

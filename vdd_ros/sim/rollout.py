@@ -6,6 +6,7 @@ policy and reuse them across episodes, and returns a metrics dict.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -13,7 +14,7 @@ import pickle
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -163,6 +164,23 @@ def _eval_job(job: tuple[int, int, str, PolicyRef, str, str]) -> tuple[int, dict
     return index, run_episode(env, pol, seed)
 
 
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[Any]:
+    """A pool of `workers` processes (None for one: run in this process); joined when the block
+    ends normally, terminated when it raises."""
+    if workers <= 1:
+        yield None
+        return
+    pool = mp_context().Pool(workers, initializer=worker_init)
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        raise
+    pool.close()
+    pool.join()
+
+
 def mp_context() -> mp.context.BaseContext:
     """Process start method for workers: forkserver where available (its server preloads
     torch and robosuite, so workers start fast), else spawn."""
@@ -243,36 +261,29 @@ def evaluate(policy: PolicyRef, task: str, episodes: int, workers: int = 1,
     start = time.perf_counter()
     bar = tqdm(total=episodes, desc=f'evaluate {task}', disable=not show_progress,
                dynamic_ncols=True, leave=False)
-    pool = None
+    if workers > 1:
+        try:
+            pickle.dumps(policy)
+        except Exception as exc:
+            raise UserError(f'workers > 1 need a picklable policy factory (a module-level '
+                            f'function or functools.partial), not {policy!r}: {exc}') from None
     try:
-        if workers == 1:
-            env = cached_env(task)
-            results: Any = ((i, run_episode(env, local, s)) for i, s in enumerate(seeds))
-        else:
-            try:
-                pickle.dumps(policy)
-            except Exception as exc:
-                raise UserError(f'workers > 1 need a picklable policy factory (a module-level '
-                                f'function or functools.partial), not {policy!r}: '
-                                f'{exc}') from None
-            token = uuid.uuid4().hex
-            jobs = [(i, s, task, policy, device, token) for i, s in enumerate(seeds)]
-            pool = mp_context().Pool(workers, initializer=worker_init)
-            results = pool.imap_unordered(_eval_job, jobs)
-        wins = 0
-        for index, rec in results:
-            records[index] = rec
-            wins += rec['success']
-            bar.update(1)
-            bar.set_postfix(success=f'{wins}/{bar.n}', refresh=False)
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
+        with worker_pool(workers) as pool:
+            if pool is None:
+                env = cached_env(task)
+                results: Any = ((i, run_episode(env, local, s)) for i, s in enumerate(seeds))
+            else:
+                token = uuid.uuid4().hex
+                jobs = [(i, s, task, policy, device, token) for i, s in enumerate(seeds)]
+                results = pool.imap_unordered(_eval_job, jobs)
+            wins = 0
+            for index, rec in results:
+                records[index] = rec
+                wins += rec['success']
+                bar.update(1)
+                bar.set_postfix(success=f'{wins}/{bar.n}', refresh=False)
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
     metrics = summarize([r for r in records if r is not None], spec.modes)
     metrics.update(task=spec.name, policy=describe_policy(policy), workers=workers,
                    wall_s=time.perf_counter() - start)
