@@ -14,7 +14,8 @@ from vdd_ros.core.toy import RingProblem, ToyConfig, mean_errors
 from vdd_ros.core.vdd import distill, gating_loss
 
 FAST_VDD = VDDConfig(iterations=400, batch_size=64, lr=1e-2, gating_lr=1e-2,
-                     final_lr_fraction=0.05, uniform_gating_fraction=0.5)
+                     final_lr_fraction=0.05, uniform_gating_fraction=0.5,
+                     backbone_lr_scale=1.0)
 
 
 def ring_moe(cfg: ToyConfig, actions: torch.Tensor, gen: torch.Generator) -> MixtureOfExperts:
@@ -77,7 +78,7 @@ def test_early_stop_and_progress_callback():
         if p.iteration >= 5:
             stop.set()
 
-    vcfg = VDDConfig(iterations=1000, batch_size=32)
+    vcfg = VDDConfig(iterations=1000, batch_size=32, backbone_lr_scale=1.0)
     history = distill(moe, problem.score(), obs, actions, vcfg, progress=on_progress,
                       stop=stop, show_bar=False)
     assert 5 <= len(history) < 1000

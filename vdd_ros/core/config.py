@@ -132,11 +132,16 @@ class VDDConfig:
     # warm start: EM iterations on the dataset actions before distillation (0 = off)
     init_em_iterations: int = 1000
     init_em_lr: float = 1e-3
+    # learning rate of the shared backbone relative to the expert heads; below 1 it keeps the
+    # experts of one mode from dragging the shared features (and the other mode's experts)
+    # along, at some cost in precision (0 freezes the backbone of the warm start)
+    backbone_lr_scale: float = 1.0
 
     def validate(self) -> None:
         for name in ('iterations', 'batch_size', 'samples_per_expert', 'expert_steps'):
             at_least(getattr(self, name), 1, name)
         at_least(self.init_em_iterations, 0, 'init_em_iterations')
+        at_least(self.backbone_lr_scale, 0.0, 'backbone_lr_scale')
         positive(self.init_em_lr, 'init_em_lr')
         at_least(self.gating_steps, 0, 'gating_steps')
         positive(self.lr, 'lr')

@@ -43,10 +43,11 @@ class ToyConfig:
         iterations=4000, batch_size=512, lr=1e-3))
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(
         num_experts=8, hidden_dim=64, num_layers=2, covariance='full', init_std=0.5))
-    # a uniform gating for the first half keeps two experts from sharing one ring mode
+    # no warm start here: the backbone trains with the heads, and a uniform gating for the
+    # first half keeps two experts from sharing one ring mode
     vdd: VDDConfig = field(default_factory=lambda: VDDConfig(
         iterations=2000, batch_size=128, lr=3e-3, gating_lr=3e-3, final_lr_fraction=0.05,
-        uniform_gating_fraction=0.5))
+        uniform_gating_fraction=0.5, init_em_iterations=0, backbone_lr_scale=1.0))
     gaussian_bc: BaselineConfig = field(default_factory=lambda: BaselineConfig(iterations=1500))
     em_moe: BaselineConfig = field(default_factory=lambda: BaselineConfig(iterations=1500))
 

@@ -63,13 +63,23 @@ def expert_parameters(moe: MixtureOfExperts) -> list[nn.Parameter]:
             *moe.scale_head.parameters()]
 
 
+def expert_param_groups(moe: MixtureOfExperts, backbone_lr_scale: float) -> list[dict]:
+    """Optimizer groups: the expert heads, and the backbone at `backbone_lr_scale` (if > 0)."""
+    groups = [{'params': [*moe.mean_head.parameters(), *moe.scale_head.parameters()],
+               'lr_scale': 1.0}]
+    if backbone_lr_scale > 0:
+        groups.append({'params': list(moe.backbone.parameters()),
+                       'lr_scale': backbone_lr_scale})
+    return groups
+
+
 def linear_decay(iterations: int, final_fraction: float) -> Callable[[int], float]:
     return lambda it: 1.0 - (1.0 - final_fraction) * min(it / max(iterations, 1), 1.0)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group.get('lr_scale', 1.0)
 
 
 def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
@@ -84,7 +94,7 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
     """
     device = obs.device
     gen = torch.Generator(device=device).manual_seed(seed)
-    opt = torch.optim.Adam(expert_parameters(moe), lr=cfg.lr)
+    opt = torch.optim.Adam(expert_param_groups(moe, cfg.backbone_lr_scale), lr=cfg.lr)
     gate_opt = torch.optim.Adam(moe.gate.parameters(), lr=cfg.gating_lr)
     decay = linear_decay(cfg.iterations, cfg.final_lr_fraction)
     warmup = int(cfg.uniform_gating_fraction * cfg.iterations)
