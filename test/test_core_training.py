@@ -125,3 +125,17 @@ def test_em_moe_recovers_unequal_mode_weights_and_gaussian_bc_averages():
         _, mean, std = bc(torch.full((1, 1), 0.5))
     assert float(mean) == pytest.approx(0.4, abs=0.1)        # 0.7 * 1 + 0.3 * -1
     assert float(std) == pytest.approx(float(actions.std()), abs=0.1)
+
+
+def test_backbone_lr_scale_zero_trains_only_heads_and_gating():
+    cfg = ToyConfig()
+    gen = torch.Generator().manual_seed(0)
+    problem = RingProblem(cfg)
+    obs, actions = problem.sample(256, gen)
+    moe = ring_moe(cfg, actions, gen)
+    backbone = [p.detach().clone() for p in moe.backbone.parameters()]
+    heads = [p.detach().clone() for p in moe.mean_head.parameters()]
+    vcfg = VDDConfig(iterations=20, batch_size=32, backbone_lr_scale=0.0)
+    distill(moe, problem.score(), obs, actions, vcfg, show_bar=False)
+    assert all(torch.equal(a, b) for a, b in zip(backbone, moe.backbone.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(heads, moe.mean_head.parameters()))
