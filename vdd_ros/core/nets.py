@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 
-def mlp(in_dim: int, hidden_dim: int, num_layers: int, out_dim: int | None = None) -> nn.Sequential:
+def mlp(in_dim: int, hidden_dim: int, num_layers: int,
+        out_dim: int | None = None) -> nn.Sequential:
     """`num_layers` hidden layers of width `hidden_dim` with Mish; optional linear output."""
     layers: list[nn.Module] = []
     dim = in_dim

@@ -1,8 +1,9 @@
 """Conditional 8-mode ring: a 2-D action problem where averaging the modes fails.
 
 Given a 1-D observation s in [-1, 1], actions come from K equally weighted isotropic Gaussians
-on a circle of radius `radius + radius_slope * s`, rotated by `rotation * s`. The exact score of this mixture is
-known, so VDD can be checked against it before a diffusion teacher is involved.
+on a circle of radius `radius + radius_slope * s`, rotated by `rotation * s`. The exact score
+of this mixture is known, so VDD can be checked against it before a diffusion teacher is
+involved.
 """
 from __future__ import annotations
 
