@@ -12,11 +12,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 touch "$VENV/COLCON_IGNORE"   # colcon must not crawl the wheels' package.xml files
 
-want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+REQS=("$ROOT/requirements.txt" "$ROOT/requirements-ros.txt" "$ROOT/requirements-test.txt")
+want="$(cat "${REQS[@]}" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
   echo "[vdd_ros] installing pinned requirements into .venv"
   # (pip's notes about absent local package mirrors are filtered; real errors still show)
-  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$ROOT/requirements.txt" \
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
+    -r "$ROOT/requirements.txt" -r "$ROOT/requirements-ros.txt" -r "$ROOT/requirements-test.txt" \
     2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
   echo "$want" > "$VENV/.requirements.sha256"
 fi
