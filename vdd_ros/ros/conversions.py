@@ -10,6 +10,9 @@ Labelled arrays. Observations and actions travel as `std_msgs/Float32MultiArray`
   action that answers it), `@episode` (the episode's seed), `@step` (the step in the episode),
   `@infer_us` (the policy's inference time in microseconds).
 
+A serialized labelled array is size-checked before it is decoded (`decode_labelled_array`):
+decoding costs about 2 us per layout dimension, so a huge layout would stall the caller.
+
 Nothing here touches a node, a clock or a global: every function maps values to values.
 """
 from __future__ import annotations
@@ -21,11 +24,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.serialization import deserialize_message
 from std_msgs.msg import (Float32MultiArray, Float64MultiArray, MultiArrayDimension,
                           MultiArrayLayout, String)
 
 META_PREFIX = '@'
 UINT32_MAX = 2 ** 32 - 1
+MAX_LAYOUT_DIMS = 128   # one dimension per field plus metadata: real layouts have a few tens
 Fields = Sequence[tuple[str, int]]
 
 # diagnostic levels by name (DiagnosticStatus constants are bytes)
@@ -107,6 +112,28 @@ def msg_to_array(msg: Any, expected_fields: Fields | None = None,
     return data.copy()
 
 
+def decode_labelled_array(data: bytes, max_bytes: int, msg_type: type = Float32MultiArray,
+                          max_dims: int = MAX_LAYOUT_DIMS) -> Any:
+    """A serialized (CDR) labelled array as a message; raises InvalidMessage.
+
+    Rejected before decoding: more than `max_bytes` bytes, or (plain CDR, read from the
+    header) a layout of more than `max_dims` dimensions; then anything that does not decode.
+    """
+    if len(data) > max_bytes:
+        raise InvalidMessage(f'{len(data)} bytes, more than the {max_bytes} accepted')
+    if len(data) >= 8 and data[0] == 0 and data[1] in (0, 1):  # CDR, big / little endian
+        dims = int.from_bytes(data[4:8], 'little' if data[1] else 'big')
+        if dims > max_dims:
+            raise InvalidMessage(f'layout of {dims} dimensions, more than the {max_dims} '
+                                 'accepted')
+    try:
+        return deserialize_message(data, msg_type)
+    except Exception as exc:  # rclpy raises RMWError (and others) for malformed data
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise InvalidMessage(f'cannot decode {len(data)} bytes as {msg_type.__name__}: '
+                             f'{reason}') from None
+
+
 def _describe(fields: Fields) -> str:
     text = ', '.join(f'{k}[{n}]' for k, n in fields)
     return text if len(text) < 200 else text[:197] + '...'
@@ -148,7 +175,8 @@ def progress_to_msg(stage: str, iteration: int, total: int, loss: float, elapsed
 
 
 def msg_to_dict(msg: Any) -> dict[str, Any]:
-    """A labelled array with one value per label as a dict (plus `stage` when present)."""
+    """A labelled array with one value per label as a dict (plus `stage` when present);
+    raises InvalidMessage when the layout names more values than the data holds."""
     data = np.asarray(msg.data, dtype=np.float64)
     out: dict[str, Any] = {}
     offset = 0
@@ -159,6 +187,8 @@ def msg_to_dict(msg: Any) -> dict[str, Any]:
         if dim.label.startswith(META_PREFIX):
             continue
         size = int(dim.size)
+        if offset + size > data.size:
+            raise InvalidMessage(f'layout names more than the {data.size} values of the data')
         chunk = data[offset:offset + size]
         out[dim.label] = float(chunk[0]) if size == 1 else chunk.tolist()
         offset += size

@@ -8,6 +8,7 @@ second signal never crashes it.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -55,32 +56,58 @@ class VddNode(Node):
         """Declare a parameter with a description and return its value.
 
         `default` may be a value or an array type name ('int[]', 'float[]', 'str[]'): such a
-        parameter has no default and reads as an empty list until it is set. `dynamic` allows
-        any type (for numbers given as `20` or `20.0`, or a mode given as `sample` or `2`).
+        parameter is declared with that type and, unless it is set, an empty list of that type
+        as its value; it reads as a list. `dynamic` allows any type (for numbers given as `20`
+        or `20.0`, or a mode given as `sample` or `2`). Every parameter thus has a value, so the
+        parameter services (`ros2 param dump`, `param get`) list each one.
         """
         desc = ParameterDescriptor(description=description, read_only=read_only,
                                    dynamic_typing=dynamic, additional_constraints=constraints)
         try:
             if isinstance(default, str) and default in _ARRAY_TYPES:
-                self.declare_parameter(name, _ARRAY_TYPES[default], desc)
-                try:
-                    value = self.get_parameter(name).value
-                except ParameterUninitializedException:
-                    return []
-                return list(value) if value is not None else []
+                return self._declare_array(name, _ARRAY_TYPES[default], desc)
             return self.declare_parameter(name, default, desc).value
         except (InvalidParameterTypeException, InvalidParameterValueException) as exc:
             raise UserError(f'parameter {name}: {exc}') from None
 
-    def number(self, name: str, value: Any, low: float = 0.0, inclusive: bool = False) -> float:
-        """`value` as a float above `low` (or at least `low`); UserError naming the parameter."""
+    def _declare_array(self, name: str, kind: Parameter.Type,
+                       desc: ParameterDescriptor) -> list[Any]:
+        """Declare an array parameter of type `kind` whose value, when unset, is a typed [].
+
+        rclpy reads an empty list as a byte array, and a parameter declared by type alone has
+        no value (rclpy 9.1's parameter services then answer a whole request with an empty
+        list). So the parameter is declared by type, writable, given a typed empty value when
+        nothing set it, and made read-only only then.
+        """
+        writable = ParameterDescriptor(description=desc.description,
+                                       additional_constraints=desc.additional_constraints)
+        self.declare_parameter(name, kind, writable)
+        try:
+            value = self.get_parameter(name).value
+        except ParameterUninitializedException:
+            result = self.set_parameters([Parameter(name, kind, [])])[0]
+            if not result.successful:
+                raise UserError(f'parameter {name}: {result.reason}') from None
+            value = []
+        if desc.read_only:
+            desc.type = kind.value
+            self.set_descriptor(name, desc)
+        return list(value) if value is not None else []
+
+    def number(self, name: str, value: Any, low: float = 0.0, inclusive: bool = False,
+               high: float = math.inf, note: str = '') -> float:
+        """`value` as a float above `low` (or at least `low`) and at most `high`; UserError
+        naming the parameter and the range (and `note`, e.g. where a bound comes from)."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f'parameter {name}: expected a number, got {value!r}')
         value = float(value)
         ok = value >= low if inclusive else value > low
-        if not ok or value != value or value == float('inf'):
-            raise UserError(f'parameter {name}: must be {">=" if inclusive else ">"} {low}, '
-                            f'got {value}')
+        if not ok or not value <= high or not math.isfinite(value):
+            limit = f'{">=" if inclusive else ">"} {low:g}'
+            if high < math.inf:
+                limit += f' and <= {high:g}'
+            raise UserError(f'parameter {name}: must be {limit}{f" ({note})" if note else ""},'
+                            f' got {value:g}')
         return value
 
     # -- diagnostics --------------------------------------------------------------------------
