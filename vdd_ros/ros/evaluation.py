@@ -5,19 +5,22 @@ with the same fresh ROS_DOMAIN_ID, localhost-only discovery and a unique namespa
 never talks to another ROS graph on the machine. Separate processes (rather than executors in
 this process) keep robosuite stepping and policy inference from sharing one GIL, so the
 measured latencies are those of a deployment, and a crash in either node cannot take the caller
-down. The simulator runs in lockstep on the in-process runner's evaluation seeds: each episode
-resets the environment and the policy with the same seed and steps with the action that
-answers each observation, so the episodes are the ones `vdd_ros.sim.rollout.evaluate` runs.
+down. The simulator runs in lockstep on the in-process runner's evaluation seeds: each
+episode resets the environment and the policy with the same seed and steps with the action
+that answers each observation, so the episodes are the ones `vdd_ros.sim.rollout.evaluate`
+runs. Both nodes die with the calling process however it ends (PR_SET_PDEATHSIG), and the
+run's temporary folder (`vdd_ros_eval_<pid>_*`) records its owner, so the next run removes
+what a killed one left.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,9 +29,11 @@ from typing import Any, Mapping
 import numpy as np
 import yaml
 
+from vdd_ros.core.process import child_preexec, owned_tempdir, remove_dead_owners
 from vdd_ros.errors import UserError
 
 ORACLES = ('scripted', 'averaged')
+TEMP_PREFIX = 'vdd_ros_eval_'
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -44,7 +49,8 @@ def free_domain_id(avoid: int | None = None) -> int:
 class NodeProcess:
     """One vdd_ros node run as `python -m vdd_ros.ros.<module>` with a parameter file.
 
-    Output goes to `<folder>/<name>.log`. `stop()` sends SIGINT (what launch sends), then
+    Output goes to `<folder>/<name>.log`. The node gets SIGTERM when this process exits (it
+    never outlives its parent). `stop()` sends SIGINT (what launch sends), then
     SIGTERM, then SIGKILL, each after a grace period; it returns the exit status.
     """
 
@@ -66,7 +72,7 @@ class NodeProcess:
             cmd[-2:-2] = ['-r', f'__ns:={namespace}']
         self._log = open(self.log_file, 'wb')
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=str(self.folder))
+                                     cwd=str(self.folder), preexec_fn=child_preexec())
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -141,8 +147,9 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
     if timeout_s is None:
         timeout_s = 120.0 + episodes * spec.horizon * (2.0 / control_rate_hz + 0.05)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix='vdd_ros_eval_') as tmp:
-        folder = Path(tmp)
+    remove_dead_owners(TEMP_PREFIX)
+    folder = owned_tempdir(TEMP_PREFIX)
+    try:
         results, stats = folder / 'results.json', folder / 'policy_stats.json'
         policy_params: dict[str, Any] = {
             'checkpoint': ref if ref in ORACLES else str(Path(ref).resolve()),
@@ -189,6 +196,8 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
             bar.close()
             for node in reversed(nodes):
                 node.stop(grace_s=5.0)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     if not data or len(data.get('episodes', [])) != episodes:
         raise UserError('sim_node ended without the results of every episode')
     records = [dict(r, policy_mode=None) for r in data['episodes']]

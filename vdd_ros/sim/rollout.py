@@ -122,9 +122,14 @@ def run_episode(env: Any, policy: Policy, seed: int, record: bool = False,
 _WORKER: dict[str, Any] = {}
 
 
-def worker_init() -> None:
-    """Per-process setup: one torch thread (workers already run in parallel)."""
+def worker_init(owner: int | None = None) -> None:
+    """Per-process setup: one torch thread (workers already run in parallel); the worker
+    exits when the process `owner` that started the pool does, however it ends."""
     import torch
+
+    from vdd_ros.core.process import watch_process
+    if owner is not None:
+        watch_process(owner)
     torch.set_num_threads(1)
 
 
@@ -171,7 +176,7 @@ def worker_pool(workers: int) -> Iterator[Any]:
     if workers <= 1:
         yield None
         return
-    pool = mp_context().Pool(workers, initializer=worker_init)
+    pool = mp_context().Pool(workers, initializer=worker_init, initargs=(os.getpid(),))
     try:
         yield pool
     except BaseException:
