@@ -235,16 +235,28 @@ def test_cross_task_target_and_mode_episode_picks():
 
 def test_task_lock_and_stale_temporaries(tmp_path):
     lock = tmp_path / '.lock'
-    lock.write_text(str(os.getppid()))   # a live process holds the folder
-    with pytest.raises(pipeline.UserError, match='another pipeline run'):
-        with pipeline.task_lock(tmp_path):
-            pass
-    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
-    dead.wait()
-    lock.write_text(str(dead.pid))       # a killed run left its lock
-    with pipeline.task_lock(tmp_path):
+    holder = subprocess.Popen(     # a live run holds the folder
+        [sys.executable, '-c', 'import sys, time; from pathlib import Path; '
+         'from vdd_ros.pipeline import task_lock\n'
+         'with task_lock(Path(sys.argv[1])):\n    print("held", flush=True); time.sleep(60)',
+         str(tmp_path)], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(pipeline.UserError, match=f'another pipeline run \\(process '
+                           f'{holder.pid}\\)'):
+            with pipeline.task_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    with pipeline.task_lock(tmp_path):   # the killed holder's lock died with it
         assert lock.read_text() == str(os.getpid())
     assert not lock.exists()
+    lock.write_text('999999999')          # a file left behind by a killed run holds nothing
+    with pipeline.task_lock(tmp_path):
+        assert lock.read_text() == str(os.getpid())
     (tmp_path / '.demos.hdf5.tmp123').write_text('x')
     (tmp_path / 'teacher' / '.x.tmp-5').mkdir(parents=True)
     (tmp_path / '.vdd_moe.old-7').mkdir()
@@ -252,3 +264,51 @@ def test_task_lock_and_stale_temporaries(tmp_path):
     assert len(pipeline.remove_stale_temporaries(tmp_path)) == 3
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == [
         'keep.json', 'teacher']
+
+
+def _contend(folder: str, rounds: int, first: bool, barrier, counts) -> None:
+    """One contender: each round, try the lock at once with the others; inside, claim a
+    marker that only one holder at a time can create. Between rounds the first contender
+    leaves a lock file as a killed run would (naming a dead process)."""
+    marker = Path(folder) / 'holder'
+    acquired = overlaps = 0
+    for _ in range(rounds):
+        barrier.wait()
+        try:
+            with pipeline.task_lock(Path(folder)):
+                acquired += 1
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    overlaps += 1
+                else:
+                    time.sleep(0.01)
+                    marker.unlink()
+        except pipeline.UserError:
+            pass
+        barrier.wait()
+        if first:
+            (Path(folder) / '.lock').write_text('999999999')
+    with counts.get_lock():
+        counts[0] += acquired
+        counts[1] += overlaps
+
+
+def test_contending_runs_never_hold_the_task_lock_together(tmp_path):
+    import multiprocessing as mp
+    ctx = mp.get_context('fork')
+    contenders, rounds = 3, 150
+    barrier, counts = ctx.Barrier(contenders), ctx.Array('i', 2)
+    (tmp_path / '.lock').write_text('999999999')   # left by a killed run
+    procs = [ctx.Process(target=_contend, args=(str(tmp_path), rounds, i == 0, barrier, counts))
+             for i in range(contenders)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * contenders
+    acquired, overlaps = counts[0], counts[1]
+    print(f'{contenders} contenders x {rounds} rounds: {acquired} acquisitions, '
+          f'{overlaps} overlaps')
+    assert overlaps == 0
+    assert rounds <= acquired < contenders * rounds   # at least one per round, never all

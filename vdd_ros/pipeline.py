@@ -16,10 +16,11 @@ there. Robosuite, ROS and matplotlib are imported only by the stages that need t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
-import contextlib
 import json
 import math
 import os
@@ -518,37 +519,40 @@ def run_pipeline(task: str, cfg: PipelineConfig, results: str | os.PathLike = 'r
 
 @contextlib.contextmanager
 def task_lock(folder: Path) -> Iterator[None]:
-    """Hold `<folder>/.lock` (this process id) for the run; one run per task folder."""
+    """Hold `<folder>/.lock` for the run: one run per task folder.
+
+    The lock is an exclusive `flock` on the file, held while the file stays open, so the
+    kernel releases it when the holder dies however it dies (no stale lock to take over).
+    The file holds the holder's process id for the error message. A contender that locked
+    a file the holder unlinked while leaving retries on the path's current file.
+    """
     lock = folder / '.lock'
     while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or '?'
+            os.close(fd)
+            raise UserError(f'{folder}: another pipeline run (process {holder}) is working '
+                            f'here; wait for it to finish') from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
             break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise UserError(f'{folder}: another pipeline run (process {pid}) is working '
-                                f'here; wait for it, or delete {lock} if it is gone') from None
-            lock.unlink(missing_ok=True)  # left by a run that was killed
+        os.close(fd)   # the file was unlinked by a holder that just left: lock the new one
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock.unlink(missing_ok=True)   # while still locked, so no one locks a dead file
+        os.close(fd)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
