@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'pipeline': ('pipeline', 'the whole job on one task: collect, train, distil, baselines, '
                  'evaluate, report'),
     'report': ('report', 'redraw task reports and write the cross-task summary'),
+    'bag2dataset': ('bag2dataset', 'convert rosbag2 recordings into a dataset through a '
+                    'binding'),
 }
 
 
