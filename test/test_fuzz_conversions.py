@@ -1,0 +1,148 @@
+"""Property tests of the labelled-array conversions: any data, any layout, any labels, any bytes.
+
+The only exception a conversion may raise on bad input is the documented InvalidMessage, and
+an accepted array is always finite and equal to the data it came from. Each property counts
+its generated cases (printed at the end of the module with `-s`).
+"""
+import array
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from rclpy.serialization import serialize_message
+from std_msgs.msg import Float32MultiArray, Float64MultiArray, MultiArrayDimension
+
+from vdd_ros.ros.conversions import (MAX_LAYOUT_DIMS, UINT32_MAX, InvalidMessage, array_to_msg,
+                                     decode_labelled_array, msg_fields, msg_meta, msg_to_array,
+                                     msg_to_dict)
+
+CASES: Counter = Counter()
+SETTINGS = settings(max_examples=300, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+labels = st.one_of(st.sampled_from(['eef', 'cube', 'gripper', '@seq', '@episode', '@step',
+                                    '@stage:teacher', '@', '']),
+                   st.text(st.characters(blacklist_categories=('Cs',)), max_size=12))
+uint32 = st.one_of(st.integers(0, 8), st.integers(0, UINT32_MAX))
+dims = st.builds(lambda label, size, stride: MultiArrayDimension(label=label, size=size,
+                                                                 stride=stride),
+                 labels, uint32, uint32)
+floats32 = arrays(np.float32, st.integers(0, 24),
+                  elements=st.floats(width=32, allow_nan=True, allow_infinity=True))
+fields = st.lists(st.tuples(labels, st.integers(0, 8)), max_size=6)
+
+
+@st.composite
+def labelled(draw, msg_type=Float32MultiArray):
+    """A message with any data and a layout that is right, slightly wrong, or anything."""
+    data = draw(floats32)
+    msg = msg_type()
+    kind = draw(st.sampled_from(['right', 'any']))
+    if kind == 'right' and data.size:
+        cut = sorted(draw(st.lists(st.integers(0, data.size), max_size=4)))
+        sizes = np.diff([0, *cut, data.size])
+        msg.layout.dim = [MultiArrayDimension(label=f'f{i}', size=int(n), stride=int(n))
+                          for i, n in enumerate(sizes)]
+    else:
+        msg.layout.dim = draw(st.lists(dims, max_size=8))
+    msg.layout.dim.extend(draw(st.lists(st.builds(
+        lambda k, v: MultiArrayDimension(label='@' + k, size=0, stride=v),
+        st.sampled_from(['seq', 'episode', 'step']), uint32), max_size=3)))
+    code = 'f' if msg_type is Float32MultiArray else 'd'
+    msg.data = array.array(code, data.astype(np.float32 if code == 'f' else np.float64).tobytes())
+    return msg
+
+
+@pytest.fixture(scope='module', autouse=True)
+def report_counts():
+    yield
+    print('\ngenerated cases per property:', dict(CASES))
+
+
+@SETTINGS
+@given(msg=labelled(), expected=st.one_of(st.none(), fields),
+       expected_dim=st.one_of(st.none(), st.integers(0, 30)), as_list=st.booleans())
+def test_msg_to_array_raises_only_invalid_message_and_returns_only_finite_data(
+        msg, expected, expected_dim, as_list):
+    CASES['msg_to_array'] += 1
+    data = np.frombuffer(msg.data, dtype=np.float32)
+    if as_list:  # the form a message has when built from Python lists
+        msg.data = data.tolist()
+    try:
+        out = msg_to_array(msg, expected, expected_dim)
+    except InvalidMessage:
+        return
+    assert out.dtype == np.float32 and out.ndim == 1
+    assert np.all(np.isfinite(out))
+    assert np.array_equal(out, data)
+    if expected_dim is not None:
+        assert out.size == expected_dim
+    if expected is not None and msg_fields(msg):
+        assert msg_fields(msg) == [(str(k), int(n)) for k, n in expected]
+
+
+@SETTINGS
+@given(msg=labelled())
+def test_metadata_is_always_unsigned_32_bit(msg):
+    CASES['msg_meta'] += 1
+    meta = msg_meta(msg)
+    assert all(isinstance(v, int) and 0 <= v <= UINT32_MAX for v in meta.values())
+    assert set(meta) == {d.label[1:] for d in msg.layout.dim if d.label.startswith('@')}
+
+
+@SETTINGS
+@given(msg=labelled(Float64MultiArray))
+def test_msg_to_dict_raises_only_invalid_message(msg):
+    CASES['msg_to_dict'] += 1
+    try:
+        out = msg_to_dict(msg)
+    except InvalidMessage:
+        return
+    assert isinstance(out, dict)
+
+
+@SETTINGS
+@given(data=st.one_of(st.binary(max_size=200),
+                      st.binary(min_size=8, max_size=64).map(lambda b: b'\x00\x01\x00\x00' + b)),
+       max_bytes=st.integers(1, 300))
+def test_decoding_any_bytes_gives_a_message_or_invalid_message(data, max_bytes):
+    CASES['decode bytes'] += 1
+    try:
+        msg = decode_labelled_array(data, max_bytes)
+    except InvalidMessage:
+        return
+    assert isinstance(msg, Float32MultiArray) and len(data) <= max_bytes
+    assert len(msg.layout.dim) <= MAX_LAYOUT_DIMS
+
+
+@SETTINGS
+@given(msg=labelled(), extra=st.integers(0, 2 * MAX_LAYOUT_DIMS))
+def test_serialized_arrays_decode_to_the_same_message_or_are_rejected_by_size(msg, extra):
+    CASES['decode serialized'] += 1
+    msg.layout.dim.extend(MultiArrayDimension(label='x', size=0, stride=0)
+                          for _ in range(extra))
+    blob = serialize_message(msg)
+    try:
+        back = decode_labelled_array(blob, 4096)
+    except InvalidMessage:
+        assert len(blob) > 4096 or len(msg.layout.dim) > MAX_LAYOUT_DIMS
+        return
+    assert back.layout == msg.layout   # data compared as bytes: NaN != NaN
+    assert back.data.tobytes() == msg.data.tobytes()
+
+
+@SETTINGS
+@given(values=arrays(np.float32, st.integers(1, 24),
+                     elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
+       meta=st.dictionaries(st.sampled_from(['seq', 'episode', 'step']),
+                            st.integers(0, UINT32_MAX)))
+def test_finite_arrays_round_trip_through_bytes(values, meta):
+    CASES['round trip'] += 1
+    fields = [('a', 1), ('b', values.size - 1)]
+    blob = serialize_message(array_to_msg(values, fields, meta))
+    msg = decode_labelled_array(blob, 1 << 16)
+    assert msg_meta(msg) == meta
+    assert np.array_equal(msg_to_array(msg, fields), values)
