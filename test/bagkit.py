@@ -147,16 +147,19 @@ KINDS = (Rclpy, Rosbags)
 
 
 def write_bag(path: str | Path, messages: Iterable[tuple[str, str, int, Any]],
-              storage: str = 'mcap', compress: bool = False) -> Path:
+              storage: str = 'mcap', compress: bool | str = False) -> Path:
     """A rosbag2 written by rosbags' writer from (topic, type, log time ns, message) tuples;
-    `compress` is zstd file compression (`ros2 bag record --compression-format zstd`)."""
+    `compress` is zstd compression as `ros2 bag record --compression-mode file|message`
+    writes it (True: file)."""
     from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
     plugin = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}[storage]
     path = Path(path)
     conns: dict[str, Any] = {}
-    with Writer(path, version=9, storage_plugin=plugin) as writer:
-        if compress:
-            writer.set_compression(CompressionMode.FILE, CompressionFormat.ZSTD)
+    writer = Writer(path, version=9, storage_plugin=plugin)
+    if compress:
+        mode = CompressionMode.MESSAGE if compress == 'message' else CompressionMode.FILE
+        writer.set_compression(mode, CompressionFormat.ZSTD)
+    with writer:
         for topic, msgtype, t_ns, msg in messages:
             if topic not in conns:
                 conns[topic] = writer.add_connection(topic, msgtype, typestore=STORE)

@@ -99,6 +99,10 @@ class BindingMismatch(UserError, ValueError):
     """A message does not hold what the binding says (type, joint, frame, size, NaN)."""
 
 
+class InvalidValues(BindingMismatch):
+    """A message of the right shape holds NaN or Inf (an invalid observation or command)."""
+
+
 def normalise_type(name: str) -> str:
     """'sensor_msgs/JointState' or 'sensor_msgs/msg/JointState' -> 'sensor_msgs/msg/JointState'."""
     m = _TYPE_RE.match(str(name))
@@ -193,7 +197,7 @@ class _Spec:
 def _finite(values: np.ndarray, topic: str, what: str) -> np.ndarray:
     if not np.isfinite(values).all():
         bad = int(np.flatnonzero(~np.isfinite(values))[0])
-        raise BindingMismatch(f'{topic}: non-finite {what} (value {bad} is {values[bad]})')
+        raise InvalidValues(f'{topic}: non-finite {what} (value {bad} is {values[bad]})')
     return values
 
 
@@ -202,10 +206,16 @@ def _header_stamp_ns(msg: Any) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
+def check_frame(frame_id: str, expected: str | None, topic: str) -> None:
+    """Raise BindingMismatch when a message's frame_id is not the one the binding expects."""
+    if expected is not None and frame_id != expected:
+        raise BindingMismatch(f'{topic}: frame_id {frame_id!r}, the binding expects '
+                              f'{expected!r}')
+
+
 def _check_frame(msg: Any, frame_id: str | None, topic: str) -> None:
-    if frame_id is not None and msg.header.frame_id != frame_id:
-        raise BindingMismatch(f'{topic}: frame_id {msg.header.frame_id!r}, the binding '
-                              f'expects {frame_id!r}')
+    if frame_id is not None:
+        check_frame(msg.header.frame_id, frame_id, topic)
 
 
 def labelled_offsets(msg: Any) -> dict[str, tuple[int, int]]:
@@ -339,8 +349,9 @@ class Source:
             values = _array_slice(msg, self.slice[0], self.slice[1], self.topic)
         return _finite(values, self.topic, f'{self.feature}')
 
-    def _joint_values(self, msg: Any) -> np.ndarray:
-        names = msg.name
+    def joint_index(self, names: Sequence[str]) -> np.ndarray:
+        """Indices of the binding's joints in a JointState's `name` list (cached); a missing
+        joint raises BindingMismatch naming it and the topic."""
         key = tuple(names)
         index = self._index.get(key)
         if index is None:
@@ -353,6 +364,11 @@ class Source:
             if len(self._index) > 16:
                 self._index.clear()
             self._index[key] = index
+        return index
+
+    def _joint_values(self, msg: Any) -> np.ndarray:
+        names = msg.name
+        index = self.joint_index(names)
         data = np.asarray(getattr(msg, self.field), dtype=np.float64)
         if data.size != len(names):
             raise BindingMismatch(f'{self.topic}: {data.size} {self.field} values for '
@@ -632,6 +648,7 @@ class Binding:
         entries: list[Source | Derived] = []
         sizes: dict[str, int] = {}
         topic_types: dict[str, str] = {}
+        topic_stamps: dict[str, str] = {}
         for i, item in enumerate(obs):
             here = f'observation[{i}]'
             if isinstance(item, Mapping) and 'difference' in item:
@@ -641,6 +658,10 @@ class Binding:
                 seen = topic_types.setdefault(entry.topic, entry.type)
                 if seen != entry.type:
                     raise ConfigError(f'{here}.type: {entry.topic} is {_short(seen)} in an '
+                                      f'earlier entry')
+                stamp = topic_stamps.setdefault(entry.topic, entry.stamp_from)
+                if stamp != entry.stamp_from:
+                    raise ConfigError(f'{here}.stamp: {entry.topic} is timed by {stamp} in an '
                                       f'earlier entry')
             if entry.feature in sizes:
                 raise ConfigError(f'{here}.feature: {entry.feature!r} is defined twice')
@@ -752,7 +773,8 @@ class Binding:
 
     def assemble(self, latest: Mapping[str, np.ndarray]) -> np.ndarray:
         """The flat float32 observation from the latest values of every source feature
-        (derived features are computed here, in float64, then everything is cast)."""
+        (derived features are computed here, in float64, then everything is cast). Values
+        may carry leading batch axes ((K, n) each gives (K, obs_dim))."""
         values: dict[str, np.ndarray] = {}
         parts = []
         for e in self.observation:
@@ -766,7 +788,7 @@ class Binding:
                         from None
             values[e.feature] = v
             parts.append(v)
-        return np.concatenate(parts).astype(np.float32)
+        return np.concatenate(parts, axis=-1).astype(np.float32)
 
     def describe(self) -> str:
         """One line per topic (for logs and --help output)."""
