@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -99,6 +101,39 @@ class Probe:
 
     def destroy(self) -> None:
         self.node.destroy_node()
+
+
+_FLOOD = """
+import sys, time
+import rclpy
+from rclpy.qos import qos_profile_sensor_data
+from std_msgs.msg import Float32MultiArray
+namespace, period, *paths = sys.argv[1:]
+blobs = [open(path, 'rb').read() for path in paths]
+rclpy.init()
+node = rclpy.create_node('flood', namespace=namespace)
+pub = node.create_publisher(Float32MultiArray, 'observation', qos_profile_sensor_data)
+i = 0
+while rclpy.ok():
+    pub.publish(blobs[i % len(blobs)])
+    i += 1
+    time.sleep(float(period))
+"""
+
+
+def flood_observations(namespace: str, blobs: list[bytes], period_s: float,
+                       folder: str | os.PathLike) -> subprocess.Popen:
+    """A separate process that publishes the serialized `blobs` in turn on `observation`
+    every `period_s` (so the sender's own cost never lands on the receiver); kill it when
+    done."""
+    paths = []
+    for i, blob in enumerate(blobs):
+        path = Path(folder) / f'blob_{i}.cdr'
+        path.write_bytes(blob)
+        paths.append(str(path))
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id()))
+    return subprocess.Popen([sys.executable, '-c', _FLOOD, namespace, str(period_s), *paths],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def tiny_moe_checkpoint(path: str | os.PathLike, task: str = 'lift_carry',
