@@ -322,6 +322,8 @@ def test_a_policy_that_returns_non_finite_actions_is_answered_by_the_hold(contex
     ({'max_observation_bytes': 10}, 'max_observation_bytes: must be >= 1024'),
     ({'seed': -5}, 'seed: must be -1 or in'),
     ({'teacher_steps': -1}, 'teacher_steps: must be >= 0'),
+    ({'expert_mode': '9'}, r'expert_mode: pinned expert 9 out of range \[0, 2\]'),
+    ({'expert_mode': 1.5}, 'expert_mode: expected a name or an expert index, got 1.5'),
 ])
 def test_bad_parameters_stop_the_node_with_one_line_naming_the_limit(context, checkpoint,
                                                                    params, problem):

@@ -289,15 +289,16 @@ class PolicyNode(VddNode):
     def _expert_mode_value(self, mode: Any) -> str | int:
         """The expert mode `mode` names ('' : the checkpoint's own); UserError when invalid."""
         if not self._is_moe():
-            raise UserError(f'expert_mode applies to MoE checkpoints, this policy is '
-                            f'{self._kind()}')
+            raise UserError(f'parameter expert_mode: applies to MoE checkpoints, this policy '
+                            f'is {self._kind()}')
         if isinstance(mode, bool) or not isinstance(mode, (int, str)):
-            raise UserError(f'expert_mode: expected a name or an expert index, got {mode!r}')
+            raise UserError('parameter expert_mode: expected a name or an expert index, got '
+                            f'{mode!r}')
         if mode == '':
             return self._own_mode
         if isinstance(mode, str) and mode.strip().lstrip('-').isdigit():
             mode = int(mode)
-        check_expert_mode(mode, self.model.num_experts)
+        check_expert_mode(mode, self.model.num_experts, name='parameter expert_mode')
         return mode
 
     def _set_expert_mode(self, mode: str | int) -> None:
