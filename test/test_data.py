@@ -189,3 +189,60 @@ def test_split_indices() -> None:
     assert split_indices(20, 0.1) == (train, valid)
     assert split_indices(2, 0.1)[1] != [] and split_indices(1, 0.5) == ([0], [])
     assert split_indices(5, 0.0) == ([0, 1, 2, 3, 4], [])
+
+
+def _edit(path: Path, edit) -> Path:
+    """A written dataset, changed by `edit(h5py.File)`."""
+    write_dataset(path, _demos(3), FIELDS, ENV_ARGS, valid_fraction=0.0)
+    with h5py.File(path, 'a') as f:
+        edit(f)
+    return path
+
+
+def _replace(f: h5py.File, key: str, value) -> None:
+    del f[key]
+    f[key] = value
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda f: f['data/demo_1/obs/cube_pos'].__setitem__((2, 1), np.nan),
+     r'demo_1/obs/cube_pos: non-finite value nan at step 2, entry 1'),
+    (lambda f: f['data/demo_2/actions'].__setitem__((0, 6), -np.inf),
+     r'demo_2/actions: non-finite value -inf at step 0, entry 6'),
+    (lambda f: f['data/demo_0/actions'].__setitem__((3, 0), 3e38),
+     r'demo_0/actions: value 3e\+38 at step 3, entry 0 is beyond \+-1e\+12'),
+    (lambda f: _replace(f, 'data/demo_1/obs/robot0_eef_pos', np.full((5, 3), 1e300)),
+     r'demo_1/obs/robot0_eef_pos: value 1e\+300 at step 0'),
+    (lambda f: _replace(f, 'data/demo_0/actions', np.zeros((0, 7), np.float32)),
+     r'demo_0/actions: empty demonstration'),
+    (lambda f: _replace(f, 'data/demo_2/actions', np.array([b'a', b'b'] * 3)),
+     r'demo_2/actions: expected numbers, found dtype'),
+    (lambda f: _replace(f, 'data/demo_1/obs/cube_pos', np.zeros((5, 3, 2))),
+     r'demo_1/obs/cube_pos: expected shape \(steps, size\), got \(5, 3, 2\)'),
+    (lambda f: _replace(f, 'data/demo_1/obs/cube_pos', np.zeros((5, 4))),
+     r'demo_1/obs/cube_pos: size 4, 3 in the demos before'),
+    (lambda f: _replace(f, 'data/demo_2/obs/cube_pos', np.zeros((5, 3))),
+     r'demo_2/obs/cube_pos has 5 steps, actions have 6'),
+    (lambda f: (f['data/demo_1'].__delitem__('actions'),
+                f['data/demo_1'].create_group('actions')),
+     r'demo_1/actions: expected an array, found a Group'),
+    (lambda f: f['data'].attrs.__setitem__('obs_fields', '{"a": 1'),
+     r'data attribute obs_fields: expected a JSON list'),
+    (lambda f: f['data/demo_0'].attrs.__setitem__('seed', 'abc'),
+     r'demo_0: attribute seed: expected an integer'),
+])
+def test_broken_data_is_one_error_naming_the_demo_and_key(tmp_path: Path, edit,
+                                                          message: str) -> None:
+    path = _edit(tmp_path / 'd.hdf5', edit)
+    with pytest.raises(UserError, match=message) as err:
+        load_dataset(path)
+    assert str(err.value).startswith(str(path)) and '\n' not in str(err.value)
+
+
+def test_integer_and_bool_arrays_load_as_float32(tmp_path: Path) -> None:
+    path = _edit(tmp_path / 'd.hdf5', lambda f: (
+        _replace(f, 'data/demo_0/obs/robot0_gripper_qpos', np.ones((4, 2), np.int16)),
+        _replace(f, 'data/demo_0/actions', np.ones((4, 7), bool))))
+    demo = load_dataset(path).demos[0]
+    assert demo.obs.dtype == demo.actions.dtype == np.float32
+    assert demo.obs[:, 3:5].tolist() == [[1.0, 1.0]] * 4 and demo.actions.sum() == 28

@@ -172,18 +172,58 @@ def write_dataset(path: str | os.PathLike, demos: Sequence[Demo],
 
 
 # -- reading ----------------------------------------------------------------------------------
+# Largest magnitude accepted in observations and actions: beyond it float32 statistics and
+# normalisation overflow or lose the data (the square of 1e19 is already infinite in float32).
+MAX_ABS_VALUE = 1e12
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError)
+
+
 def _demo_names(group: h5py.Group) -> list[str]:
     found = [(int(m.group(1)), k) for k in group.keys() if (m := _DEMO_RE.match(k))]
     return [k for _, k in sorted(found)]
 
 
 def _decode(names: Any) -> list[str]:
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in np.asarray(names).ravel()]
+    return [n.decode(errors='replace') if isinstance(n, bytes) else str(n)
+            for n in np.asarray(names).ravel()]
 
 
 def _low_dim_keys(obs_group: h5py.Group) -> list[str]:
     return sorted(k for k, v in obs_group.items()
                   if isinstance(v, h5py.Dataset) and v.ndim <= 2)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.item()
+    return value.decode(errors='replace') if isinstance(value, bytes) else str(value)
+
+
+def read_array(path: Path, node: Any, where: str) -> np.ndarray:
+    """A numeric HDF5 dataset as finite float32 `(steps, size)`; anything else (a group, text,
+    another shape, NaN/Inf, a magnitude above MAX_ABS_VALUE) is a UserError naming
+    `where` (`demo_3/obs/key`), the step and the value."""
+    if not isinstance(node, h5py.Dataset):
+        raise UserError(f'{path}: {where}: expected an array, found a {type(node).__name__}')
+    if node.dtype.kind not in 'biuf':
+        raise UserError(f'{path}: {where}: expected numbers, found dtype {node.dtype}')
+    arr = np.asarray(node[()])
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise UserError(f'{path}: {where}: expected shape (steps, size), got {arr.shape}')
+    if arr.shape[1] == 0:
+        raise UserError(f'{path}: {where}: holds no values per step (shape {arr.shape})')
+    wide = arr.astype(np.float64)
+    bad = ~np.isfinite(wide) | (np.abs(wide) > MAX_ABS_VALUE)
+    if bad.any():
+        t, i = (int(v) for v in np.argwhere(bad)[0])
+        value, at = wide[t, i], f'at step {t}, entry {i}'
+        if not np.isfinite(value):
+            raise UserError(f'{path}: {where}: non-finite value {value:g} {at}')
+        raise UserError(f'{path}: {where}: value {value:g} {at} is beyond +-{MAX_ABS_VALUE:g} '
+                        f'(too large to normalise in float32)')
+    return wide.astype(np.float32)
 
 
 def load_dataset(path: str | os.PathLike, obs_keys: list[str] | None = None,
@@ -192,22 +232,36 @@ def load_dataset(path: str | os.PathLike, obs_keys: list[str] | None = None,
 
     `obs_keys` picks observation keys by name and order; without it, the file's recorded
     `obs_fields` are used, else every low-dimensional key in sorted order. A missing or
-    malformed file, or a missing key, raises UserError naming the file and the key.
+    malformed file, a missing key, an empty demo, and observations or actions that are not
+    finite numbers within +-MAX_ABS_VALUE raise UserError naming the file, the demo and the key.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f'{path}: no such dataset file')
     try:
         f = h5py.File(path, 'r')
-    except OSError as exc:
+    except _READ_ERRORS as exc:
         raise UserError(f'{path}: not a readable HDF5 file ({exc})') from None
     try:
         with f:
             return _read(f, path, obs_keys, load_states)
     except UserError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except _READ_ERRORS as exc:
         raise UserError(f'{path}: malformed dataset ({type(exc).__name__}: {exc})') from None
+
+
+def _recorded_keys(data: h5py.Group, path: Path) -> list[str] | None:
+    """The observation keys of the `obs_fields` attribute, or None when it is absent."""
+    if 'obs_fields' not in data.attrs:
+        return None
+    try:
+        fields = json.loads(data.attrs['obs_fields'])
+        keys = [str(k) for k, _ in fields]
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise UserError(f'{path}: data attribute obs_fields: expected a JSON list of [key, '
+                        f'size] pairs ({type(exc).__name__})') from None
+    return keys
 
 
 def _read(f: h5py.File, path: Path, obs_keys: list[str] | None,
@@ -220,81 +274,108 @@ def _read(f: h5py.File, path: Path, obs_keys: list[str] | None,
         raise UserError(f'{path}: "data" holds no demo_<i> groups')
     try:
         env_args = json.loads(data.attrs.get('env_args', '{}'))
-    except (json.JSONDecodeError, TypeError) as exc:
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise UserError(f'{path}: data attribute env_args is not JSON ({exc})') from None
-    first_obs = data[names[0]].get('obs')
+    if not isinstance(env_args, dict):
+        raise UserError(f'{path}: data attribute env_args: expected a JSON object')
+    first_obs = _demo_group(data, names[0], path).get('obs')
     if not isinstance(first_obs, h5py.Group):
         raise UserError(f'{path}: {names[0]} has no "obs" group')
     if obs_keys is None:
-        if 'obs_fields' in data.attrs:
-            obs_keys = [str(k) for k, _ in json.loads(data.attrs['obs_fields'])]
-        else:
+        obs_keys = _recorded_keys(data, path)
+        if obs_keys is None:
             obs_keys = _low_dim_keys(first_obs)
     obs_keys = list(obs_keys)
     if not obs_keys:
         raise UserError(f'{path}: no observation keys selected')
     sizes: dict[str, int] = {}
     demos: list[Demo] = []
-    action_dim = None
+    action_dim: int | None = None
     for name in names:
-        g = data[name]
-        og = g.get('obs')
-        if not isinstance(og, h5py.Group):
-            raise UserError(f'{path}: {name} has no "obs" group')
-        if 'actions' not in g:
-            raise UserError(f'{path}: {name} has no key "actions"')
-        actions = np.asarray(g['actions'][()], dtype=np.float32)
-        if actions.ndim == 1:
-            actions = actions[:, None]
-        T = actions.shape[0]
-        parts = []
-        for key in obs_keys:
-            if key not in og:
-                raise UserError(f'{path}: {name} has no obs key {key!r} '
-                                f'(available: {", ".join(_low_dim_keys(og)) or "none"})')
-            arr = np.asarray(og[key][()], dtype=np.float32)
-            if arr.ndim == 1:
-                arr = arr[:, None]
-            if arr.ndim != 2:
-                raise UserError(f'{path}: obs key {key!r} is not low-dimensional '
-                                f'(shape {arr.shape})')
-            if arr.shape[0] != T:
-                raise UserError(f'{path}: {name}/obs/{key} has {arr.shape[0]} steps, '
-                                f'actions have {T}')
-            if sizes.setdefault(key, arr.shape[1]) != arr.shape[1]:
-                raise UserError(f'{path}: obs key {key!r} has size {arr.shape[1]} in {name}, '
-                                f'{sizes[key]} before')
-            parts.append(arr)
+        try:
+            demo = _read_demo(_demo_group(data, name, path), name, path, obs_keys, sizes,
+                              load_states)
+        except UserError:
+            raise
+        except _READ_ERRORS as exc:
+            raise UserError(f'{path}: {name}: unreadable ({type(exc).__name__}: {exc})') \
+                from None
         if action_dim is None:
-            action_dim = actions.shape[1]
-        elif actions.shape[1] != action_dim:
-            raise UserError(f'{path}: {name} has {actions.shape[1]}-d actions, '
+            action_dim = demo.actions.shape[1]
+        elif demo.actions.shape[1] != action_dim:
+            raise UserError(f'{path}: {name}/actions: {demo.actions.shape[1]}-d actions, '
                             f'{action_dim}-d before')
-        mode = g.attrs.get('mode')
-        demos.append(Demo(
-            obs=np.concatenate(parts, axis=1), actions=actions,
-            mode=None if mode is None else (mode.decode() if isinstance(mode, bytes)
-                                            else str(mode)),
-            rewards=np.asarray(g['rewards'][()]) if 'rewards' in g else None,
-            dones=np.asarray(g['dones'][()]) if 'dones' in g else None,
-            states=np.asarray(g['states'][()]) if load_states and 'states' in g else None,
-            seed=int(g.attrs['seed']) if 'seed' in g.attrs else None,
-            name=name))
+        demos.append(demo)
     index = {n: i for i, n in enumerate(names)}
     mask = f.get('mask')
     valid_idx: list[int] = []
     train_idx: list[int] | None = None
     if isinstance(mask, h5py.Group):
+        for key in ('valid', 'train'):
+            if key in mask and not isinstance(mask[key], h5py.Dataset):
+                raise UserError(f'{path}: mask/{key}: expected a list of demo names')
         if 'valid' in mask:
-            valid_idx = sorted(index[n] for n in _decode(mask['valid'][()]) if n in index)
+            valid_idx = sorted({index[n] for n in _decode(mask['valid'][()]) if n in index})
         if 'train' in mask:
-            train_idx = sorted(index[n] for n in _decode(mask['train'][()]) if n in index)
+            train_idx = sorted({index[n] for n in _decode(mask['train'][()]) if n in index})
     if train_idx is None:
         held = set(valid_idx)
         train_idx = [i for i in range(len(demos)) if i not in held]
     return DemoDataset(demos=demos, obs_fields=[(k, sizes[k]) for k in obs_keys],
-                       action_dim=int(action_dim), env_args=env_args, train_idx=train_idx,
-                       valid_idx=valid_idx, path=str(path))
+                       action_dim=int(action_dim or 0), env_args=env_args,
+                       train_idx=train_idx, valid_idx=valid_idx, path=str(path))
+
+
+def _demo_group(data: h5py.Group, name: str, path: Path) -> h5py.Group:
+    try:
+        group = data[name]
+    except _READ_ERRORS as exc:
+        raise UserError(f'{path}: {name}: unreadable ({type(exc).__name__}: {exc})') from None
+    if not isinstance(group, h5py.Group):
+        raise UserError(f'{path}: {name}: expected a group, found a {type(group).__name__}')
+    return group
+
+
+def _read_demo(g: h5py.Group, name: str, path: Path, obs_keys: list[str],
+               sizes: dict[str, int], load_states: bool) -> Demo:
+    """One demo group; observation sizes are checked against (and recorded in) `sizes`."""
+    og = g.get('obs')
+    if not isinstance(og, h5py.Group):
+        raise UserError(f'{path}: {name} has no "obs" group')
+    if 'actions' not in g:
+        raise UserError(f'{path}: {name} has no key "actions"')
+    actions = read_array(path, g['actions'], f'{name}/actions')
+    T = actions.shape[0]
+    if T == 0:
+        raise UserError(f'{path}: {name}/actions: empty demonstration (0 steps)')
+    parts = []
+    for key in obs_keys:
+        if key not in og:
+            raise UserError(f'{path}: {name} has no obs key {key!r} '
+                            f'(available: {", ".join(_low_dim_keys(og)) or "none"})')
+        arr = read_array(path, og[key], f'{name}/obs/{key}')
+        if arr.shape[0] != T:
+            raise UserError(f'{path}: {name}/obs/{key} has {arr.shape[0]} steps, '
+                            f'actions have {T}')
+        if sizes.setdefault(key, arr.shape[1]) != arr.shape[1]:
+            raise UserError(f'{path}: {name}/obs/{key}: size {arr.shape[1]}, '
+                            f'{sizes[key]} in the demos before')
+        parts.append(arr)
+    mode = g.attrs.get('mode')
+    seed = g.attrs.get('seed')
+    try:
+        seed = None if seed is None else int(np.asarray(seed).item())
+    except (TypeError, ValueError):
+        raise UserError(f'{path}: {name}: attribute seed: expected an integer, got '
+                        f'{seed!r}') from None
+
+    def optional(key: str) -> np.ndarray | None:
+        node = g.get(key)
+        return np.asarray(node[()]) if isinstance(node, h5py.Dataset) else None
+    return Demo(obs=np.concatenate(parts, axis=1), actions=actions,
+                mode=None if mode is None else _text(mode), rewards=optional('rewards'),
+                dones=optional('dones'), states=optional('states') if load_states else None,
+                seed=seed, name=name)
 
 
 # -- training windows -------------------------------------------------------------------------
