@@ -1,10 +1,15 @@
-"""Checkpoint round trips, the one loader, and config validation errors."""
+"""Checkpoint round trips, the one loader, file modes, training curves, config errors."""
+import json
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from vdd_ros.core.checkpoint import load_model, load_policy, save_checkpoint
+from vdd_ros.core.checkpoint import (CURVE_POINTS, load_model, load_policy, read_training,
+                                     save_checkpoint, tail_mean)
 from vdd_ros.core.config import (ConfigError, MoEConfig, TeacherConfig, TrainConfig, from_dict,
                                  load_config)
 from vdd_ros.core.moe import MixtureOfExperts
@@ -117,3 +122,53 @@ def test_shipped_default_config_matches_the_dataclass_defaults():
     from pathlib import Path
     shipped = Path(__file__).resolve().parents[1] / 'config' / 'train.yaml'
     assert load_config(TrainConfig, shipped) == TrainConfig()
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027])
+def test_every_file_is_written_with_the_normal_umask(tmp_path, umask):
+    from vdd_ros.core.io import write_json
+    previous = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / 'ckpt', models()['vdd_moe'], SPEC, 'vdd_moe',
+                               metrics={'iterations': 2}, curves={'loss_history': [[0, 1.0],
+                                                                                  [1, 0.5]]})
+        write_json(tmp_path / 'm.json', {'a': 1})
+    finally:
+        os.umask(previous)
+    files = sorted(path.iterdir()) + [tmp_path / 'm.json']
+    assert [p.name for p in files] == ['config.yaml', 'curves.json', 'model.safetensors',
+                                       'normalizer.safetensors', 'm.json']
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask
+
+
+def test_training_curves_stay_out_of_the_config(tmp_path):
+    history = [(i, 1.0 / (1 + i)) for i in range(170_000)]
+    metrics = {'iterations': len(history), 'final_loss': tail_mean(history)}
+    path = save_checkpoint(tmp_path / 'big', models()['vdd_moe'], SPEC, 'vdd_moe',
+                           metrics=metrics, curves={'loss_history': history})
+    assert (path / 'config.yaml').stat().st_size < 4000
+    meta = yaml.safe_load((path / 'config.yaml').read_text())
+    assert meta['metrics'] == metrics
+    curve = json.loads((path / 'curves.json').read_text())['loss_history']
+    assert len(curve) == CURVE_POINTS and curve[-1][0] == 169_999
+    assert curve[0][1] == pytest.approx(np.mean([v for _, v in history[:85]]))
+    training = read_training(path)
+    assert training['iterations'] == 170_000
+    assert training['final_loss'] == pytest.approx(tail_mean(history))
+    assert training['loss_history'] == curve
+    # a checkpoint that kept the whole history in config.yaml still loads and reads
+    old = save_checkpoint(tmp_path / 'old', models()['teacher'], SPEC, 'teacher',
+                          metrics={'loss_history': [[i, 2.0 - i / 10] for i in range(10)]})
+    assert not (old / 'curves.json').exists()
+    assert load_policy(old).meta['metrics']['loss_history'][3] == [3, 1.7]
+    training = read_training(old)
+    assert training['iterations'] == 10 and training['loss_history'][-1] == [9, 1.1]
+    assert training['final_loss'] == pytest.approx(1.1)
+    # no curves at all: zero iterations, no history
+    bare = save_checkpoint(tmp_path / 'bare', models()['teacher'], SPEC, 'teacher')
+    assert read_training(bare)['iterations'] == 0 and read_training(bare)['loss_history'] == []
+    (path / 'curves.json').write_text('{"loss_history": [[1, "x"')
+    with pytest.raises(UserError, match='curves.json: not readable JSON'):
+        read_training(path)

@@ -53,13 +53,15 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def _check_artefacts(folder: Path) -> None:
     from PIL import Image
 
-    from vdd_ros.core.checkpoint import load_policy
+    from vdd_ros.core.checkpoint import load_policy, read_training
     from vdd_ros.core.data import load_dataset
     assert len(load_dataset(folder / 'demos.hdf5').demos) == 4
     for name in ('teacher', 'vdd_moe', 'gaussian_bc', 'em_moe'):
         policy = load_policy(folder / name)
         assert policy.spec.task == 'lift_carry'
-        assert policy.meta['metrics']['loss_history'], name
+        assert 'loss_history' not in policy.meta['metrics'], name   # in curves.json
+        training = read_training(folder / name)
+        assert training['loss_history'] and training['iterations'] > 0, name
     metrics = json.loads((folder / 'metrics.json').read_text())
     assert list(metrics['policies']) == ['teacher', 'teacher_1step', 'vdd_moe', 'gaussian_bc',
                                          'em_moe']

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from vdd_ros.core.progress import DivergenceError
 from vdd_ros.errors import UserError
 
 # command name -> (module in vdd_ros.commands, one-line help)
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except UserError as exc:
         print(f'vdd-ros {name}: error: {exc}', file=sys.stderr)
+        return 2
+    except DivergenceError as exc:
+        print(f'vdd-ros {name}: error: training diverged: {exc}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f'vdd-ros {name}: interrupted', file=sys.stderr)

@@ -22,7 +22,6 @@ import fcntl
 import functools
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -36,7 +35,7 @@ import yaml
 
 from vdd_ros.core.config import (TrainConfig, apply_overrides, at_least, check_expert_mode,
                                  from_dict, positive, read_yaml_mapping, to_dict)
-from vdd_ros.core.io import atomic_path, write_json
+from vdd_ros.core.io import atomic_path, check_writable, write_json
 from vdd_ros.errors import ConfigError, UserError
 
 # Policies evaluated, in report order: name -> (training stage, label)
@@ -271,24 +270,12 @@ def _train(method: str, ctx: Context) -> dict[str, Any]:
             baseline_job(method, demos, out, **common)
     except DivergenceError as exc:
         raise UserError(f'training diverged: {exc}') from None
-    history = _loss_history(out)
-    info = {'iterations': len(history), 'device': ctx.device,
-            'final_loss': _tail_mean([v for _, v in history])}
+    from vdd_ros.core.checkpoint import read_training
+    training = read_training(out)
+    info = {'iterations': training['iterations'], 'device': ctx.device,
+            'final_loss': training['final_loss']}
     ctx.log(f'  {info["iterations"]} iterations, final loss {info["final_loss"]:.4g}')
     return info
-
-
-def _loss_history(checkpoint: Path) -> list[tuple[int, float]]:
-    from vdd_ros.core.checkpoint import read_meta
-    meta = read_meta(checkpoint)
-    return [(int(i), float(v)) for i, v in (meta.get('metrics') or {}).get('loss_history', [])]
-
-
-def _tail_mean(values: list[float], fraction: float = 0.05) -> float:
-    if not values:
-        return math.nan
-    tail = values[-max(1, int(len(values) * fraction)):]
-    return float(sum(tail) / len(tail))
 
 
 def policy_ref(ctx: Context, policy: str) -> Any:
@@ -511,6 +498,7 @@ def run_pipeline(task: str, cfg: PipelineConfig, results: str | os.PathLike = 'r
     names = [s.name for s in stages]
     if rerun_from is not None and rerun_from not in names:
         raise UserError(f'unknown stage {rerun_from!r} (stages: {", ".join(names)})')
+    check_writable(ctx.folder, 'results folder', folder=True)
     ctx.folder.mkdir(parents=True, exist_ok=True)
     with task_lock(ctx.folder):
         remove_stale_temporaries(ctx.folder)

@@ -99,7 +99,7 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
                      train: Mapping[str, Any], stage_order: list[str] | None = None
                      ) -> dict[str, Any]:
     """metrics.json of a task folder whose evaluations are done (stages in `stage_order`)."""
-    from vdd_ros.core.checkpoint import read_meta
+    from vdd_ros.core.checkpoint import read_training
     folder = Path(folder)
     policies: dict[str, dict[str, Any]] = {}
     seeds: list[int] = []
@@ -122,10 +122,9 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
                                  'info': data.get('info', {})}
     training = {}
     for name in TRAINED:
-        meta = read_meta(folder / name)
-        history = (meta.get('metrics') or {}).get('loss_history') or []
-        training[name] = {'iterations': len(history),
-                          'loss_history': _downsample(history)}
+        curve = read_training(folder / name)
+        training[name] = {'iterations': curve['iterations'],
+                          'loss_history': _downsample(curve['loss_history'])}
     collect = stages.get('collect', {}).get('info', {})
     return {
         'task': folder.name,

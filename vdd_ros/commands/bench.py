@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from vdd_ros.core.bench import latency_benchmark
-from vdd_ros.core.io import write_json
+from vdd_ros.core.io import check_writable, write_json
 
 TARGET_SPEEDUP_8 = 8.0       # MoE at least 8x faster than the 8-step teacher
 TARGET_ACT_OVER_FORWARD = 1.5  # MoE act within 1.5x of its bare network forward
@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from vdd_ros.errors import UserError
     if args.calls < 1000:
         raise UserError(f'--calls: at least 1000 calls are needed for a p99, got {args.calls}')
+    check_writable(args.json, '--json')
     r = latency_benchmark(args.obs_dim, args.action_dim, args.hidden_dim, args.layers,
                           args.experts, calls=args.calls, warmup=args.warmup,
                           expert_mode=args.expert_mode, threads=args.threads)

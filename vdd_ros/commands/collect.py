@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from vdd_ros.core.io import check_writable
 from vdd_ros.errors import UserError
 
 
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     out = str(args.out)
     if not out.endswith(('.hdf5', '.h5')):
         raise UserError(f'--out must name an .hdf5 file, got {out}')
+    check_writable(out, '--out', create_parents=False)
     summary = collect(args.task, args.episodes, out, workers=args.workers, seed=args.seed,
                       mode_probs=args.mode_probs,
                       noise=DEFAULT_NOISE if args.noise is None else args.noise,

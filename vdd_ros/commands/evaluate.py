@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 from typing import Any
 
-from vdd_ros.errors import UserError
+from vdd_ros.core.io import check_writable, write_json
 from vdd_ros.ros.evaluation import add_via_ros_arguments, evaluate_from_args
 
 
@@ -49,20 +46,6 @@ def format_table(m: dict[str, Any]) -> str:
     return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
 
 
-def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f'cannot write {path}: folder {path.parent} does not exist')
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + '\n')
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     torch.set_num_threads(1)
@@ -71,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     get_task(args.task)
     for flag, value in (('--json', args.json), ('--video', args.video)):
-        if value is not None and not Path(value).parent.is_dir():
-            raise UserError(f'{flag}: folder {Path(value).parent} does not exist')
+        if value is not None:
+            check_writable(value, flag, create_parents=False)
     metrics = evaluate_from_args(args) if args.via_ros else evaluate(
         args.policy, args.task, args.episodes, workers=args.workers, video=args.video,
         show_progress=not args.quiet, device=args.device)

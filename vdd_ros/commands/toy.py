@@ -10,7 +10,7 @@ import torch
 
 from vdd_ros.core.config import (apply_overrides, from_dict, load_config, parse_overrides,
                                  to_dict)
-from vdd_ros.core.io import atomic_path, write_json
+from vdd_ros.core.io import atomic_path, check_writable, write_json
 from vdd_ros.core.toy import COVER_RADIUS, ToyConfig, run_toy
 
 # Requirements the toy must meet; the command exits non-zero when one is missed.
@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
+    check_writable(args.json, '--json')
+    check_writable(args.plot, '--plot')
     overrides = parse_overrides(args.set)
     if args.config:
         cfg = load_config(ToyConfig, args.config, overrides)

@@ -7,7 +7,6 @@ cross-entropy for the gating). With one expert this is plain maximum-likelihood 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
 
 import torch
 from torch import nn

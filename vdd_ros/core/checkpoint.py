@@ -1,16 +1,22 @@
 """One self-describing checkpoint folder, and the one loader for every policy.
 
-    <folder>/config.yaml           format, model kind, training method, model config, spec
+    <folder>/config.yaml           format, model kind, training method, model config, spec,
+                                   training summary (iterations, final loss)
     <folder>/model.safetensors     network weights
     <folder>/normalizer.safetensors observation and action normalizers
+    <folder>/curves.json           training curves, at most CURVE_POINTS points each
 
 Loading never unpickles code: the model is rebuilt from the YAML and filled from safetensors.
-Folders are written atomically (a temporary sibling, then a rename).
+Training curves stay out of config.yaml so that it loads fast whatever the run's length
+(checkpoints that kept `metrics.loss_history` in config.yaml still load). Folders are written
+atomically (a temporary sibling, then a rename), every file with the normal umask.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +25,8 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from vdd_ros.core.config import MoEConfig, TeacherConfig, from_dict
 from vdd_ros.core.policy import ModelPolicy, PolicySpec
@@ -28,6 +35,8 @@ from vdd_ros.errors import UserError
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, NORMALIZER_FILE = 'config.yaml', 'model.safetensors', \
     'normalizer.safetensors'
+CURVES_FILE = 'curves.json'
+CURVE_POINTS = 2000   # a stored curve keeps at most this many (bin-averaged) points
 # model kind -> (module, class, config dataclass)
 MODEL_KINDS: dict[str, tuple[str, str, type]] = {
     'teacher': ('vdd_ros.core.teacher', 'DiffusionTeacher', TeacherConfig),
@@ -52,10 +61,36 @@ def replace_dir(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def downsample(curve: list[Any], points: int = CURVE_POINTS) -> list[list[float]]:
+    """`[[iteration, value], ...]` as at most `points` bins: the mean value of each bin at
+    the bin's last iteration."""
+    if len(curve) <= points:
+        return [[int(i), float(v)] for i, v in curve]
+    size = len(curve) / points
+    out = []
+    for b in range(points):
+        chunk = curve[int(b * size):int((b + 1) * size)]
+        out.append([int(chunk[-1][0]), float(sum(float(v) for _, v in chunk) / len(chunk))])
+    return out
+
+
+def tail_mean(curve: list[Any], fraction: float = 0.05) -> float:
+    """Mean value over the last `fraction` of a curve (NaN when it is empty)."""
+    if not curve:
+        return math.nan
+    tail = curve[-max(1, int(len(curve) * fraction)):]
+    return float(sum(float(v) for _, v in tail) / len(tail))
+
+
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: PolicySpec,
                     method: str, train_config: dict[str, Any] | None = None,
-                    metrics: dict[str, Any] | None = None) -> Path:
-    """Write `model` (a DiffusionTeacher or MixtureOfExperts) as a checkpoint folder."""
+                    metrics: dict[str, Any] | None = None,
+                    curves: dict[str, list[Any]] | None = None) -> Path:
+    """Write `model` (a DiffusionTeacher or MixtureOfExperts) as a checkpoint folder.
+
+    `metrics` are small values kept in config.yaml; `curves` (name -> `[[iteration, value],
+    ...]`) go to curves.json, each downsampled to at most CURVE_POINTS points.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_dir(path)
@@ -63,8 +98,11 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: Polic
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         weights = {k: v for k, v in state.items() if not k.startswith(_NORMALIZER_PREFIXES)}
         norms = {k: v for k, v in state.items() if k.startswith(_NORMALIZER_PREFIXES)}
-        save_file(weights, str(tmp / WEIGHTS_FILE))
-        save_file(norms, str(tmp / NORMALIZER_FILE))
+        (tmp / WEIGHTS_FILE).write_bytes(safetensors_bytes(weights))
+        (tmp / NORMALIZER_FILE).write_bytes(safetensors_bytes(norms))
+        if curves:
+            (tmp / CURVES_FILE).write_text(json.dumps(
+                {name: downsample(curve) for name, curve in curves.items()}) + '\n')
         meta = {
             'format': FORMAT_VERSION,
             'kind': model.kind,
@@ -101,6 +139,33 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f'{cfg_file}: kind: unknown model kind {meta.get("kind")!r} '
                         f'(known: {", ".join(MODEL_KINDS)})')
     return meta
+
+
+def read_training(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's training summary: `iterations`, `final_loss` and `loss_history`
+    (downsampled; empty when none was recorded), from curves.json and config.yaml, or from
+    config.yaml alone for checkpoints that kept the whole history there."""
+    path = Path(path)
+    metrics = read_meta(path).get('metrics') or {}
+    if not isinstance(metrics, dict):
+        metrics = {}
+    legacy = metrics.get('loss_history') or []
+    history = legacy
+    curves_file = path / CURVES_FILE
+    if curves_file.is_file():
+        try:
+            curves = json.loads(curves_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f'{curves_file}: not readable JSON ({exc})') from None
+        history = (curves if isinstance(curves, dict) else {}).get('loss_history') or []
+    try:
+        history = [[int(i), float(v)] for i, v in history]
+        iterations = int(metrics.get('iterations', len(legacy) or len(history)))
+        final = float(metrics.get('final_loss', tail_mean(legacy or history)))
+    except (TypeError, ValueError):
+        raise UserError(f'{path}: training metrics: expected an iteration count, a final '
+                        f'loss and [iteration, loss] pairs') from None
+    return {'iterations': iterations, 'final_loss': final, 'loss_history': downsample(history)}
 
 
 def load_model(path: str | os.PathLike,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import yaml
 from vdd_ros.errors import ConfigError
 
 C = TypeVar('C')
+_DECIMAL = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+')
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -228,6 +230,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f'{name}: expected an integer, got {value!r}')
         return value
     if tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            return float(value)   # YAML 1.1 reads 1e30 (no exponent sign) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f'{name}: expected a number, got {value!r}')
         return float(value)

@@ -15,10 +15,11 @@ from typing import Any, Mapping
 import torch
 
 from vdd_ros.core.baselines import train_em
-from vdd_ros.core.checkpoint import load_model, save_checkpoint
+from vdd_ros.core.checkpoint import load_model, read_meta, save_checkpoint, tail_mean
 from vdd_ros.core.config import (BaselineConfig, MoEConfig, TrainConfig, from_dict, load_config,
                                  to_dict)
 from vdd_ros.core.data import load_dataset, make_windows
+from vdd_ros.core.io import check_writable
 from vdd_ros.core.moe import MixtureOfExperts
 from vdd_ros.core.policy import PolicySpec
 from vdd_ros.core.progress import ProgressCallback
@@ -60,11 +61,16 @@ def prepare_data(dataset: Path_, cfg: TrainConfig, model: torch.nn.Module,
     demos = [data.demos[i] for i in data.train_idx] or data.demos
     if not demos:
         raise UserError(f'{dataset}: contains no demonstrations')
+    steps = sum(len(d) for d in demos)
+    if fit and steps < 2:
+        raise UserError(f'{dataset}: the training demos ({", ".join(_names(demos))}) hold '
+                        f'{steps} time step in all; fitting the normalisers needs at least 2')
     obs, act = make_windows(demos, cfg.obs_horizon, cfg.action_horizon)
     obs_t, act_t = torch.as_tensor(obs).float(), torch.as_tensor(act).float()
     if fit:
         model.obs_normalizer.fit(obs_t, 'standard')
         model.action_normalizer.fit(act_t, 'minmax')
+    _check_normalised(dataset, demos, data.obs_fields, model)
     obs_t = model.obs_normalizer.normalize(obs_t).reshape(len(obs_t), -1)
     act_t = model.action_normalizer.normalize(act_t).reshape(len(act_t), -1)
     task = data.env_args.get('task') if isinstance(data.env_args, dict) else None
@@ -72,6 +78,29 @@ def prepare_data(dataset: Path_, cfg: TrainConfig, model: torch.nn.Module,
                       obs_horizon=cfg.obs_horizon, action_horizon=cfg.action_horizon,
                       action_exec=cfg.action_exec, task=task)
     return TrainingData(obs_t, act_t, spec)
+
+
+def _names(demos: list[Any]) -> list[str]:
+    return [d.name or f'demo {i}' for i, d in enumerate(demos)]
+
+
+def _check_normalised(dataset: Path_, demos: list[Any], fields: list[tuple[str, int]],
+                      model: torch.nn.Module) -> None:
+    """Every demo's observations and actions stay finite once normalised; else a UserError
+    naming the demo, the key and the step (a normaliser that cannot represent the data)."""
+    keys = [key for key, size in fields for _ in range(size)]
+    for name, demo in zip(_names(demos), demos):
+        for part, values, norm in (('obs', demo.obs, model.obs_normalizer),
+                                   ('actions', demo.actions, model.action_normalizer)):
+            with torch.no_grad():
+                out = norm.normalize(torch.as_tensor(values, dtype=torch.float32))
+            bad = (~torch.isfinite(out)).nonzero()
+            if len(bad):
+                t, i = (int(v) for v in bad[0])
+                where = f'{name}/obs/{keys[i]}' if part == 'obs' else f'{name}/actions'
+                raise UserError(f'{dataset}: {where}: value {float(values[t, i]):g} at step '
+                                f'{t} is not finite once normalised (normaliser offset '
+                                f'{float(norm.offset[i]):g}, scale {float(norm.scale[i]):g})')
 
 
 def _dims(dataset: Path_, obs_keys: list[str] | None) -> tuple[int, int]:
@@ -86,6 +115,7 @@ def train_teacher_job(dataset: Path_, out: Path_, config: Path_ | None = None, *
                       stop: threading.Event | None = None, show_bar: bool = True,
                       checkpoint_every: int = 1000) -> Path:
     """Train the diffusion teacher on `dataset` and write its checkpoint to `out`."""
+    check_writable(out, 'checkpoint folder', folder=True)
     cfg = load_train_config(config, overrides)
     torch.manual_seed(cfg.seed)
     obs_dim, action_dim = _dims(dataset, obs_keys)
@@ -105,7 +135,13 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
                 progress: ProgressCallback | None = None, stop: threading.Event | None = None,
                 show_bar: bool = True, checkpoint_every: int = 1000) -> Path:
     """Distil a teacher checkpoint into a VDD-MoE on the dataset's states; write to `out`."""
+    check_writable(out, 'checkpoint folder', folder=True)
     cfg = load_train_config(config, overrides)
+    meta = read_meta(teacher_ckpt)
+    if meta['kind'] != 'teacher':
+        raise UserError(f'{teacher_ckpt}: a {meta["kind"]} checkpoint (method '
+                        f'{meta.get("method")}); distillation needs a diffusion teacher '
+                        f'checkpoint (kind teacher)')
     torch.manual_seed(cfg.seed)
     teacher, spec, _ = load_model(teacher_ckpt, device)
     cfg.obs_horizon, cfg.action_horizon = spec.obs_horizon, spec.action_horizon
@@ -113,7 +149,13 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
     moe = _moe_like(cfg.moe, spec)
     moe.obs_normalizer.load_state_dict(teacher.obs_normalizer.state_dict())
     moe.action_normalizer.load_state_dict(teacher.action_normalizer.state_dict())
-    data = prepare_data(dataset, cfg, moe, [k for k, _ in spec.obs_fields], fit=False)
+    keys = [k for k, _ in spec.obs_fields]
+    found = load_dataset(dataset, keys)
+    wanted = [(k, int(n)) for k, n in spec.obs_fields]
+    if found.obs_fields != wanted or found.action_dim != spec.action_dim:
+        raise UserError(f'{dataset}: observations {found.obs_fields} and {found.action_dim}-d '
+                        f"actions do not match the teacher's {wanted} and {spec.action_dim}-d")
+    data = prepare_data(dataset, cfg, moe, keys, fit=False)
     gen = torch.Generator().manual_seed(cfg.seed)
     moe.init_means(data.actions, gen)
     moe.to(device)
@@ -137,6 +179,7 @@ def baseline_job(method: str, dataset: Path_, out: Path_, config: Path_ | None =
     """Train `gaussian_bc` (one Gaussian) or `em_moe` (MoE by EM) on the data; write to `out`."""
     if method not in ('gaussian_bc', 'em_moe'):
         raise UserError(f"baseline method must be 'gaussian_bc' or 'em_moe', got {method!r}")
+    check_writable(out, 'checkpoint folder', folder=True)
     cfg = load_train_config(config, overrides)
     torch.manual_seed(cfg.seed)
     obs_dim, action_dim = _dims(dataset, obs_keys)
@@ -158,8 +201,12 @@ def _moe_like(cfg: MoEConfig, spec: PolicySpec) -> MixtureOfExperts:
 
 
 def _saver(out: Path_, spec: PolicySpec, method: str, cfg: TrainConfig):
-    """A callback that writes the model as a checkpoint folder with its loss history."""
+    """A callback that writes the model as a checkpoint folder: the iteration count and final
+    loss in its config, the loss curve in its curves file."""
     def save(model: torch.nn.Module, history: list[tuple[int, float]] | None = None) -> Path:
-        metrics = {'loss_history': [[int(i), float(v)] for i, v in history]} if history else {}
-        return save_checkpoint(out, model, spec, method, to_dict(cfg), metrics)
+        if not history:
+            return save_checkpoint(out, model, spec, method, to_dict(cfg))
+        metrics = {'iterations': len(history), 'final_loss': tail_mean(history)}
+        return save_checkpoint(out, model, spec, method, to_dict(cfg), metrics,
+                               {'loss_history': history})
     return save
