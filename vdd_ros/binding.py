@@ -21,7 +21,9 @@ Observation entries, in order, make the flat observation (float32, like the simu
 Sources by type (types are written `pkg/Name` or `pkg/msg/Name`, kept as `pkg/msg/Name`):
 
 - `sensor_msgs/JointState`: `field` position (default) | velocity | effort of `joints`,
-  matched by NAME, in the binding's order;
+  matched by NAME, in the binding's order; a message naming none of them is not for this
+  source and is skipped (arm and gripper may publish apart on one topic), one naming only
+  some of them is an error;
 - `geometry_msgs/PoseStamped`: `field` position (3) | orientation (quaternion x y z w, 4) |
   pose (7, the default);
 - `std_msgs/Float64MultiArray`, `std_msgs/Float32MultiArray`: `slice: [start, stop]` of data,
@@ -348,6 +350,14 @@ class Source:
         else:
             values = _array_slice(msg, self.slice[0], self.slice[1], self.topic)
         return _finite(values, self.topic, f'{self.feature}')
+
+    def applies(self, msg: Any) -> bool:
+        """Whether a message is for this source: always, except a JointState that names none
+        of its joints (drivers may publish arm and gripper separately on one topic)."""
+        return self.type != JOINT_STATE or self.names_any(msg.name)
+
+    def names_any(self, names: Sequence[str]) -> bool:
+        return any(j in names for j in self.joints)
 
     def joint_index(self, names: Sequence[str]) -> np.ndarray:
         """Indices of the binding's joints in a JointState's `name` list (cached); a missing
@@ -766,10 +776,11 @@ class Binding:
 
     # -- values
     def read(self, topic: str, msg: Any) -> dict[str, np.ndarray]:
-        """{feature: values} of every source fed by `topic` (raises BindingMismatch)."""
+        """{feature: values} of every source fed by `topic` that the message is for (see
+        `Source.applies`); raises BindingMismatch."""
         sources = self.sources_of(topic)
         offsets = labelled_offsets(msg) if any(s.label for s in sources) else None
-        return {s.feature: s.extract(msg, offsets) for s in sources}
+        return {s.feature: s.extract(msg, offsets) for s in sources if s.applies(msg)}
 
     def assemble(self, latest: Mapping[str, np.ndarray]) -> np.ndarray:
         """The flat float32 observation from the latest values of every source feature
