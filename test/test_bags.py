@@ -480,3 +480,20 @@ def test_the_stored_binding_is_kept_in_the_file(tmp_path, lift):
         stored = json.loads(f['data'].attrs['binding'])
     assert Binding.from_dict(stored) == lift
     shutil.rmtree(bag)
+
+
+def test_streams_on_different_clocks_fail_with_the_stale_feature_named(tmp_path, capsys):
+    """Header stamps from a clock that started at 0, commands timed by the recorder's wall
+    clock: every tick is stale, and the error says which feature."""
+    msgs = []
+    for i in range(50):
+        t = 1_700_000_000 * 10**9 + i * 10**7
+        msgs.append(('/a', JS, t, R.joint_state(['j'], [1.0], stamp_ns=i * 10**7)))
+        msgs.append(('/c', F64, t + 1, R.array([1.0])))
+    binding = tmp_path / 'b.yaml'
+    binding.write_text('observation: [{feature: q, topic: /a, type: sensor_msgs/JointState, '
+                       'joints: [j], max_age_s: 0.1}]\n'
+                       'action: [{topic: /c, type: std_msgs/Float64MultiArray, '
+                       'slice: [0, 1]}]\n')
+    rc, out = _cli(tmp_path, write_bag(tmp_path / 'bag', msgs, 'mcap'), binding, '--rate', '10')
+    _one_line_error(capsys, rc, out, 'no demonstration survived', 'most stale: q')

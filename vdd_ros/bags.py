@@ -1127,8 +1127,14 @@ def convert(bags: Sequence[str | os.PathLike], binding: Binding, out: str | os.P
         for path in paths:
             conv.run_bag(path, bar)
         if writer.count == 0:
+            why = ''
+            if summary.gaps:
+                worst = max(summary.gaps, key=summary.gaps.get)
+                why = (f'; most stale: {worst} ({summary.gaps[worst]} ticks older than its '
+                       f'max_age_s: check its rate and clock)')
             raise UserError(f'no demonstration survived the conversion ({summary.episodes} '
-                            f'episode(s) found); {out} was not written')
+                            f'episode(s) found, {summary.dropped_failed} failed{why}); {out} '
+                            f'was not written')
         commit = True
     finally:
         bar.close()
