@@ -2,7 +2,10 @@
 
 Bags written by `ros2 bag record` (sqlite3 or MCAP, zstd file/message compression or none)
 are read with `rosbags` (no ROS install), one bag at a time, STREAMING in log-time order, and
-only the topics the binding needs are decoded.
+only the topics the binding needs are decoded. MCAP chunks are read whole and their messages
+located through the chunk's message index (rosbags' per-message generator is the bottleneck
+otherwise); the message counts read are checked against the bag's index, so a damaged bag
+that silently loses messages is still reported.
 
 Time. Every message gets one time on the binding's clock: its header stamp when the source is
 stamped by header, else its arrival: the bag's log time (`clock: system`) or the latest
