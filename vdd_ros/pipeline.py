@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 import yaml
 
 from vdd_ros.core.config import (TrainConfig, apply_overrides, at_least, check_expert_mode,
-                                 from_dict, positive, read_yaml_mapping, to_dict)
+                                 from_dict, key_text, positive, read_yaml_mapping, to_dict)
 from vdd_ros.core.io import atomic_path, check_writable, write_json
 from vdd_ros.errors import ConfigError, UserError
 
@@ -128,15 +128,17 @@ def load_pipeline_config(task: str, path: str | os.PathLike | None = None,
     if path is None:
         raise UserError('config/pipeline.yaml not found (pass --config)')
     data = read_yaml_mapping(path)
-    unknown = sorted(set(data) - {'defaults', 'tasks'})
+    unknown = sorted((k for k in data if k not in ('defaults', 'tasks')), key=repr)
     if unknown:
-        raise ConfigError(f'{path}: {unknown[0]}: unknown key (known: defaults, tasks)')
+        raise ConfigError(f'{path}: {key_text(unknown[0])}: unknown key (known: defaults, '
+                          f'tasks)')
     tasks = data.get('tasks') or {}
     if not isinstance(tasks, dict):
         raise ConfigError(f'{path}: tasks: expected a mapping of task names')
     for name in tasks:
         if name not in TASKS:
-            raise ConfigError(f'{path}: tasks.{name}: unknown task (known: {", ".join(TASKS)})')
+            raise ConfigError(f'{path}: tasks.{key_text(name)}: unknown task (known: '
+                              f'{", ".join(TASKS)})')
     merged: dict[str, Any] = {}
     for section, part in (('defaults', data.get('defaults')), (f'tasks.{task}', tasks.get(task)),
                           ('--set', overrides)):
@@ -162,7 +164,8 @@ def _merge(into: dict[str, Any], part: Mapping[str, Any], section: str, path: Pa
                 raise ConfigError(f'{path}: {section}: train: expected a mapping of dotted '
                                   f'training keys, got {value!r}')
         elif rest:
-            raise ConfigError(f'{path}: {section}: {key}: {top} is not a section')
+            raise ConfigError(f'{path}: {section}: {key_text(key)}: {key_text(top)} is not a '
+                              f'section')
         else:
             into[key] = value
 

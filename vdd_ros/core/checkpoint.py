@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from vdd_ros.core.config import MoEConfig, TeacherConfig, from_dict
+from vdd_ros.core.config import MoEConfig, TeacherConfig, from_dict, safe_yaml
 from vdd_ros.core.policy import ModelPolicy, PolicySpec
 from vdd_ros.errors import UserError
 
@@ -129,9 +129,10 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not cfg_file.is_file():
         raise UserError(f'{cfg_file}: missing (not a vdd_ros checkpoint folder)')
     try:
-        meta = yaml.safe_load(cfg_file.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f'{cfg_file}: not valid YAML ({exc})') from None
+        text = cfg_file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f'{cfg_file}: cannot read ({exc})') from None
+    meta = safe_yaml(text, str(cfg_file))
     if not isinstance(meta, dict) or meta.get('format') != FORMAT_VERSION:
         raise UserError(f'{cfg_file}: unsupported checkpoint format '
                         f'{meta.get("format") if isinstance(meta, dict) else meta!r}')

@@ -21,6 +21,7 @@ import yaml
 from vdd_ros.errors import ConfigError
 
 C = TypeVar('C')
+INT_LIMIT = 2 ** 63   # integers must fit an int64 (seeds, counts)
 _DECIMAL = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+')
 
 
@@ -188,6 +189,7 @@ class TrainConfig:
     em_moe: BaselineConfig = field(default_factory=BaselineConfig)
 
     def validate(self) -> None:
+        at_least(self.seed, 0, 'seed')
         at_least(self.obs_horizon, 1, 'obs_horizon')
         at_least(self.action_horizon, 1, 'action_horizon')
         at_least(self.action_exec, 1, 'action_exec')
@@ -228,13 +230,19 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f'{name}: expected an integer, got {value!r}')
+        _check(-INT_LIMIT <= value < INT_LIMIT, name, f'must lie in [-2**63, 2**63), got {value}')
         return value
     if tp is float:
         if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
-            return float(value)   # YAML 1.1 reads 1e30 (no exponent sign) as a string
+            value = float(value)   # YAML 1.1 reads 1e30 (no exponent sign) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f'{name}: expected a number, got {value!r}')
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        _check(math.isfinite(number), name, f'expected a finite number, got {value}')
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f'{name}: expected a string, got {value!r}')
@@ -249,11 +257,18 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
+def key_text(key: Any) -> str:
+    """A mapping key as it reads in a one-line message (repr when not plain printable text)."""
+    return key if isinstance(key, str) and key.isprintable() and key.strip() == key and key \
+        else repr(key)
+
+
 def _build(cls: type[C], data: Mapping[str, Any], prefix: str) -> C:
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted((k for k in data if k not in known), key=repr)
     if unknown:
-        raise ConfigError(f'{prefix}{unknown[0]}: unknown key (known: {", ".join(known)})')
+        raise ConfigError(f'{prefix}{key_text(unknown[0])}: unknown key (known: '
+                          f'{", ".join(known)})')
     kwargs = {k: _coerce(v, known[k].type, f'{prefix}{k}') for k, v in data.items()}
     obj = cls(**kwargs)
     if hasattr(obj, 'validate'):
@@ -267,6 +282,8 @@ def _build(cls: type[C], data: Mapping[str, Any], prefix: str) -> C:
 def from_dict(cls: type[C], data: Mapping[str, Any] | None, source: str = 'config') -> C:
     """Build and validate `cls` from a plain mapping; errors name `source` and the field."""
     try:
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f'expected a mapping, got {type(data).__name__}')
         return _build(cls, data or {}, '')
     except ConfigError as exc:
         raise ConfigError(f'{source}: {exc}') from None
@@ -285,15 +302,45 @@ def load_config(cls: type[C], path: str | os.PathLike,
     return from_dict(cls, data, str(path))
 
 
+def safe_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)`; bad YAML, recursive aliases and nesting too deep to read are a
+    one-line ConfigError naming `where` and the position."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, 'problem_mark', None)
+        problem = getattr(exc, 'problem', None) or str(exc).strip().splitlines()[0]
+        at = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        raise ConfigError(f'{where}: not valid YAML ({problem}{at})') from None
+    except RecursionError:
+        raise ConfigError(f'{where}: YAML nested too deeply') from None
+    _check_acyclic(data, where, set(), set())
+    return data
+
+
+def _check_acyclic(data: Any, where: str, parents: set[int], done: set[int]) -> None:
+    """No container holds itself (YAML aliases can make one); shared ones are walked once."""
+    if not isinstance(data, (dict, list)) or id(data) in done:
+        return
+    if id(data) in parents:
+        raise ConfigError(f'{where}: a YAML alias refers to itself (recursive structure)')
+    parents.add(id(data))
+    for item in (data.values() if isinstance(data, dict) else data):
+        _check_acyclic(item, where, parents, done)
+    parents.discard(id(data))
+    done.add(id(data))
+
+
 def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     """The top-level mapping of a YAML file; a missing file or bad YAML names the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f'{path}: config file not found')
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f'{path}: not valid YAML ({exc})') from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f'{path}: cannot read ({exc})') from None
+    data = safe_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f'{path}: expected a mapping at the top level')
     return data
@@ -306,10 +353,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
         key, sep, value = str(item).partition('=')
         if not sep or not key.strip():
             raise ConfigError(f'override {item!r}: expected KEY=VALUE (e.g. vdd.iterations=10)')
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f'override {item!r}: value is not valid YAML ({exc})') from None
+        out[key.strip()] = safe_yaml(value, f'override {item!r}: value')
     return out
 
 
@@ -317,10 +361,10 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
     """Set dotted keys in a nested dict in place (`{'vdd.iterations': 10}`)."""
     for dotted, value in overrides.items():
         node = data
-        *parents, leaf = dotted.split('.')
+        *parents, leaf = str(dotted).split('.')
         for key in parents:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ConfigError(f'{dotted}: {key} is not a section')
+                raise ConfigError(f'{key_text(dotted)}: {key_text(key)} is not a section')
         node[leaf] = value
     return data
