@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vdd_ros.core.io import check_writable
 from vdd_ros.errors import UserError
 
 
@@ -27,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     for name in args.task:
         if name not in tasks:
             raise UserError(f'{args.results / name / "metrics.json"}: missing')
+    check_writable(args.results / 'summary.md', '--results', create_parents=False)
+    for name in (list(tasks) if args.all else args.task):
+        check_writable(args.results / name / 'report.md', '--results', create_parents=False)
     for name in (list(tasks) if args.all else args.task):
         print(f'wrote {render_task_report(args.results / name)}')
     for metrics in tasks.values():
