@@ -239,6 +239,16 @@ def test_broken_data_is_one_error_naming_the_demo_and_key(tmp_path: Path, edit,
     assert str(err.value).startswith(str(path)) and '\n' not in str(err.value)
 
 
+def test_observation_keys_selected_twice_are_an_error(tmp_path: Path) -> None:
+    path = _edit(tmp_path / 'd.hdf5', lambda f: None)
+    with pytest.raises(UserError, match="key 'cube_pos' is selected twice"):
+        load_dataset(path, obs_keys=['cube_pos', 'robot0_eef_pos', 'cube_pos'])
+    with h5py.File(path, 'a') as f:
+        f['data'].attrs['obs_fields'] = json.dumps([['cube_pos', 3], ['cube_pos', 3]])
+    with pytest.raises(UserError, match='selected twice'):
+        load_dataset(path)
+
+
 def test_integer_and_bool_arrays_load_as_float32(tmp_path: Path) -> None:
     path = _edit(tmp_path / 'd.hdf5', lambda f: (
         _replace(f, 'data/demo_0/obs/robot0_gripper_qpos', np.ones((4, 2), np.int16)),

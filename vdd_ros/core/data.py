@@ -285,9 +285,12 @@ def _read(f: h5py.File, path: Path, obs_keys: list[str] | None,
         obs_keys = _recorded_keys(data, path)
         if obs_keys is None:
             obs_keys = _low_dim_keys(first_obs)
-    obs_keys = list(obs_keys)
+    obs_keys = [str(k) for k in obs_keys]
     if not obs_keys:
         raise UserError(f'{path}: no observation keys selected')
+    twice = sorted({k for k in obs_keys if obs_keys.count(k) > 1})
+    if twice:
+        raise UserError(f'{path}: observation key {twice[0]!r} is selected twice')
     sizes: dict[str, int] = {}
     demos: list[Demo] = []
     action_dim: int | None = None
