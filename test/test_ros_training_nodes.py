@@ -167,29 +167,54 @@ def test_cli_train_teacher_and_distill_run_the_same_jobs(dataset, tmp_path):
                      '--out', str(tmp_path / 'y'), '--set', 'vdd.iterations']) == 2
 
 
-def test_node_process_saves_and_exits_0_on_sigint_even_with_a_second_signal(dataset, tmp_path):
+# launch escalates to SIGTERM 5 s after its SIGINT; a node must be gone well before that, its
+# final checkpoint saved (the interpreter's unloading of torch and rclpy alone took 1-4.6 s
+# under load before the executables skipped it)
+SIGINT_EXIT_S = 2.0
+
+
+@pytest.mark.parametrize('stage', ['teacher', 'vdd'])
+def test_sigint_mid_training_saves_and_exits_0_within_the_bound_even_with_a_second_signal(
+        stage, dataset, tmp_path):
     import signal
     import time
 
     from vdd_ros.ros.evaluation import NodeProcess
     from vdd_ros.ros.testing import domain_id
-    out = tmp_path / 'teacher'
-    proc = NodeProcess('teacher_training_node', 'teacher_training_node', {
-        'dataset': str(dataset), 'out': str(out),
-        'overrides': TINY_TRAINING + ['teacher.iterations=100000000']}, tmp_path, domain_id(),
-        f'/t_{uuid.uuid4().hex[:8]}')
+    out = tmp_path / stage
+    params = {'dataset': str(dataset), 'out': str(out), 'checkpoint_every': 50}
+    if stage == 'teacher':
+        module = 'teacher_training_node'
+        params['overrides'] = TINY_TRAINING + ['teacher.iterations=100000000']
+    else:
+        module = 'distillation_node'
+        teacher = tmp_path / 'teacher'
+        assert cli_main(['train-teacher', '--dataset', str(dataset), '--out', str(teacher),
+                         '--quiet', '--set', *TINY_TRAINING, 'teacher.iterations=5']) == 0
+        params.update(teacher=str(teacher), overrides=TINY_TRAINING + [
+            'vdd.init_em_iterations=0', 'vdd.iterations=100000000'])
+    proc = NodeProcess(module, module, params, tmp_path, domain_id(),
+                       f'/t_{uuid.uuid4().hex[:8]}')
     try:
         end = time.monotonic() + 60
-        while 'teacher training:' not in proc.log_file.read_text() and time.monotonic() < end:
-            assert proc.poll() is None, proc.log_tail()
-            time.sleep(0.1)
+        # mid-training: past a periodic checkpoint (every 50 iterations)
+        while not (out / 'config.yaml').exists() or \
+                f'{stage} training:' not in proc.log_file.read_text():
+            assert proc.poll() is None and time.monotonic() < end, proc.log_tail()
+            time.sleep(0.05)
+        started = time.monotonic()
         proc.proc.send_signal(signal.SIGINT)
         time.sleep(0.02)
         proc.proc.send_signal(signal.SIGINT)
         code = proc.proc.wait(timeout=30)
+        took = time.monotonic() - started
     finally:
         proc.stop()
     log = proc.log_file.read_text()
     assert code == 0 and 'Traceback' not in log, log
-    assert f'teacher: stopped, checkpoint {out}' in log
+    assert f'{stage}: stopped, checkpoint {out}' in log
+    assert took < SIGINT_EXIT_S, f'exit {took:.2f} s after SIGINT\n{log}'
+    saved = read_meta(out)  # the final save: periodic ones record no training summary
+    assert saved['kind'] == ('teacher' if stage == 'teacher' else 'moe')
+    assert saved['metrics']['iterations'] >= 50
     assert load_policy(out).spec.obs_dim > 0

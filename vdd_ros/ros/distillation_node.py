@@ -1,7 +1,5 @@
 """`python -m vdd_ros.ros.distillation_node --ros-args ...` (see training_nodes.py)."""
-import sys
-
 from vdd_ros.ros.training_nodes import distillation_main
 
 if __name__ == '__main__':
-    sys.exit(distillation_main())
+    distillation_main()

@@ -20,9 +20,8 @@ Run: `python -m vdd_ros.ros.sim_node --ros-args -p task:=lift_carry -p clock_mod
 """
 from __future__ import annotations
 
-import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -32,6 +31,7 @@ from std_srvs.srv import Trigger
 from vdd_ros.errors import UserError
 from vdd_ros.ros.conversions import (InvalidMessage, json_to_msg, msg_meta, msg_to_array,
                                      observation_to_msg, percentiles)
+from vdd_ros.ros.entry import exit_now
 from vdd_ros.ros.policy_node import ACTION_QOS, THROTTLE_S
 from vdd_ros.ros.runtime import VddNode, run_node
 
@@ -296,9 +296,10 @@ class SimNode(VddNode):
         self.env.close()
 
 
-def main(args: list[str] | None = None) -> int:
-    return run_node(SimNode, args, 'sim_node')
+def main(args: list[str] | None = None) -> NoReturn:
+    """The sim_node executable: run the node, then exit with its status."""
+    exit_now(run_node(SimNode, args, 'sim_node'))
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    main()

@@ -1,7 +1,5 @@
 """`python -m vdd_ros.ros.teacher_training_node --ros-args ...` (see training_nodes.py)."""
-import sys
-
 from vdd_ros.ros.training_nodes import teacher_main
 
 if __name__ == '__main__':
-    sys.exit(teacher_main())
+    teacher_main()

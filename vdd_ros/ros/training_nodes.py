@@ -18,7 +18,7 @@ import math
 import threading
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Float64MultiArray, String
@@ -28,6 +28,7 @@ from vdd_ros.commands.train_teacher import parse_overrides
 from vdd_ros.core.progress import Progress
 from vdd_ros.errors import UserError
 from vdd_ros.ros.conversions import progress_to_msg
+from vdd_ros.ros.entry import exit_now
 from vdd_ros.ros.runtime import VddNode, run_node
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
@@ -230,10 +231,12 @@ class DistillationNode(TrainingNode):
         return distill_job(self.teacher, self.dataset, self.out, **self.job_kwargs())
 
 
-def teacher_main(args: list[str] | None = None) -> int:
-    return run_node(TeacherTrainingNode, args, 'teacher_training_node')
+def teacher_main(args: list[str] | None = None) -> NoReturn:
+    """The teacher_training_node executable: run the node, then exit with its status."""
+    exit_now(run_node(TeacherTrainingNode, args, 'teacher_training_node'))
 
 
-def distillation_main(args: list[str] | None = None) -> int:
-    return run_node(DistillationNode, args, 'distillation_node')
+def distillation_main(args: list[str] | None = None) -> NoReturn:
+    """The distillation_node executable: run the node, then exit with its status."""
+    exit_now(run_node(DistillationNode, args, 'distillation_node'))
 
