@@ -1,50 +1,65 @@
 """sim_node and policy_node: the distilled policy (or any checkpoint) drives robosuite.
 
     ros2 launch vdd_ros policy.launch.py checkpoint:=runs/moe task:=lift_carry \
-        control_rate_hz:=20.0 expert_mode:=per_episode
+        control_rate_hz:=20.0 expert_mode:=per_episode observation:=/arm/obs
 
-Parameters come from config/sim_node.yaml and config/policy_node.yaml; the launch arguments
-override them.
+Parameters come from config/sim_node.yaml and config/policy_node.yaml; a launch argument
+overrides them only when it is set (`--show-args` names each file's value). `observation` and
+`action` rename the topics both nodes use.
 """
+from pathlib import Path
+from typing import Any
+
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
+from vdd_ros.ros.launch_args import describe, node_parameters, remappings
+
+CONFIG = Path(__file__).parent.parent / 'config'  # share/vdd_ros/config once installed
+TOPICS = ['observation', 'action']
+# launch argument -> (default, description); an empty argument passes nothing
 ARGUMENTS = {
-    'task': ('lift_carry', 'task: lift_carry, pick_either or stack_either'),
-    'checkpoint': ('scripted', "checkpoint folder, or 'scripted' for the task's demonstrator"),
-    'control_rate_hz': ('20.0', 'policy control rate in Hz'),
-    'expert_mode': ('', "MoE expert choice: sample, argmax, per_episode or an expert index "
-                        "('' keeps the checkpoint's)"),
-    'clock_mode': ('realtime', 'sim_node clock: realtime or lockstep'),
-    'sim_rate_hz': ('0.0', "sim_node realtime rate in Hz (0: the task's, real time)"),
+    'task': ('', describe('task: lift_carry, pick_either or stack_either', CONFIG,
+                          'policy_node', 'task')),
+    'checkpoint': ('', describe("checkpoint folder, or 'scripted' for the task's demonstrator",
+                                CONFIG, 'policy_node', 'checkpoint')),
+    'control_rate_hz': ('', describe('policy control rate in Hz', CONFIG, 'policy_node',
+                                     'control_rate_hz')),
+    'expert_mode': ('', 'MoE expert choice: sample, argmax, per_episode or an expert index; '
+                        "empty: the checkpoint's own"),
+    'clock_mode': ('', describe('sim_node clock: realtime or lockstep', CONFIG, 'sim_node',
+                                'clock_mode')),
+    'sim_rate_hz': ('', describe("sim_node realtime rate in Hz (0: the task's, real time)",
+                                 CONFIG, 'sim_node', 'control_rate_hz')),
     'namespace': ('', 'namespace of both nodes'),
+    'observation': ('observation', 'observation topic (relative names lie in the namespace)'),
+    'action': ('action', 'action topic (relative names lie in the namespace)'),
+}
+# node -> {parameter: (launch argument, type)}
+PARAMETERS = {
+    'sim_node': {'task': ('task', str), 'clock_mode': ('clock_mode', str),
+                 'control_rate_hz': ('sim_rate_hz', float)},
+    'policy_node': {'checkpoint': ('checkpoint', str), 'task': ('task', str),
+                    'control_rate_hz': ('control_rate_hz', float),
+                    'expert_mode': ('expert_mode', str)},
 }
 
 
+def nodes(context: Any) -> list[Node]:
+    """Both nodes with the parameters and remappings of the arguments that are set."""
+    values = {name: LaunchConfiguration(name).perform(context) for name in ARGUMENTS}
+    config = Path(FindPackageShare('vdd_ros').perform(context)) / 'config'
+    return [Node(package='vdd_ros', executable=node, name=node, namespace=values['namespace'] or None,
+                 output='screen',
+                 parameters=[str(config / f'{node}.yaml'), node_parameters(values, table)],
+                 remappings=remappings(values, TOPICS))
+            for node, table in PARAMETERS.items()]
+
+
 def generate_launch_description() -> LaunchDescription:
-    config = PathJoinSubstitution([FindPackageShare('vdd_ros'), 'config'])
-    arg = LaunchConfiguration
-    sim = Node(
-        package='vdd_ros', executable='sim_node', name='sim_node', namespace=arg('namespace'),
-        output='screen',
-        parameters=[PathJoinSubstitution([config, 'sim_node.yaml']), {
-            'task': arg('task'),
-            'clock_mode': arg('clock_mode'),
-            'control_rate_hz': ParameterValue(arg('sim_rate_hz'), value_type=float),
-        }])
-    policy = Node(
-        package='vdd_ros', executable='policy_node', name='policy_node',
-        namespace=arg('namespace'), output='screen',
-        parameters=[PathJoinSubstitution([config, 'policy_node.yaml']), {
-            'checkpoint': arg('checkpoint'),
-            'task': arg('task'),
-            'control_rate_hz': ParameterValue(arg('control_rate_hz'), value_type=float),
-            'expert_mode': ParameterValue(arg('expert_mode'), value_type=str),
-        }])
     return LaunchDescription(
         [DeclareLaunchArgument(name, default_value=default, description=text)
-         for name, (default, text) in ARGUMENTS.items()] + [sim, policy])
+         for name, (default, text) in ARGUMENTS.items()] + [OpaqueFunction(function=nodes)])
