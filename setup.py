@@ -1,4 +1,8 @@
-"""ament_python build of vdd_ros."""
+"""ament_python build of vdd_ros.
+
+The console scripts go to lib/vdd_ros (setup.cfg), where `ros2 run` finds them; bin/vdd-ros
+runs the `vdd-ros` one from there, so a sourced workspace has `vdd-ros` on PATH.
+"""
 from glob import glob
 
 from setuptools import find_packages, setup
@@ -12,8 +16,10 @@ setup(
     data_files=[
         ('share/ament_index/resource_index/packages', [f'resource/{PACKAGE}']),
         (f'share/{PACKAGE}', ['package.xml']),
+        ('bin', ['resource/vdd-ros']),
         (f'share/{PACKAGE}/launch', glob('launch/*.launch.py')),
         (f'share/{PACKAGE}/config', glob('config/*.yaml')),
+        (f'share/{PACKAGE}/config/bindings', glob('config/bindings/*.yaml')),
     ],
     install_requires=['setuptools'],
     extras_require={'test': ['pytest']},
