@@ -61,6 +61,12 @@ class Policy(ABC):
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Return the action for the latest observation."""
 
+    def pending(self) -> np.ndarray:
+        """The rest of the predicted action chunk after the action `act` last returned,
+        `(k, action_dim)` float32 (k may be 0): the actions `act` returns next unless the
+        episode is reset, then the chunk's predictions beyond them; empty by default."""
+        return np.zeros((0, self.spec.action_dim), dtype=np.float32)
+
 
 class ModelPolicy(Policy):
     """Runs a torch model that maps an observation window to an action chunk.
@@ -79,12 +85,14 @@ class ModelPolicy(Policy):
         self.diagnostics = False
         self._history: deque[np.ndarray] = deque(maxlen=spec.obs_horizon)
         self._queue: deque[np.ndarray] = deque()
+        self._ahead = np.zeros((0, spec.action_dim), dtype=np.float32)  # beyond action_exec
         self._generator = torch.Generator(device=self.device)
         self._generator.seed()
 
     def reset(self, seed: int | None = None) -> None:
         self._history.clear()
         self._queue.clear()
+        self._ahead = self._ahead[:0]
         if seed is not None:
             self._generator.manual_seed(int(seed))
         if hasattr(self.model, 'reset'):
@@ -109,5 +117,11 @@ class ModelPolicy(Policy):
                                                diagnostics=self.diagnostics)
             actions = actions[0].cpu().numpy()
             self._queue.extend(actions[:self.spec.action_exec])
+            self._ahead = actions[self.spec.action_exec:]
             self.info = dict(info)
         return self._queue.popleft()
+
+    def pending(self) -> np.ndarray:
+        if not self._queue:
+            return self._ahead.astype(np.float32, copy=True)
+        return np.concatenate([np.stack(self._queue), self._ahead]).astype(np.float32)

@@ -9,6 +9,16 @@ Deadline misses and inference times come from the policy node's own diagnostics.
 
 `--policy tiny` or `default` use an untrained MoE of that size that queries its network on
 every step (the worst case); pass a checkpoint folder to time a real one.
+
+Standard messages: with `--binding FILE` (or `task:lift_carry`, the shipped JointState +
+PoseStamped binding) every rate runs the labelled path and the binding path alternately,
+`--rounds` times each, in one invocation (same machine, same load), and reports both and the
+ratio of their median p50s. The binding source publishes every source topic of one step with
+one header stamp (the system time of the step); an answer is matched by the stamp on its
+stamped sink and is complete when every sink has arrived.
+
+    python -m vdd_ros.ros.bench --policy default --rates 500 --binding task:lift_carry \
+        --rounds 3 --duration 10
 """
 from __future__ import annotations
 
@@ -34,7 +44,8 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
                       task: str = 'lift_carry', expert_mode: str | None = None,
                       domain_id: int | None = None, startup_timeout_s: float = 90.0,
                       seed: int = 0, sweep_phase: bool = True,
-                      realtime_priority: int = 0) -> dict[str, Any]:
+                      realtime_priority: int = 0, binding: str = '',
+                      act_on: str = 'tick') -> dict[str, Any]:
     """Measure policy_node at `rate_hz` for `duration_s` seconds (after the first answer).
 
     The obs-to-action latency of a timer-driven policy includes the wait for its next tick,
@@ -43,11 +54,14 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
     offset is measured once (without it the result is one arbitrary phase). Returns
     observations sent and answered, obs-to-action latency percentiles (ms), and from the policy
     node's diagnostics its inference time and tick-wait (`obs_age`) percentiles, ticks,
-    deadline misses and miss rate over the measured window.
+    deadline misses and miss rate over the measured window. With `binding` (a file or
+    `task:<name>`) the observations travel on the binding's topics and the node acts per
+    `act_on`.
     """
     from vdd_ros.ros.evaluation import NodeProcess, free_domain_id
     from vdd_ros.ros.runtime import make_executor
-    from vdd_ros.ros.testing import Probe, ros_context, spin_until, tiny_moe_checkpoint
+    from vdd_ros.ros.testing import (BindingProbe, Probe, ros_context, spin_until,
+                                     tiny_moe_checkpoint)
     from vdd_ros.sim.tasks import get_task
 
     if rate_hz <= 0 or duration_s <= 0:
@@ -70,55 +84,54 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
             params['expert_mode'] = str(expert_mode)
         if realtime_priority:
             params['realtime_priority'] = int(realtime_priority)
+        if binding:
+            from vdd_ros.ros.binding_io import resolve_binding
+            bound = resolve_binding(binding)
+            params.update(binding=binding, act_on=act_on)
         node = NodeProcess('policy_node', 'policy_node', params, folder, domain, namespace)
         try:
             with ros_context(domain) as ctx:
-                probe = Probe(ctx, namespace, name='bench_source')
+                if binding:
+                    probe: Any = BindingProbe(ctx, bound, namespace, name='bench_source')
+                    source = _BindingSource(probe, observations)
+                else:
+                    probe = Probe(ctx, namespace, name='bench_source')
+                    source = _LabelledSource(probe, observations, list(spec.obs_fields))
                 executor = make_executor(ctx)
                 executor.add_node(probe.node)
-                state = {'i': 0}
-
-                def tick() -> None:
-                    i = state['i']
-                    probe.send(observations[i % len(observations)], list(spec.obs_fields),
-                               episode=1, step=i)
-                    state['i'] = i + 1
 
                 from rclpy.clock import Clock, ClockType
                 # with sweep_phase the source runs one period per window slower than the
                 # policy, so their phase offset sweeps every value once while measuring
                 source_hz = rate_hz - 1.0 / duration_s if sweep_phase else rate_hz
-                probe.node.create_timer(1.0 / source_hz, tick,
+                probe.node.create_timer(1.0 / source_hz, source.tick,
                                         clock=Clock(clock_type=ClockType.STEADY_TIME))
-                ok = spin_until(executor, lambda: any('seq' in m for _, _, m in probe.actions)
+                ok = spin_until(executor, lambda: source.answered_any()
                                 and probe.last_status(f'{namespace}/policy_node') is not None,
                                 startup_timeout_s)
                 if not ok:
                     raise UserError(f'policy_node gave no answer within {startup_timeout_s:g} '
                                     f's:\n{node.log_tail()}')
                 spin_until(executor, lambda: False, 1.0)   # settle
-                first_seq = probe.seq + 1
+                first = source.count
                 before = _diag_numbers(probe, f'{namespace}/policy_node')
                 n_diag = len(probe.diagnostics)
                 spin_until(executor, lambda: False, duration_s)
-                last_seq = probe.seq
+                last = source.count
                 spin_until(executor, lambda: len(probe.diagnostics) > n_diag + 1, 2.0)
                 after = _diag_numbers(probe, f'{namespace}/policy_node')
-                answered: dict[int, float] = {}
-                for t, _, meta in probe.actions:
-                    s = meta.get('seq')
-                    if s is not None and first_seq <= s <= last_seq and s not in answered:
-                        answered[s] = (t - probe.sent[s]) * 1e3
+                answered = source.latencies_ms(first, last)
                 probe.destroy()
                 executor.shutdown()
         finally:
             code = node.stop()
-    lat = np.asarray(list(answered.values()), dtype=np.float64)
-    sent = last_seq - first_seq + 1
+    lat = np.asarray(answered, dtype=np.float64)
+    sent = last - first
     ticks = after.get('ticks', 0.0) - before.get('ticks', 0.0)
     misses = after.get('deadline_misses', 0.0) - before.get('deadline_misses', 0.0)
     return {
         'policy': policy, 'task': spec.name, 'rate_hz': float(rate_hz),
+        'path': f'binding {binding} (act_on {act_on})' if binding else 'labelled',
         'duration_s': float(duration_s), 'observations_sent': int(sent),
         'observations_answered': int(lat.size),
         'answered_fraction': float(lat.size / sent) if sent else 0.0,
@@ -137,6 +150,86 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
         'deadline_miss_rate': float(misses / ticks) if ticks else 0.0,
         'policy_exit_status': code,
     }
+
+
+class _LabelledSource:
+    """Labelled observations, one per tick; answers matched by `@seq`."""
+
+    def __init__(self, probe: Any, observations: np.ndarray, fields: list) -> None:
+        self.probe, self.observations, self.fields = probe, observations, fields
+        self.count = 0
+
+    def tick(self) -> None:
+        i = self.count
+        self.probe.send(self.observations[i % len(self.observations)], self.fields,
+                        episode=1, step=i)
+        self.count = i + 1
+
+    def answered_any(self) -> bool:
+        return any('seq' in m for _, _, m in self.probe.actions)
+
+    def latencies_ms(self, first: int, last: int) -> list[float]:
+        """Observation to first answer of the observations sent [first, last) (seq = i + 1)."""
+        answered: dict[int, float] = {}
+        for t, _, meta in self.probe.actions:
+            s = meta.get('seq')
+            if s is not None and first < s <= last and s not in answered:
+                answered[s] = (t - self.probe.sent[s]) * 1e3
+        return list(answered.values())
+
+
+class _BindingSource:
+    """Every source topic of a binding, one stamp per tick (the system time); answers
+    matched by the stamp of their stamped sink, complete when every sink has arrived."""
+
+    def __init__(self, probe: Any, observations: np.ndarray) -> None:
+        self.probe, self.count = probe, 0
+        self.stamps: list[int] = []
+        clock = probe.node.get_clock()
+        self.now = lambda: clock.now().nanoseconds
+        self.messages = [probe.messages(obs, 0) for obs in observations]
+
+    def tick(self) -> None:
+        from vdd_ros.ros.binding_io import to_time
+        msgs = self.messages[self.count % len(self.messages)]
+        stamp = self.now()
+        for msg in msgs.values():
+            if hasattr(msg, 'header'):
+                msg.header.stamp = to_time(stamp)
+        self.stamps.append(stamp)
+        self.probe.send(None, stamp, msgs)
+        self.count += 1
+
+    def answered_any(self) -> bool:
+        sent = self.probe.sent
+        return any(s in sent for s, _, _ in self.probe.actions())
+
+    def latencies_ms(self, first: int, last: int) -> list[float]:
+        wanted = set(self.stamps[first:last])
+        answered: dict[int, float] = {}
+        for stamp, t, _ in self.probe.actions():
+            if stamp in wanted and stamp not in answered:
+                answered[stamp] = (t - self.probe.sent[stamp]) * 1e3
+        return list(answered.values())
+
+
+def compare_paths(policy: str, rate_hz: float, binding: str, rounds: int = 3,
+                  duration_s: float = 10.0, act_on: str = 'tick',
+                  **kwargs: Any) -> dict[str, Any]:
+    """The labelled and the binding path at `rate_hz`, alternately, `rounds` times each:
+    every run's result, the median p50 of each path and their ratio (binding / labelled)."""
+    labelled, bound = [], []
+    for _ in range(rounds):
+        labelled.append(benchmark_latency(policy, rate_hz, duration_s, **kwargs))
+        bound.append(benchmark_latency(policy, rate_hz, duration_s, binding=binding,
+                                       act_on=act_on, **kwargs))
+    p50 = {name: float(np.median([r['obs_to_action_ms_p50'] for r in runs]))
+           for name, runs in (('labelled', labelled), ('binding', bound))}
+    return {'rate_hz': float(rate_hz), 'binding': binding, 'act_on': act_on,
+            'rounds': rounds, 'labelled_p50_ms': p50['labelled'],
+            'binding_p50_ms': p50['binding'],
+            'ratio': p50['binding'] / p50['labelled'] if p50['labelled'] else 0.0,
+            'runs': labelled + bound}
 
 
 def _pct(values: np.ndarray, q: float) -> float:
@@ -169,26 +262,48 @@ def main(argv: list[str] | None = None) -> int:
                         help='publish at exactly the policy rate (one arbitrary phase)')
     parser.add_argument('--realtime-priority', type=int, default=0,
                         help='SCHED_FIFO priority of the policy node (0: normal scheduler)')
+    parser.add_argument('--binding', default='', help='also run the binding path (a binding '
+                        'file, or task:<name>), alternating with the labelled path')
+    parser.add_argument('--act-on', default='tick', choices=('tick', 'complete'),
+                        help='the binding path\'s act_on (default: %(default)s)')
+    parser.add_argument('--rounds', type=int, default=3,
+                        help='runs of each path per rate with --binding (default: %(default)s)')
     parser.add_argument('--json', type=Path, help='write the results here')
     args = parser.parse_args(argv)
+    common = dict(task=args.task, expert_mode=args.expert_mode,
+                  sweep_phase=not args.fixed_phase, realtime_priority=args.realtime_priority)
     try:
-        results = [benchmark_latency(args.policy, rate, args.duration, args.task,
-                                     args.expert_mode, sweep_phase=not args.fixed_phase,
-                                     realtime_priority=args.realtime_priority)
-                   for rate in args.rates]
+        if args.binding:
+            if args.rounds < 1:
+                raise UserError('--rounds must be >= 1')
+            comparisons = [compare_paths(args.policy, rate, args.binding, args.rounds,
+                                         args.duration, args.act_on, **common)
+                           for rate in args.rates]
+            results = [r for c in comparisons for r in c['runs']]
+        else:
+            comparisons = []
+            results = [benchmark_latency(args.policy, rate, args.duration, **common)
+                       for rate in args.rates]
     except UserError as exc:
         print(f'bench: error: {exc}', file=sys.stderr)
         return 2
     for r in results:
-        print(f'{r["rate_hz"]:7.1f} Hz: obs-to-action p50 {r["obs_to_action_ms_p50"]:.2f} ms '
-              f'p99 {r["obs_to_action_ms_p99"]:.2f} ms, answered {r["answered_fraction"]:.1%}, '
-              f'inference p50 {r["inference_ms_p50"]:.3f} ms, tick wait p50 '
-              f'{r["obs_age_ms_p50"]:.2f} ms, deadline misses '
-              f'{r["deadline_misses"]}/{r["policy_ticks"]} ({r["deadline_miss_rate"]:.2%})')
+        print(f'{r["rate_hz"]:7.1f} Hz {r["path"]}: obs-to-action p50 '
+              f'{r["obs_to_action_ms_p50"]:.2f} ms p99 {r["obs_to_action_ms_p99"]:.2f} ms, '
+              f'answered {r["answered_fraction"]:.1%}, inference p50 '
+              f'{r["inference_ms_p50"]:.3f} ms, tick wait p50 {r["obs_age_ms_p50"]:.2f} ms, '
+              f'deadline misses {r["deadline_misses"]}/{r["policy_ticks"]} '
+              f'({r["deadline_miss_rate"]:.2%})')
+    for c in comparisons:
+        print(f'{c["rate_hz"]:7.1f} Hz: median p50 labelled {c["labelled_p50_ms"]:.3f} ms, '
+              f'binding {c["binding_p50_ms"]:.3f} ms ({c["binding"]}, act_on {c["act_on"]}): '
+              f'{c["ratio"]:.2f}x over {c["rounds"]} alternating rounds')
     if args.json:
         from vdd_ros.core.io import write_json
         write_json(args.json, {'generated': time.strftime('%Y-%m-%d %H:%M:%S'),
-                               'results': results})
+                               'results': results,
+                               'comparisons': [{k: v for k, v in c.items() if k != 'runs'}
+                                               for c in comparisons]})
     return 0
 
 

@@ -10,7 +10,8 @@ with that seed first, so episodes are reproducible. An observation with the `@se
 `@episode` of the last *accepted* one is a resend and is dropped.
 
 Invariants (what is published when):
-- Every tick publishes exactly one action of `action_dim` finite float32 values: the policy's
+- Labelled path: every tick publishes one action of `action_dim` finite float32 values: the
+  policy's
   answer to a new valid observation, the last answer again, or the hold action. A last gate
   before each publish replaces anything else (non-finite, wrong length) by the safe hold,
   zero motion with the last finite gripper command, counts it and reports ERROR.
@@ -27,7 +28,50 @@ Invariants (what is published when):
   (0, 2000], `obs_timeout_s` in [2 control periods, 3600], `diagnostics_period_s` in
   [0.01, 3600]. `expert_mode` '' restores the checkpoint's own mode.
 
-Run: `python -m vdd_ros.ros.policy_node --ros-args -p checkpoint:=PATH -p task:=lift_carry`.
+Standard messages (`binding:=FILE`, or `binding:=task:<name>` for the shipped
+config/bindings/<name>.yaml; see vdd_ros/binding.py for the format). Without a binding the
+node speaks the labelled arrays above, unchanged. With one:
+- At start the binding must match the checkpoint: the same observation features (names,
+  sizes, order) and action size, else one FATAL line naming the first difference (exit 2).
+  Joint names and topics cannot be checked before messages arrive: a missing joint rejects
+  each message that lacks it (a throttled warning naming joint and topic); a source topic
+  without messages is named in the diagnostics (no publisher, or published with another type:
+  ERROR).
+- Subscriptions: the episode marker topic first (std_msgs/String, reliable, depth 100: a
+  `start` marker resets the policy with its seed, so episodes are reproducible per seed), then
+  one raw sensor-data subscription per source topic. Each message is size-checked
+  (`max_observation_bytes`) before it is decoded, then read through the binding (joints by
+  name, frame_id, sizes, NaN/Inf: a bad message is rejected and its topic is invalid until
+  its next valid message). A header stamp not newer than the feature's latest is dropped (a
+  duplicate or out of order); when the node clock goes back, every source is forgotten.
+- Time: a source's age is measured on the node clock (`use_sim_time` follows /clock): now
+  minus its header stamp, or minus its arrival for headerless arrays; older than its
+  max_age_s (or stamped that far in the future) it is stale. The watchdog (`obs_timeout_s`)
+  runs on the node clock too, so a paused simulation trips nothing.
+- Acting (`act_on`): `tick` acts at each control tick on the latest message of each source
+  when any of them is new; `complete` acts in the subscription callback as soon as every
+  source has a message of the same header stamp, newer than the last answered one (lockstep
+  simulation, robots that publish all state at one stamp; each source topic then keeps only
+  its newest messages, so a policy slower than the sources answers late by at most about a
+  period, see _source_qos). An observation with a stale or invalid source is answered by the
+  hold, with a WARN naming the topic; a rejected message in `complete` is answered at once,
+  stamped like it.
+- Sinks: one reliable publisher per action topic. Each is published only when the node acts
+  or holds (never a republished command: a repeated delta would move twice); while the
+  watchdog is tripped the hold goes out at every tick. Stamped sinks carry header.stamp = the
+  observation's time (the OLDEST of its sources' times: a command never claims fresher data
+  than it used) and the sink's frame_id (a watchdog hold: now in `tick`, the last answered
+  stamp in `complete`, so a lockstep simulator never takes it for its next step's answer).
+  A JointTrajectory carries the whole predicted chunk
+  (the action, then `Policy.pending()`), point k at (k + 1) control periods. The last gate
+  covers every sink: unless all values are finite and of the right shape, the safe hold goes
+  out on every topic. A PoseStamped target sink has no zero-motion hold: while holding it
+  publishes nothing (unless `hold_action` gives it a pose).
+- Diagnostics add the binding, act_on, and per source topic its state (ok, waiting, invalid,
+  stale) and age on the node clock.
+
+Run: `python -m vdd_ros.ros.policy_node --ros-args -p checkpoint:=PATH -p task:=lift_carry`
+(add `-p binding:=task:lift_carry -p use_sim_time:=true` for sim_node's standard topics).
 """
 from __future__ import annotations
 
@@ -40,20 +84,28 @@ from typing import Any
 
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import JumpThreshold, TimeJump
+from rclpy.duration import Duration
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from std_msgs.msg import Float32MultiArray
+from std_msgs.msg import Float32MultiArray, String
 from std_srvs.srv import Trigger
 
+from vdd_ros.binding import JOINT_TRAJECTORY, BindingMismatch, parse_marker
 from vdd_ros.core.config import check_expert_mode
 from vdd_ros.core.policy import Policy
 from vdd_ros.errors import UserError
+from vdd_ros.ros.binding_io import (SinkWriter, SourceBook, TopicReader, check_against_policy,
+                                    header_stamp_ns, resolve_binding)
 from vdd_ros.ros.conversions import (UINT32_MAX, InvalidMessage, action_to_msg,
                                      decode_labelled_array, msg_meta, msg_to_array, percentiles)
 from vdd_ros.ros.runtime import VddNode, run_node
 
 ORACLES = ('scripted', 'averaged')
 ACTION_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+MARKER_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+ACT_ON = ('tick', 'complete')
+NS = 1_000_000_000
 WINDOW = 2000          # latency samples kept for the percentiles
 THROTTLE_S = 2.0       # minimum seconds between two repeated warnings
 MAX_RATE_HZ = 2000.0   # control_rate_hz in (0, MAX_RATE_HZ]
@@ -99,6 +151,17 @@ def set_realtime_priority(priority: int, logger: Any) -> bool:
         return False
     logger.info(f'control loop runs under SCHED_FIFO priority {priority}')
     return True
+
+
+def _source_qos(depth: int) -> QoSProfile:
+    """Sensor-data QoS keeping only the newest `depth` messages of a topic (one per source
+    it feeds, as a driver may publish them apart). In act_on complete the node acts inside
+    the subscription callbacks; should acting take longer than the source period, the older
+    messages are overwritten in the queue rather than answered late, so an observation waits
+    at most about one period (with sensor-data's depth 5 it would wait five)."""
+    return QoSProfile(history=qos_profile_sensor_data.history, depth=max(1, depth),
+                      reliability=qos_profile_sensor_data.reliability,
+                      durability=qos_profile_sensor_data.durability)
 
 
 class DeadlineMonitor:
@@ -156,6 +219,7 @@ class _Stats:
     resends: int = 0
     computed: int = 0
     holds: int = 0
+    out_of_order: int = 0  # binding sources: a header stamp older than the latest one
     watchdog_trips: int = 0
     errors: int = 0
     unsafe: int = 0        # actions the last gate replaced by the safe hold
@@ -205,6 +269,14 @@ class PolicyNode(VddNode):
                                   read_only=True))
         threads = int(self.param('torch_threads', 1, 'torch CPU threads (0: torch default)',
                                  read_only=True))
+        binding = str(self.param('binding', '', 'binding YAML file (task:<name>: the shipped '
+                                 'config/bindings/<name>.yaml): standard topics in and out; '
+                                 'empty: the labelled observation and action arrays',
+                                 read_only=True))
+        self.act_on = str(self.param('act_on', 'tick', 'with a binding: tick (act at each '
+                                     'control tick when any source is new) or complete (act '
+                                     'once every source has a message of one new stamp)',
+                                     read_only=True))
 
         # every parameter is checked before anything starts
         self.rate = self.number('control_rate_hz', rate, high=MAX_RATE_HZ)
@@ -217,6 +289,9 @@ class PolicyNode(VddNode):
             raise UserError(f'parameter seed: must be -1 or in [0, {UINT32_MAX}], got {seed}')
         if steps < 0:
             raise UserError(f'parameter teacher_steps: must be >= 0, got {steps}')
+        if self.act_on not in ACT_ON:
+            raise UserError(f'parameter act_on: must be one of {list(ACT_ON)}, got '
+                            f'{self.act_on!r}')
         if priority:
             set_realtime_priority(priority, self.get_logger())
         if threads > 0:
@@ -236,6 +311,9 @@ class PolicyNode(VddNode):
         if mode not in ('', None):
             self._set_expert_mode(self._expert_mode_value(mode))
         self.policy.reset(seed if seed >= 0 else None)
+        self.binding = resolve_binding(binding) if binding else None
+        if self.binding is not None:
+            check_against_policy(self.binding, self.fields, self.action_dim)
 
         self._latest: _Observation | None = None
         self._fresh = False
@@ -252,18 +330,60 @@ class PolicyNode(VddNode):
         self.deadlines = DeadlineMonitor(1.0 / self.rate)
         self._period_counts = (0, 0, 0)  # rejected, misses, unsafe at the last diagnostics
 
-        self.action_pub = self.create_publisher(Float32MultiArray, 'action', ACTION_QOS)
-        self.create_subscription(Float32MultiArray, 'observation', self._on_observation,
-                                 qos_profile_sensor_data, raw=True)
+        if self.binding is None:
+            self.action_pub = self.create_publisher(Float32MultiArray, 'action', ACTION_QOS)
+            self.create_subscription(Float32MultiArray, 'observation', self._on_observation,
+                                     qos_profile_sensor_data, raw=True)
+        else:
+            self._setup_binding(binding)
         self.create_service(Trigger, '~/reset', self._on_reset)
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
-        self.timer = self.create_steady_timer(1.0 / self.rate, self._on_tick)
+        self.timer = self.create_steady_timer(
+            1.0 / self.rate, self._on_tick if self.binding is None else self._on_binding_tick)
         self.create_steady_timer(diag_period, self._publish_status)
         self.get_logger().info(
             f'policy {checkpoint!r} ({self._kind()}, {self.policy.spec.obs_dim} obs -> '
             f'{self.action_dim} actions) at {self.rate:g} Hz, expert_mode '
-            f'{self._expert_mode()!r}')
+            f'{self._expert_mode()!r}' + ('' if self.binding is None else
+                                          f', binding {binding!r}, act_on {self.act_on}'))
+
+    def _setup_binding(self, name: str) -> None:
+        """Subscriptions (the episode markers first, then one raw sensor-data subscription
+        per source topic), one publisher per sink, the per-source bookkeeping."""
+        b = self.binding
+        self.book = SourceBook(b)
+        self.readers = {t: TopicReader(b, t, k, self.max_bytes)
+                        for t, k in b.observation_topics().items()}
+        self.writers = [SinkWriter(s) for s in b.action]
+        self._chunked = any(s.type == JOINT_TRAJECTORY for s in b.action)
+        self._acted_serial = 0       # book.serial when the node last acted
+        self._acted_ns = -1          # the last observation stamp answered
+        self._arrived = time.perf_counter()  # arrival of the newest source message
+        self._last_valid_ns = self._now_ns()
+        self._source_issue = ''      # why the last hold answered (sources stale or invalid)
+        self._warned_types: set[str] = set()
+        self.create_subscription(String, b.episode_topic, self._on_marker, MARKER_QOS)
+        for topic, reader in self.readers.items():
+            qos = qos_profile_sensor_data
+            if self.act_on == 'complete':   # see _source_qos
+                qos = _source_qos(len(reader.sources))
+            self.create_subscription(reader.cls, topic,
+                                     lambda raw, reader=reader: self._on_source(reader, raw),
+                                     qos, raw=True)
+        self.sink_pubs = [self.create_publisher(w.cls, w.sink.topic, ACTION_QOS)
+                          for w in self.writers]
+        self._jump = self.get_clock().create_jump_callback(
+            JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1)),
+            post_callback=self._on_time_jump)
+        use_sim = bool(self.get_parameter('use_sim_time').value)
+        if b.clock == 'sim' and not use_sim:
+            self.get_logger().warning(f'binding {name!r} runs on /clock (clock: sim) but '
+                                      'use_sim_time is false: source ages are measured on the '
+                                      'system clock (set use_sim_time:=true)')
+        if b.rate_hz is not None and b.rate_hz != self.rate:
+            self.get_logger().warning(f'binding {name!r} has rate_hz {b.rate_hz:g}, the node '
+                                      f'acts at control_rate_hz {self.rate:g}')
 
     # -- parameters ---------------------------------------------------------------------------
     def _timeout(self, value: Any) -> float:
@@ -420,36 +540,47 @@ class PolicyNode(VddNode):
         if latest.obs is None:
             self.stats.holds += 1
             return self._hold(), meta
+        done = self._compute(latest.obs, start, latest.received, latest.meta.get('episode'))
+        if done is None:
+            return self._hold(), meta
+        action, infer = done
+        meta['infer_us'] = min(int(infer * 1e6), UINT32_MAX)
+        return action, meta
+
+    def _compute(self, obs: np.ndarray, start: float, received: float,
+                 episode: int | None = None) -> tuple[np.ndarray, float] | None:
+        """(action, inference seconds) of the policy for `obs` (after a reset when `episode`
+        is a new one), or None when the policy failed (logged, counted: hold)."""
         t0 = time.perf_counter()
         try:
-            episode = latest.meta.get('episode')
             if episode is not None and episode != self._episode:
                 self.policy.reset(int(episode))
                 self._episode = int(episode)
             t0 = time.perf_counter()
-            action = np.asarray(self.policy.act(latest.obs), dtype=np.float32).reshape(-1)
+            action = np.asarray(self.policy.act(obs), dtype=np.float32).reshape(-1)
             if action.shape[0] != self.action_dim or not np.all(np.isfinite(action)):
                 raise ValueError(f'policy returned {action}')
         except Exception as exc:  # a failing model must not stop the control loop
             self.stats.errors += 1
             self._error = f'{type(exc).__name__}: {exc}'
             self._throttled('error', f'policy failed, holding: {self._error}')
-            return self._hold(), meta
+            return None
         infer = time.perf_counter() - t0
         self._error = ''
         self.stats.computed += 1
         self.stats.inference_ms.append(infer * 1e3)
-        self.stats.obs_age_ms.append((start - latest.received) * 1e3)
+        self.stats.obs_age_ms.append((start - received) * 1e3)
         self._gripper = float(action[-1])
-        meta['infer_us'] = min(int(infer * 1e6), UINT32_MAX)
-        return action, meta
+        return action, infer
 
-    def _throttled(self, level: str, text: str) -> None:
-        """Log `text` unless this level logged within THROTTLE_S (rclpy's own throttle inspects
-        the caller's frame on every call: ~1 ms, too slow for a flood of bad messages)."""
+    def _throttled(self, level: str, text: str, key: str = '') -> None:
+        """Log `text` unless this level (and `key`, e.g. a topic) logged within THROTTLE_S
+        (rclpy's own throttle inspects the caller's frame on every call: ~1 ms, too slow for a
+        flood of bad messages)."""
         now = time.monotonic()
-        if now - self._logged.get(level, -THROTTLE_S) >= THROTTLE_S:
-            self._logged[level] = now
+        key = f'{level} {key}'
+        if now - self._logged.get(key, -THROTTLE_S) >= THROTTLE_S:
+            self._logged[key] = now
             getattr(self.get_logger(), level)(text)
 
     def _hold(self) -> np.ndarray:
@@ -459,6 +590,185 @@ class PolicyNode(VddNode):
         action[-1] = self._gripper
         return action
 
+    # -- the binding path ---------------------------------------------------------------------
+    def _now_ns(self) -> int:
+        """Now on the node clock (follows /clock under use_sim_time)."""
+        return self.get_clock().now().nanoseconds
+
+    def _on_source(self, reader: TopicReader, raw: bytes) -> None:
+        """A serialized source message: size-checked, read through the binding, kept as the
+        latest of its features; in act_on complete, acts once the observation is complete."""
+        arrived = time.perf_counter()
+        self.stats.received += 1
+        try:
+            stamp, values = reader.read(raw)
+        except (InvalidMessage, BindingMismatch) as exc:
+            self._reject_source(reader, raw, str(exc))
+            return
+        if not values:
+            return        # a JointState naming none of this topic's joints
+        header = stamp is not None
+        if stamp is None:
+            stamp = self._now_ns()
+        why = self.book.update(reader.topic, stamp, values, header)
+        if why == 'duplicate':
+            self.stats.resends += 1
+            return
+        if why:
+            self.stats.out_of_order += 1
+            self._throttled('warning', f'{reader.topic}: message stamped {stamp / NS:.9f} is '
+                            'older than the latest one: dropped', key=reader.topic)
+            return
+        self._arrived = arrived
+        if self.act_on == 'tick':
+            self._fresh = True
+            return
+        ready = self.book.complete_stamp(self._acted_serial)
+        if ready is not None and ready > self._acted_ns:
+            self._act(ready, arrived)
+
+    def _reject_source(self, reader: TopicReader, raw: bytes, reason: str) -> None:
+        """An invalid source message: the topic is invalid until its next valid message; the
+        answer is the hold (at once in act_on complete, stamped like the rejected message)."""
+        if not reason.startswith(reader.topic):
+            reason = f'{reader.topic}: {reason}'
+        self.stats.rejected += 1
+        self.book.reject(reader.topic, reason)
+        self._throttled('warning', f'source rejected: {reason}; holding', key=reader.topic)
+        if self.act_on == 'tick':
+            self._fresh = True
+            return
+        stamp = header_stamp_ns(raw) if reader.header else None
+        stamp = self._now_ns() if stamp is None else stamp
+        if stamp > self._acted_ns:
+            self._act(stamp, time.perf_counter())
+
+    def _on_marker(self, msg: String) -> None:
+        """An episode marker: a start resets the policy with the episode's seed."""
+        try:
+            marker = parse_marker(msg.data)
+        except BindingMismatch as exc:
+            self._throttled('warning', f'{self.binding.episode_topic}: {exc}', key='marker')
+            return
+        if marker.event == 'start':
+            self.policy.reset(marker.episode)
+            self._episode = marker.episode
+            self.get_logger().debug(f'episode {marker.episode} starts')
+
+    def _on_time_jump(self, jump: TimeJump) -> None:
+        """The node clock went back (a restarted simulation or bag): forget every source's
+        values and times, as tf2 clears its buffer."""
+        if jump.delta.nanoseconds < 0:
+            self.book = SourceBook(self.binding)
+            self._acted_serial, self._acted_ns = 0, -1
+            self._last_valid_ns = self._now_ns()
+            self.get_logger().warning('the clock went back: source values cleared')
+
+    def _on_binding_tick(self) -> None:
+        """The watchdog (both modes) and, in act_on tick, acting on the latest sources."""
+        if not self.context.ok():
+            return  # shutting down
+        start = time.perf_counter()
+        now_ns = self._now_ns()
+        expired = now_ns - self._last_valid_ns > self.obs_timeout * NS
+        if expired:
+            self._fresh = False
+            if not self._tripped:
+                self._tripped = True
+                self.stats.watchdog_trips += 1
+                problems = '; '.join(self.book.problems(now_ns))
+                self.get_logger().warning(f'no valid observation for {self.obs_timeout:g} s: '
+                                          f'publishing the hold action ({problems or "-"})')
+                self._publish_status()
+            # stamped now (tick) or, in act_on complete, like the last answer: never with a
+            # stamp not seen yet, which a lockstep simulator would take for its next answer
+            stamp = now_ns if self.act_on == 'tick' else max(self._acted_ns, 0)
+            self._publish_sinks(self._hold(), None, stamp, hold=True)
+        elif self._fresh:
+            self._fresh = False
+            stamp = self.book.stamp_ns()
+            self._act(now_ns if stamp is None else stamp, start)
+        if self._tripped and not expired:
+            self._tripped = False
+            self.get_logger().info('observations resumed')
+        self.deadlines.record(start, time.perf_counter())
+
+    def _act(self, stamp_ns: int, start: float) -> None:
+        """Answer the observation of time `stamp_ns`: the policy's action when every source
+        is valid and fresh, else the hold (WARN naming the topics)."""
+        now_ns = self._now_ns()
+        problems = self.book.problems(now_ns)
+        self._acted_serial = self.book.serial
+        self._acted_ns = max(self._acted_ns, stamp_ns)
+        done = None
+        if problems:
+            self.stats.holds += 1
+            self._source_issue = '; '.join(problems)
+            self._throttled('warning', f'holding: {self._source_issue}', key='sources')
+        else:
+            self._last_valid_ns = now_ns
+            self._source_issue = ''
+            done = self._compute(self.book.observation(), start, self._arrived)
+        if done is None:
+            self._publish_sinks(self._hold(), None, stamp_ns, hold=True)
+            return
+        chunk = None
+        if self._chunked:
+            try:
+                chunk = np.concatenate([done[0][None], self.policy.pending()])
+            except (TypeError, ValueError):   # a chunk of another shape: the gate holds
+                chunk = np.full((1, 1), np.nan)
+        self._publish_sinks(done[0], chunk, stamp_ns)
+
+    def _sink_values(self, action: Any, chunk: Any) -> list[np.ndarray] | None:
+        """Every sink's numbers for `action` (and its chunk), or None unless all are finite
+        and of the right shape."""
+        try:
+            with np.errstate(over='ignore', invalid='ignore'):
+                out = np.asarray(action, dtype=np.float32).reshape(-1)
+                if chunk is not None:
+                    chunk = np.asarray(chunk, dtype=np.float32)
+            if out.shape != (self.action_dim,) or not np.all(np.isfinite(out)):
+                return None
+            if chunk is not None and (chunk.ndim != 2 or chunk.shape[1] != self.action_dim
+                                      or not np.all(np.isfinite(chunk))):
+                return None
+            values = [w.values(out, chunk) for w in self.writers]
+        except (TypeError, ValueError):
+            return None
+        return values if all(np.all(np.isfinite(v)) for v in values) else None
+
+    def _publish_sinks(self, action: Any, chunk: Any, stamp_ns: int,
+                       hold: bool = False) -> None:
+        """Publish every sink for `action` (a trajectory: its `chunk`), stamped `stamp_ns`.
+
+        The last gate of the binding path: unless every sink's values are finite and of the
+        right shape, the safe hold goes out instead (zero motion, the last finite gripper
+        command; counted, ERROR). A hold (`hold`) goes out as is; a sink with no safe value
+        (a PoseStamped target has no zero pose) publishes nothing then."""
+        values = None if hold else self._sink_values(action, chunk)
+        if values is None:
+            if not hold:
+                self.stats.unsafe += 1
+                self._unsafe = (f'unsafe action {action!r}{"" if chunk is None else " or chunk"}'
+                                ' replaced by the safe hold')
+                self._throttled('error', f'{self._unsafe}: zero motion, last gripper command')
+                action = np.zeros(self.action_dim, dtype=np.float32)
+                action[-1] = self._gripper
+            values = [self._hold_values(w, action) for w in self.writers]
+        period = 1.0 / self.rate
+        for pub, writer, v in zip(self.sink_pubs, self.writers, values):
+            if v is not None:
+                pub.publish(writer.message(v, stamp_ns, period))
+
+    @staticmethod
+    def _hold_values(writer: SinkWriter, action: np.ndarray) -> np.ndarray | None:
+        try:
+            v = writer.values(action, None)
+        except ValueError:
+            return None
+        return v if np.all(np.isfinite(v)) else None
+
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response
                   ) -> Trigger.Response:
         self.policy.reset(None)
@@ -466,6 +776,8 @@ class PolicyNode(VddNode):
         self._last = None
         self._fresh = False
         self._accepted = None
+        if self.binding is not None:
+            self._acted_serial = self.book.serial
         response.success = True
         response.message = 'new episode: policy state cleared, holding until the next ' \
                            'observation'
@@ -499,18 +811,62 @@ class PolicyNode(VddNode):
         }
         for key, value in getattr(self.policy, 'info', {}).items():
             values[key] = int(value) if key in ('expert', 'mode', 'phase') else value
+        sources, wrong_type = self._source_status(values) if self.binding else ([], '')
         if s.unsafe > unsafe:
             return 'ERROR', (f'{s.unsafe - unsafe} unsafe action(s) replaced by the safe '
                              f'hold ({self._unsafe})'), values
         if self._error:
             return 'ERROR', f'policy failing: {self._error}', values
+        if wrong_type:
+            return 'ERROR', wrong_type, values
         if self._tripped:
-            return 'WARN', f'no valid observation for {self.obs_timeout:g} s: holding', values
+            why = f' ({"; ".join(sources)})' if sources else ''
+            return 'WARN', f'no valid observation for {self.obs_timeout:g} s: holding{why}', \
+                values
+        if sources:
+            return 'WARN', f'source problem: {"; ".join(sources)}', values
         if s.rejected > rejected:
             return 'WARN', f'{s.rejected - rejected} invalid observation(s) rejected', values
         if self.deadlines.misses > misses:
             return 'WARN', f'{self.deadlines.misses - misses} deadline miss(es)', values
         return 'OK', 'acting', values
+
+    def _source_status(self, values: dict[str, Any]) -> tuple[list[str], str]:
+        """Add each source topic's state and age to `values`; (the problems, one per topic,
+        and an error when a topic that gave nothing yet is published with another type)."""
+        now_ns = self._now_ns()
+        values.update(binding=self.binding.name or 'binding', act_on=self.act_on,
+                      last_observation_age_s=(now_ns - self._last_valid_ns) / NS,
+                      out_of_order_dropped=self.stats.out_of_order)
+        problems, wrong = [], ''
+        for topic, reader in self.readers.items():
+            state, detail = self.book.state(topic, now_ns)
+            if state == 'waiting':
+                detail = self._publisher_note(topic, reader.type)
+                if 'published as' in detail:
+                    wrong = wrong or f'{topic}: {detail}'
+                    if topic not in self._warned_types:
+                        self._warned_types.add(topic)
+                        self.get_logger().error(f'{topic}: {detail}')
+            age = self.book.age_s(topic, now_ns)
+            values[f'source {topic}'] = f'{state}: {detail}' if detail else state
+            values[f'source {topic} age_s'] = 'none' if age is None else age
+            if state != 'ok':
+                problems.append(f'{topic} {state}' + (f' ({detail})' if detail else ''))
+        return problems, wrong
+
+    def _publisher_note(self, topic: str, type_name: str) -> str:
+        """Why a topic gave nothing yet: no publisher, or publishers of another type."""
+        try:
+            types = {i.topic_type for i in self.get_publishers_info_by_topic(topic)}
+        except Exception:  # the graph query is best effort (e.g. during shutdown)
+            return 'no message yet'
+        if not types:
+            return 'no message yet, no publisher'
+        if types - {type_name}:
+            return (f'published as {", ".join(sorted(types - {type_name}))}, the binding '
+                    f'expects {type_name}')
+        return 'no message yet'
 
     def _publish_status(self) -> None:
         level, message, values = self.status()

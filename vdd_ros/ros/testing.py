@@ -103,6 +103,111 @@ class Probe:
         self.node.destroy_node()
 
 
+class BindingProbe:
+    """Plays a robot (or sim_node) through a binding: publishes its source topics, episode
+    markers and optionally /clock, and records every sink message (arrival time, header stamp
+    in ns or None, the action slice `Sink.decode` reads, the message) and diagnostics."""
+
+    def __init__(self, context: Context, binding: Any, namespace: str = '',
+                 name: str = 'binding_probe', extra_joints: dict[str, float] | None = None
+                 ) -> None:
+        from rosgraph_msgs.msg import Clock as ClockMsg
+        from std_msgs.msg import String
+
+        from vdd_ros.ros.binding_io import message_class
+        from vdd_ros.ros.policy_node import MARKER_QOS
+        self.binding = binding
+        self.extra_joints = extra_joints
+        self.node = rclpy.create_node(name, namespace=namespace, context=context)
+        self.pubs = {t: self.node.create_publisher(message_class(k), t, qos_profile_sensor_data)
+                     for t, k in binding.observation_topics().items()}
+        self.marker_pub = self.node.create_publisher(String, binding.episode_topic, MARKER_QOS)
+        self.clock_pub = self.node.create_publisher(ClockMsg, '/clock', 10)
+        self.received: dict[str, list[tuple[float, int | None, np.ndarray | None, Any]]] = {
+            s.topic: [] for s in binding.action}
+        self.diagnostics: list[tuple[str, str, str, dict[str, str]]] = []
+        self.sent: dict[int, float] = {}
+        for sink in binding.action:
+            self.node.create_subscription(message_class(sink.type), sink.topic,
+                                          lambda msg, sink=sink: self._on_sink(sink, msg),
+                                          ACTION_QOS)
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 50)
+
+    def _on_sink(self, sink: Any, msg: Any) -> None:
+        stamp = None
+        if hasattr(msg, 'header'):
+            stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        try:
+            values = sink.decode(msg)
+        except ValueError:
+            values = None
+        self.received[sink.topic].append((time.perf_counter(), stamp, values, msg))
+
+    def _on_diag(self, msg: DiagnosticArray) -> None:
+        for s in msg.status:
+            self.diagnostics.append((s.name, level_name(s.level), s.message, status_values(s)))
+
+    def marker(self, event: str, episode: int | None = None, **kw: Any) -> None:
+        from std_msgs.msg import String
+
+        from vdd_ros.binding import marker_json
+        self.marker_pub.publish(String(data=marker_json(event, episode, **kw)))
+
+    def clock(self, stamp_ns: int) -> None:
+        from rosgraph_msgs.msg import Clock as ClockMsg
+
+        from vdd_ros.ros.binding_io import to_time
+        self.clock_pub.publish(ClockMsg(clock=to_time(stamp_ns)))
+
+    def messages(self, obs: np.ndarray, stamp_ns: int) -> dict[str, Any]:
+        """{topic: message} of a flat observation (its source features) at `stamp_ns`."""
+        from vdd_ros.ros.binding_io import source_messages, split_observation
+        return source_messages(self.binding, split_observation(self.binding, obs), stamp_ns,
+                               self.extra_joints)
+
+    def send(self, obs: np.ndarray, stamp_ns: int,
+             messages: dict[str, Any] | None = None) -> None:
+        """Publish one observation on every source topic, all stamped `stamp_ns`."""
+        messages = self.messages(obs, stamp_ns) if messages is None else messages
+        self.sent[stamp_ns] = time.perf_counter()
+        for topic, msg in messages.items():
+            self.pubs[topic].publish(msg)
+
+    def actions(self) -> list[tuple[int | None, float, np.ndarray | None]]:
+        """(stamp, arrival, action vector) of each answer: the k-th message of every sink
+        makes the k-th action (each sink publishes once per answer, in order); the stamp is
+        the first stamped sink's; the action is None when a message did not decode."""
+        streams = [self.received[s.topic] for s in self.binding.action]
+        out = []
+        for k in range(min(len(x) for x in streams)):
+            items = [x[k] for x in streams]
+            stamp = next((s for _, s, _, _ in items if s is not None), None)
+            parts = [v for _, _, v, _ in items]
+            action = None
+            if all(v is not None for v in parts):
+                action = np.zeros(self.binding.action_dim)
+                for sink, v in zip(self.binding.action, parts):
+                    action[sink.slice[0]:sink.slice[1]] = v
+            out.append((stamp, max(t for t, _, _, _ in items), action))
+        return out
+
+    def answers(self, stamp_ns: int) -> list[np.ndarray | None]:
+        """The action vectors of the answers stamped `stamp_ns`."""
+        return [a for s, _, a in self.actions() if s == stamp_ns]
+
+    def answered(self, stamp_ns: int) -> bool:
+        return bool(self.answers(stamp_ns))
+
+    def last_status(self, node_name: str) -> tuple[str, str, dict[str, str]] | None:
+        for name, level, message, values in reversed(self.diagnostics):
+            if name == node_name.lstrip('/'):
+                return level, message, values
+        return None
+
+    def destroy(self) -> None:
+        self.node.destroy_node()
+
+
 _FLOOD = """
 import sys, time
 import rclpy
