@@ -52,8 +52,8 @@ def nodes(context: Any) -> list[Node]:
     """Both nodes with the parameters and remappings of the arguments that are set."""
     values = {name: LaunchConfiguration(name).perform(context) for name in ARGUMENTS}
     config = Path(FindPackageShare('vdd_ros').perform(context)) / 'config'
-    return [Node(package='vdd_ros', executable=node, name=node, namespace=values['namespace'] or None,
-                 output='screen',
+    return [Node(package='vdd_ros', executable=node, name=node, output='screen',
+                 namespace=values['namespace'] or None,
                  parameters=[str(config / f'{node}.yaml'), node_parameters(values, table)],
                  remappings=remappings(values, TOPICS))
             for node, table in PARAMETERS.items()]
