@@ -325,6 +325,63 @@ def test_an_invalid_source_is_rejected_and_held_until_it_is_valid_again(context,
         node.destroy_node()
 
 
+@pytest.fixture(scope='module')
+def fuzz_node(context, checkpoint):
+    node = bare(context, checkpoint, act_on='complete')
+    yield node
+    node.destroy_node()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_mangled_source_messages_never_put_a_non_finite_value_on_any_topic(fuzz_node, data):
+    node = fuzz_node
+    before = [len(r.msgs) for r in node.sink_pubs]
+    stamp = node._now_ns() + data.draw(st.integers(0, 10 ** 6))
+    raws = {t: bytearray(serialize_message(m)) for t, m in messages(OBS[4], stamp).items()}
+    for _ in range(data.draw(st.integers(1, 6))):
+        topic = data.draw(st.sampled_from(sorted(raws)))
+        raw = raws[topic]
+        # every byte but the header stamp (a stamp moved ahead would rightly make the
+        # clean observation below out of order; see the test of future stamps)
+        i = data.draw(st.integers(0, len(raw) - 1).filter(lambda i: not 4 <= i < 12))
+        raw[i] = data.draw(st.integers(0, 255))
+        if data.draw(st.booleans()):
+            raws[topic] = raw[:data.draw(st.integers(1, len(raw)))]
+    for topic, raw in raws.items():
+        node._on_source(node.readers[topic], bytes(raw))
+    clean = node._now_ns() + 2 * 10 ** 6
+    deliver(node, messages(OBS[5], clean))      # and the next valid observation is answered
+    twist, grip = (r.msgs[n:] for r, n in zip(node.sink_pubs, before))
+    assert len(twist) == len(grip) and twist
+    for t, g in zip(twist, grip):
+        lin, ang = t.twist.linear, t.twist.angular
+        assert np.all(np.isfinite([lin.x, lin.y, lin.z, ang.x, ang.y, ang.z, *g.data]))
+        assert len(g.data) == 1
+    assert twist[-1].header.stamp.sec * NS + twist[-1].header.stamp.nanosec == clean
+    assert np.any([twist[-1].twist.linear.x, g.data[0]])   # the policy's, not the hold
+
+
+
+def test_a_message_stamped_ahead_of_the_node_clock_is_rejected(context, checkpoint):
+    """Kept, a far-future stamp would make every later message out of order."""
+    node = bare(context, checkpoint, act_on='complete')
+    try:
+        now = node._now_ns()
+        msgs = messages(OBS[0], now)
+        msgs['/eef_pose'] = messages(OBS[0], now + 5 * NS)['/eef_pose']
+        deliver(node, msgs)
+        assert node.stats.rejected == 1
+        assert 'stamped 5 s ahead of the node clock' in node.book.errors['/eef_pose']
+        (stamp, hold), = published(node)
+        assert now <= stamp < now + NS and np.all(hold == 0.0)    # not the future stamp
+        later = node._now_ns()
+        deliver(node, messages(OBS[1], later))
+        assert published(node)[-1][0] == later and node.stats.computed == 1
+    finally:
+        node.destroy_node()
+
+
 def test_the_last_gate_covers_every_sink(context, checkpoint):
     node = bare(context, checkpoint, act_on='complete')
     try:
@@ -531,6 +588,15 @@ def test_closed_loop_on_sim_time_through_joint_state_and_pose_stamped(rig, check
     spin_for(executor, 0.1)
     level, message, values = node.status()
     assert level == 'WARN' and values['source /eef_pose'].startswith('stale: age 1 s')
+    # the simulation restarts: /clock goes back, every source is forgotten, and the earlier
+    # stamps are answered again rather than dropped as out of order
+    t = 10 * NS
+    probe.clock(t)
+    spin_for(executor, 0.1)
+    assert node.book.latest == {}
+    probe.send(OBS[0], t)
+    assert spin_until(executor, lambda: probe.answered(t), 5.0)
+    assert node.stats.out_of_order == 0 and node.stats.computed == 11
 
 
 def test_a_source_published_with_another_type_is_an_error_naming_the_topic(rig):

@@ -438,3 +438,23 @@ def test_a_huge_observation_is_rejected_without_stalling_the_control_timer(rig, 
     assert node.stats.rejected - rejected >= 4      # they did arrive, and were rejected
     assert node.deadlines.ticks >= 0.5 * 500 * 1.5
     assert gap_ms < 25.0, gap_ms   # 2 ms periods; margin for a loaded machine
+
+
+def test_a_rejected_observation_then_a_failing_policy_both_log_without_raising(context,
+                                                                              checkpoint):
+    """rclpy raises ValueError when one call site logs at two severities: the warning of a
+    rejected observation and the error of a failing policy must come from different lines."""
+    node = bare_node(context, checkpoint, control_rate_hz=100.0, obs_timeout_s=5.0)
+    try:
+        bad = OBS[0].copy()
+        bad[0] = np.nan
+        node._on_observation(serialized(bad, seq=1))
+        node._on_tick()
+        node.policy.act = lambda obs: np.full(SPEC.action_dim, np.nan)
+        node._on_observation(serialized(OBS[1], seq=2))
+        node._on_tick()
+        node._throttled('info', 'an info line from the same helper')
+        assert node.stats.rejected == 1 and node.stats.errors == 1
+        assert len(node.action_pub.actions) == 2
+    finally:
+        node.destroy_node()

@@ -223,6 +223,7 @@ class TopicReader:
         self.sources = binding.sources_of(topic)
         self.header = type_name in HAS_HEADER and self.sources[0].stamp_from == 'header'
         self.max_bytes = int(max_bytes)
+        self.max_age_ns = round(min(s.max_age_s for s in self.sources) * NS)
         self.layouts: list[_Layout] = []
         self.fast = 0          # messages read from their bytes
 

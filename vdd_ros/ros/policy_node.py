@@ -41,9 +41,10 @@ node speaks the labelled arrays above, unchanged. With one:
   `start` marker resets the policy with its seed, so episodes are reproducible per seed), then
   one raw sensor-data subscription per source topic. Each message is size-checked
   (`max_observation_bytes`) before it is decoded, then read through the binding (joints by
-  name, frame_id, sizes, NaN/Inf: a bad message is rejected and its topic is invalid until
-  its next valid message). A header stamp not newer than the feature's latest is dropped (a
-  duplicate or out of order); when the node clock goes back, every source is forgotten.
+  name, frame_id, sizes, NaN/Inf, a stamp more than max_age_s ahead of the node clock: a bad
+  message is rejected and its topic is invalid until its next valid message). A header stamp
+  not newer than the feature's latest is dropped (a duplicate or out of order); when the node
+  clock goes back, every source is forgotten.
 - Time: a source's age is measured on the node clock (`use_sim_time` follows /clock): now
   minus its header stamp, or minus its arrival for headerless arrays; older than its
   max_age_s (or stamped that far in the future) it is stale. The watchdog (`obs_timeout_s`)
@@ -579,9 +580,16 @@ class PolicyNode(VddNode):
         flood of bad messages)."""
         now = time.monotonic()
         key = f'{level} {key}'
-        if now - self._logged.get(key, -THROTTLE_S) >= THROTTLE_S:
-            self._logged[key] = now
-            getattr(self.get_logger(), level)(text)
+        if now - self._logged.get(key, -THROTTLE_S) < THROTTLE_S:
+            return
+        self._logged[key] = now
+        # one call site per severity: rclpy raises ValueError when one line logs at two
+        if level == 'error':
+            self.get_logger().error(text)
+        elif level == 'warning':
+            self.get_logger().warning(text)
+        else:
+            self.get_logger().info(text)
 
     def _hold(self) -> np.ndarray:
         if self.hold_action is not None:
@@ -608,8 +616,13 @@ class PolicyNode(VddNode):
         if not values:
             return        # a JointState naming none of this topic's joints
         header = stamp is not None
+        now_ns = self._now_ns()
         if stamp is None:
-            stamp = self._now_ns()
+            stamp = now_ns
+        elif stamp - now_ns > reader.max_age_ns:   # kept, it would block every later one
+            self._reject_source(reader, raw, f'stamped {(stamp - now_ns) / NS:.3g} s ahead of '
+                                'the node clock (clocks out of sync? use_sim_time?)')
+            return
         why = self.book.update(reader.topic, stamp, values, header)
         if why == 'duplicate':
             self.stats.resends += 1
@@ -638,8 +651,10 @@ class PolicyNode(VddNode):
         if self.act_on == 'tick':
             self._fresh = True
             return
+        now_ns = self._now_ns()
         stamp = header_stamp_ns(raw) if reader.header else None
-        stamp = self._now_ns() if stamp is None else stamp
+        if stamp is None or stamp - now_ns > reader.max_age_ns:   # none, or not believable
+            stamp = now_ns
         if stamp > self._acted_ns:
             self._act(stamp, time.perf_counter())
 
