@@ -29,7 +29,8 @@ class Rosbags:
     def joint_state(cls, names: Sequence[str], position: Sequence[float] = (),
                     velocity: Sequence[float] = (), effort: Sequence[float] = (),
                     stamp_ns: int = 0, frame_id: str = '') -> Any:
-        arr = lambda v: np.asarray(v, dtype=np.float64)
+        def arr(values: Sequence[float]) -> np.ndarray:
+            return np.asarray(values, dtype=np.float64)
         return T['sensor_msgs/msg/JointState'](
             header=cls.header(stamp_ns, frame_id), name=list(names), position=arr(position),
             velocity=arr(velocity), effort=arr(effort))
