@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'report': ('report', 'redraw task reports and write the cross-task summary'),
     'bag2dataset': ('bag2dataset', 'convert rosbag2 recordings into a dataset through a '
                     'binding'),
+    'record': ('record', 'record live topics of a binding into a rosbag2, or scripted '
+               'demonstrations through sim_node and policy_node'),
 }
 
 
