@@ -1,13 +1,19 @@
-"""One acting interface for the teacher, the MoE, the baselines and scripted oracles."""
+"""One acting interface for the teacher, the MoE, the baselines and scripted oracles.
+
+This module imports no torch (the ONNX acting path runs without it); `ModelPolicy` imports
+torch when it is built.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -68,37 +74,32 @@ class Policy(ABC):
         return np.zeros((0, self.spec.action_dim), dtype=np.float32)
 
 
-class ModelPolicy(Policy):
-    """Runs a torch model that maps an observation window to an action chunk.
+class ChunkPolicy(Policy):
+    """A model queried with an observation window for an action chunk, acted out step by step.
 
-    The model implements `predict(obs_window, generator, diagnostics) -> (actions, info)` with
-    `obs_window (B, obs_horizon, obs_dim)` and `actions (B, action_horizon, action_dim)` in
-    raw units (the model owns its normalizers); `info` is a dict of floats.
-    Set `diagnostics = True` to have `info` filled on every query (costs a little latency).
+    Keeps the last `obs_horizon` observations (the first one repeated at an episode's start)
+    and queues the chunk's first `action_exec` actions; `query` is called only when the queue
+    is empty. Subclasses implement `query(window (obs_horizon, obs_dim)) -> (actions
+    (action_horizon, action_dim) float32, info)`.
     """
 
-    def __init__(self, model: torch.nn.Module, spec: PolicySpec, device: str = 'cpu') -> None:
-        self.model = model.to(device).eval()
+    def __init__(self, spec: PolicySpec) -> None:
         self.spec = spec
-        self.device = torch.device(device)
         self.info: dict[str, float] = {}
         self.diagnostics = False
         self._history: deque[np.ndarray] = deque(maxlen=spec.obs_horizon)
         self._queue: deque[np.ndarray] = deque()
         self._ahead = np.zeros((0, spec.action_dim), dtype=np.float32)  # beyond action_exec
-        self._generator = torch.Generator(device=self.device)
-        self._generator.seed()
+
+    @abstractmethod
+    def query(self, window: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """The action chunk for one observation window."""
 
     def reset(self, seed: int | None = None) -> None:
         self._history.clear()
         self._queue.clear()
         self._ahead = self._ahead[:0]
-        if seed is not None:
-            self._generator.manual_seed(int(seed))
-        if hasattr(self.model, 'reset'):
-            self.model.reset()
 
-    @torch.inference_mode()
     def act(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs, dtype=np.float32).reshape(-1)
         if obs.shape[0] != self.spec.obs_dim:
@@ -110,12 +111,7 @@ class ModelPolicy(Policy):
             self._history.append(obs)
         if not self._queue:
             stacked = obs[None] if self.spec.obs_horizon == 1 else np.stack(self._history)
-            window = torch.from_numpy(stacked)[None]
-            if self.device.type != 'cpu':
-                window = window.to(self.device)
-            actions, info = self.model.predict(window, generator=self._generator,
-                                               diagnostics=self.diagnostics)
-            actions = actions[0].cpu().numpy()
+            actions, info = self.query(stacked)
             self._queue.extend(actions[:self.spec.action_exec])
             self._ahead = actions[self.spec.action_exec:]
             self.info = dict(info)
@@ -125,3 +121,38 @@ class ModelPolicy(Policy):
         if not self._queue:
             return self._ahead.astype(np.float32, copy=True)
         return np.concatenate([np.stack(self._queue), self._ahead]).astype(np.float32)
+
+
+class ModelPolicy(ChunkPolicy):
+    """Runs a torch model that maps an observation window to an action chunk.
+
+    The model implements `predict(obs_window, generator, diagnostics) -> (actions, info)` with
+    `obs_window (B, obs_horizon, obs_dim)` and `actions (B, action_horizon, action_dim)` in
+    raw units (the model owns its normalizers); `info` is a dict of floats.
+    Set `diagnostics = True` to have `info` filled on every query (costs a little latency).
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: PolicySpec, device: str = 'cpu') -> None:
+        import torch
+        super().__init__(spec)
+        self._torch = torch
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self._generator = torch.Generator(device=self.device)
+        self._generator.seed()
+
+    def reset(self, seed: int | None = None) -> None:
+        super().reset(seed)
+        if seed is not None:
+            self._generator.manual_seed(int(seed))
+        if hasattr(self.model, 'reset'):
+            self.model.reset()
+
+    def query(self, window: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        with self._torch.inference_mode():
+            x = self._torch.from_numpy(window)[None]
+            if self.device.type != 'cpu':
+                x = x.to(self.device)
+            actions, info = self.model.predict(x, generator=self._generator,
+                                               diagnostics=self.diagnostics)
+            return actions[0].cpu().numpy(), info
