@@ -207,3 +207,24 @@ def test_a_topic_of_another_type_stops_the_recording(tmp_path):
         robot.stop.set()
         robot.join(10)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demonstrations_recorded_through_the_nodes_convert_into_the_native_episodes(tmp_path):
+    """sim_node (lockstep) and the scripted policy_node over the task binding, recorded and
+    converted: bitwise the observations and actions of the in-process scripted episode."""
+    from vdd_ros.ros.recorder import record_demonstrations
+    from vdd_ros.sim.demonstrators import make_oracle
+    from vdd_ros.sim.env import SimEnv
+    from vdd_ros.sim.rollout import run_episode
+    from vdd_ros.ros.testing import domain_id
+    summary, episodes = record_demonstrations('lift_carry', tmp_path / 'demo', [7],
+                                              show_progress=False, domain_id=domain_id())
+    assert summary.episodes == 1 and [e['seed'] for e in episodes] == [7]
+    out = tmp_path / 'demo.hdf5'
+    convert([tmp_path / 'demo'], BINDING, out, show_progress=False)
+    (demo,) = load_dataset(out).demos
+    with SimEnv('lift_carry') as env:
+        native = run_episode(env, make_oracle('lift_carry', 'scripted'), 7, record=True)
+    assert native['success'] and demo.seed == 7 and demo.mode == native['policy_mode']
+    assert np.array_equal(demo.obs, native['obs'])
+    assert np.array_equal(demo.actions, native['actions'])

@@ -179,6 +179,22 @@ class SimEnv:
         flat = self._flatten(self._raw)
         return {k: flat[s] for k, s in self.spec.obs_slices().items()}
 
+    def robot_state(self) -> dict[str, Any]:
+        """The latest state by robosuite's names, float64 (what a robot's standard topics
+        carry; flattening it gives exactly `observation()`): `joints` (arm joints, then the
+        gripper fingers), their `position` and `velocity`, `eef_pos`, `eef_quat` (x y z w),
+        `objects` {cube: (position, quaternion x y z w)} and `goals` {name: position}."""
+        robot, raw = self._env.robots[0], self._raw
+        gripper = self._gripper[robot.arms[0]] if isinstance(self._gripper, dict) \
+            else self._gripper
+        return {
+            'joints': list(robot.robot_joints) + list(gripper.joints),
+            'position': np.concatenate([raw['robot0_joint_pos'], raw['robot0_gripper_qpos']]),
+            'velocity': np.concatenate([raw['robot0_joint_vel'], raw['robot0_gripper_qvel']]),
+            'eef_pos': raw['robot0_eef_pos'], 'eef_quat': raw['robot0_eef_quat'],
+            'objects': {k: (raw[f'{k}_pos'], raw[f'{k}_quat']) for k in self._cubes},
+            'goals': dict(self.goals)}
+
     def get_state(self) -> np.ndarray:
         """The flattened MuJoCo state (time, qpos, qvel), as robomimic stores it."""
         return np.asarray(self._env.sim.get_state().flatten(), dtype=np.float64)
