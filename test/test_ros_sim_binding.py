@@ -147,3 +147,35 @@ def test_a_bad_binding_parameter_is_one_fatal_line(tmp_path):
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if 'FATAL' in line]
     assert len(lines) == 1 and "no joint 'finger_x'" in lines[0]
     assert 'Traceback' not in proc.stderr
+
+
+def test_a_sampling_moe_through_standard_messages_is_bitwise_the_in_process_episode(tmp_path):
+    """sim_node and policy_node over the task binding (act_on complete, sim time): the
+    episode ends in exactly the state the in-process runner reaches with the same seed."""
+    from vdd_ros.ros.evaluation import NodeProcess
+    from vdd_ros.ros.testing import domain_id, tiny_moe_checkpoint
+    from vdd_ros.sim.rollout import build_policy, evaluation_seeds, run_episode
+    checkpoint = str(tiny_moe_checkpoint(tmp_path / 'moe', hidden_dim=64))
+    seed = evaluation_seeds(1)[0]
+    results = tmp_path / 'results.json'
+    policy = NodeProcess('policy_node', 'policy_node', {
+        'checkpoint': checkpoint, 'task': 'lift_carry', 'expert_mode': 'sample',
+        'binding': 'task:lift_carry', 'act_on': 'complete', 'use_sim_time': True},
+        tmp_path, domain_id())
+    sim = NodeProcess('sim_node', 'sim_node', {
+        'task': 'lift_carry', 'clock_mode': 'lockstep', 'seeds': [seed],
+        'binding': 'task:lift_carry', 'wait_for_subscribers': 1, 'exit_when_done': True,
+        'results_file': str(results)}, tmp_path, domain_id())
+    try:
+        code = sim.proc.wait(timeout=90)
+    finally:
+        sim.stop()
+        policy.stop()
+    assert code == 0, sim.log_tail()
+    (record,) = json.loads(results.read_text())['episodes']
+    with SimEnv('lift_carry') as env:
+        local = run_episode(env, build_policy(checkpoint, 'lift_carry'), seed)
+        final = env.observation()
+    assert record['length'] == local['length'] == 90
+    assert np.array_equal(np.asarray(record['final_obs'], dtype=np.float32), final)
+    assert len(record['obs_to_action_ms']) == 90

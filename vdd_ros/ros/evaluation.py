@@ -11,6 +11,13 @@ that answers each observation, so the episodes are the ones `vdd_ros.sim.rollout
 runs. Both nodes die with the calling process however it ends (PR_SET_PDEATHSIG), and the
 run's temporary folder (`vdd_ros_eval_<pid>_*`) records its owner, so the next run removes
 what a killed one left.
+
+With `binding` (a binding file or `task:<name>`), both nodes speak standard messages instead
+of the labelled arrays: sim_node publishes the robot (JointState, PoseStamped, /clock, episode
+markers) and steps on the binding's commands; policy_node reads the same binding with
+`act_on: complete` on sim time (use_sim_time). sim_node waits until the policy listens on
+every topic (`wait_for_subscribers: 1`). The episodes are the same as with the labelled
+arrays; `latency_ms_*` is then the policy node's inference time from its stats.
 """
 from __future__ import annotations
 
@@ -110,14 +117,16 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
                      seeds: list[int] | None = None, *, control_rate_hz: float = 500.0,
                      expert_mode: str | int | None = None, device: str = 'cpu',
                      show_progress: bool = True, domain_id: int | None = None,
-                     timeout_s: float | None = None) -> dict[str, Any]:
+                     timeout_s: float | None = None, binding: str | None = None
+                     ) -> dict[str, Any]:
     """Roll `policy` out through sim_node (lockstep) and policy_node over DDS.
 
     `policy` is a checkpoint folder or 'scripted' / 'averaged'. Returns the metrics of
     `vdd_ros.sim.rollout.evaluate` (latency_ms_* is the policy node's inference time) plus
     `obs_to_action_ms_p50/p99/mean` (measured by the sim node), the policy node's deadline
     statistics at `control_rate_hz`, and `via_ros`, `clock_mode`, `control_rate_hz`,
-    `expert_mode`, `domain_id`.
+    `expert_mode`, `domain_id`, `binding` (None: the labelled arrays; see the module
+    docstring).
     """
     from tqdm import tqdm
 
@@ -142,6 +151,13 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
                                                       'set_expert_mode'):
         raise UserError(f'expert_mode applies to MoE checkpoints, not {describe_policy(ref)}')
     del built
+    bound = None
+    if binding:
+        from vdd_ros.ros.binding_io import check_against_policy, resolve_binding
+        if not str(binding).startswith('task:'):
+            binding = str(Path(binding).resolve())
+        bound = resolve_binding(str(binding))
+        check_against_policy(bound, spec.obs_fields, spec.action_dim)
     domain = free_domain_id() if domain_id is None else int(domain_id)
     namespace = f'/vdd_eval_{os.getpid()}_{uuid.uuid4().hex[:6]}'
     if timeout_s is None:
@@ -160,6 +176,9 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
         sim_params = {'task': spec.name, 'clock_mode': 'lockstep', 'seeds': seeds,
                       'episodes': episodes, 'exit_when_done': True,
                       'results_file': str(results)}
+        if bound is not None:
+            policy_params.update(binding=str(binding), act_on='complete', use_sim_time=True)
+            sim_params.update(binding=str(binding), wait_for_subscribers=1)
         nodes: list[NodeProcess] = []
         bar = tqdm(total=episodes, desc=f'evaluate {task} via ROS', disable=not show_progress,
                    dynamic_ncols=True, leave=False)
@@ -215,7 +234,11 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
         'via_ros': True, 'clock_mode': 'lockstep', 'control_rate_hz': float(control_rate_hz),
         'expert_mode': None if expert_mode in (None, '') else str(expert_mode),
         'domain_id': domain, 'wall_s': time.perf_counter() - start,
+        'binding': None if bound is None else (bound.name or str(binding)),
     })
+    if bound is not None and policy_stats.get('inference_ms_p50') is not None:
+        metrics.update(latency_ms_p50=float(policy_stats['inference_ms_p50']),
+                       latency_ms_p99=float(policy_stats['inference_ms_p99']))
     return metrics
 
 
@@ -238,6 +261,9 @@ def add_via_ros_arguments(parser: Any) -> None:
                                "the checkpoint's)")),
         ('--domain-id', dict(type=int, default=None, help='ROS domain of the run with '
                              '--via-ros (default: a random free one)')),
+        ('--binding', dict(default=None, help='with --via-ros, standard messages through '
+                           'this binding (a YAML file, or task:<name> for the shipped one) '
+                           'instead of the labelled arrays')),
     ]
     for flag, kwargs in options:
         if flag not in existing:
@@ -255,4 +281,5 @@ def evaluate_from_args(args: Any) -> dict[str, Any]:
                             expert_mode=getattr(args, 'expert_mode', None),
                             device=getattr(args, 'device', 'cpu'),
                             show_progress=not getattr(args, 'quiet', False),
-                            domain_id=getattr(args, 'domain_id', None))
+                            domain_id=getattr(args, 'domain_id', None),
+                            binding=getattr(args, 'binding', None))
