@@ -1,5 +1,10 @@
 """`vdd-ros train-teacher`: train the diffusion teacher on a dataset (the code the
-teacher_training_node runs)."""
+teacher_training_node runs).
+
+Data-parallel: `torchrun --nproc-per-node N -m vdd_ros.cli train-teacher ...` (or `distill`);
+every rank runs the job, rank 0 alone prints, shows progress and writes. Under torchrun SIGTERM
+stops like Ctrl-C (torchrun forwards the signal it receives to every rank).
+"""
 from __future__ import annotations
 
 import argparse
@@ -27,32 +32,49 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, default=1,
                         help='torch CPU threads, 0 for torch default (default: %(default)s)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue from the training state in OUT.state (saved every '
+                        '--checkpoint-every iterations and when stopped), with any number of '
+                        'ranks; without one, start afresh')
+    parser.epilog = ('Data-parallel on N processes: torchrun --nproc-per-node N -m vdd_ros.cli '
+                     f'{parser.prog.split()[-1]} ... (gloo on CPU, NCCL with --device cuda); '
+                     'the global batch stays the configured one.')
 
 
 def run_job(job: Callable[..., Path], args: argparse.Namespace, *positional: Any) -> int:
-    """Run a training job; the first Ctrl-C stops it early (it still saves), the second aborts."""
+    """Run a training job; the first Ctrl-C stops it early (it still saves), the second aborts.
+
+    Under torchrun only rank 0 prints, and SIGTERM is handled like Ctrl-C.
+    """
     import torch
+
+    from vdd_ros.core.distributed import launched, rank_from_env
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.checkpoint_every < 1:
         raise UserError(f'--checkpoint-every must be >= 1, got {args.checkpoint_every}')
+    main = rank_from_env() == 0
     stop = threading.Event()
 
-    def on_sigint(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print('stopping after this iteration and saving (Ctrl-C again to abort)',
-              file=sys.stderr)
+        if main:
+            print('stopping after this iteration and saving (Ctrl-C again to abort)',
+                  file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    handled = [signal.SIGINT, *([signal.SIGTERM] if launched() else [])]
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
     try:
         path = job(*positional, args.out, args.config, overrides=parse_overrides(args.set),
                    device=args.device, stop=stop, show_bar=not args.quiet,
-                   checkpoint_every=args.checkpoint_every)
+                   checkpoint_every=args.checkpoint_every, resume=args.resume)
     finally:
-        signal.signal(signal.SIGINT, previous)
-    print(f'{"stopped early; " if stop.is_set() else ""}wrote {path}')
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if main:
+        print(f'{"stopped early; " if stop.is_set() else ""}wrote {path}')
     return 0
 
 

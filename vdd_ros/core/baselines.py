@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from vdd_ros.core.config import BaselineConfig
+from vdd_ros.core.distributed import DataParallel
 from vdd_ros.core.moe import MixtureOfExperts
 from vdd_ros.core.progress import ProgressCallback, ProgressTracker
+from vdd_ros.core.train_state import TrainingState
 from vdd_ros.core.vdd import linear_decay, set_lr
 
 
@@ -29,26 +31,48 @@ def em_loss(moe: MixtureOfExperts, obs: torch.Tensor, actions: torch.Tensor) -> 
 def train_em(moe: MixtureOfExperts, obs: torch.Tensor, actions: torch.Tensor,
              cfg: BaselineConfig, *, seed: int = 0, stage: str = 'em_moe',
              progress: ProgressCallback | None = None, stop: threading.Event | None = None,
-             show_bar: bool = True) -> list[tuple[int, float]]:
-    """Fit `moe` to flat normalised `obs (N, F)`, `actions (N, D)` by stochastic EM."""
+             show_bar: bool = True, dp: DataParallel | None = None,
+             state: TrainingState | None = None) -> list[tuple[int, float]]:
+    """Fit `moe` to flat normalised `obs (N, F)`, `actions (N, D)` by stochastic EM.
+
+    With `dp` each rank takes its share of every global batch (distributed.py); with `state`
+    the loop resumes from and saves a training state (an empty history when the state is of
+    a later stage of the job, which this loop then skips).
+    """
+    dp = dp or DataParallel()
     device = obs.device
     gen = torch.Generator(device=device).manual_seed(seed)
     opt = torch.optim.Adam(moe.parameters(), lr=cfg.lr)
     decay = linear_decay(cfg.iterations, cfg.final_lr_fraction)
-    tracker = ProgressTracker(stage, cfg.iterations, progress, stop, show_bar)
-    moe.train()
     n = obs.shape[0]
+    batch = min(cfg.batch_size, n)
+    dp.check_batch(batch, stage)
+    rows, share = dp.rows(batch), dp.share(batch)
+    parts = {'model': moe, 'opt': opt, 'gen': gen}
+    resumed = state.restore(stage, parts) if state is not None else (0, [])
+    if resumed is None:
+        return []
+    start, history = resumed
+    dp.broadcast_(moe)
+    params = list(moe.parameters())
+    tracker = ProgressTracker(stage, cfg.iterations, progress if dp.is_main else None, stop,
+                              show_bar and dp.is_main, initial=start, history=history)
+    moe.train()
     try:
-        for it in range(cfg.iterations):
+        for it in range(start, cfg.iterations):
             set_lr(opt, cfg.lr * decay(it))
-            idx = torch.randint(n, (min(cfg.batch_size, n),), device=device, generator=gen)
+            idx = torch.randint(n, (batch,), device=device, generator=gen)[rows]
             loss = em_loss(moe, obs[idx], actions[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(moe.parameters(), 10.0)
+            (value,) = dp.sync(params, share, [loss], tracker.should_stop)
+            nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
-            tracker.update(it, loss.item())
-            if tracker.should_stop:
+            tracker.update(it, value)
+            stopping = dp.should_stop(tracker.should_stop)
+            if state is not None:
+                state.step(stage, it + 1, parts, tracker.history, force=stopping)
+            if stopping:
                 break
     finally:
         tracker.close()

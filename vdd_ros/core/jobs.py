@@ -2,7 +2,10 @@
 
 Each job reads a robomimic-style HDF5 file, trains one model with its one training loop and
 writes a checkpoint folder (periodically while training, and at the end, also when stopped
-early through `stop`).
+early through `stop`). Started by torchrun, a job trains data-parallel (distributed.py): every
+rank runs it, rank 0 alone writes. Every `checkpoint_every` iterations, and when stopped, the
+training state goes to `<out>.state` (train_state.py); `resume` continues from it, with any
+number of ranks, and a job that completes removes it.
 """
 from __future__ import annotations
 
@@ -19,12 +22,14 @@ from vdd_ros.core.checkpoint import load_model, read_meta, save_checkpoint, tail
 from vdd_ros.core.config import (BaselineConfig, MoEConfig, TrainConfig, from_dict, load_config,
                                  to_dict)
 from vdd_ros.core.data import load_dataset, make_windows
+from vdd_ros.core.distributed import DataParallel, data_parallel
 from vdd_ros.core.io import check_writable
 from vdd_ros.core.moe import MixtureOfExperts
 from vdd_ros.core.policy import PolicySpec
 from vdd_ros.core.progress import ProgressCallback
 from vdd_ros.core.scores import TeacherScore
 from vdd_ros.core.teacher import DiffusionTeacher, train_teacher
+from vdd_ros.core.train_state import TrainingState, fingerprint, state_folder
 from vdd_ros.core.vdd import distill
 from vdd_ros.errors import UserError
 
@@ -113,28 +118,43 @@ def train_teacher_job(dataset: Path_, out: Path_, config: Path_ | None = None, *
                       obs_keys: list[str] | None = None,
                       progress: ProgressCallback | None = None,
                       stop: threading.Event | None = None, show_bar: bool = True,
-                      checkpoint_every: int = 1000) -> Path:
+                      checkpoint_every: int = 1000, resume: bool = False) -> Path:
     """Train the diffusion teacher on `dataset` and write its checkpoint to `out`."""
     check_writable(out, 'checkpoint folder', folder=True)
     cfg = load_train_config(config, overrides)
-    torch.manual_seed(cfg.seed)
-    obs_dim, action_dim = _dims(dataset, obs_keys)
-    teacher = DiffusionTeacher(cfg.teacher, obs_dim, action_dim, cfg.obs_horizon,
-                               cfg.action_horizon)
-    data = prepare_data(dataset, cfg, teacher, obs_keys)
-    teacher.to(device)
-    save = _saver(out, data.spec, 'teacher', cfg)
-    history = train_teacher(teacher, data.obs.to(device), data.actions.to(device),
-                            seed=cfg.seed, progress=progress, stop=stop, show_bar=show_bar,
-                            on_checkpoint=save, checkpoint_every=checkpoint_every)
-    return save(teacher, history)
+    with data_parallel(device) as dp:
+        torch.manual_seed(cfg.seed)
+        obs_dim, action_dim = _dims(dataset, obs_keys)
+        teacher = DiffusionTeacher(cfg.teacher, obs_dim, action_dim, cfg.obs_horizon,
+                                   cfg.action_horizon)
+        data = prepare_data(dataset, cfg, teacher, obs_keys)
+        teacher.to(dp.device)
+        obs, actions = data.obs.to(dp.device), data.actions.to(dp.device)
+        state = _training_state(out, 'teacher', cfg, ('teacher',), checkpoint_every, resume,
+                                dp, obs, actions)
+        save = _saver(out, data.spec, 'teacher', cfg, dp)
+        history = train_teacher(teacher, obs, actions, seed=cfg.seed, progress=progress,
+                                stop=stop, show_bar=show_bar, on_checkpoint=save,
+                                checkpoint_every=checkpoint_every, dp=dp, state=state)
+        path = save(teacher, history)
+        if len(history) >= cfg.teacher.iterations:
+            state.finish()
+    return path
+
+
+WARM_START = 'vdd warm start (EM)'
 
 
 def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ | None = None, *,
                 overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
                 progress: ProgressCallback | None = None, stop: threading.Event | None = None,
-                show_bar: bool = True, checkpoint_every: int = 1000) -> Path:
-    """Distil a teacher checkpoint into a VDD-MoE on the dataset's states; write to `out`."""
+                show_bar: bool = True, checkpoint_every: int = 1000,
+                resume: bool = False) -> Path:
+    """Distil a teacher checkpoint into a VDD-MoE on the dataset's states; write to `out`.
+
+    Stopped during the EM warm start, it writes the warm-started MoE and leaves distillation
+    to a resumed run.
+    """
     check_writable(out, 'checkpoint folder', folder=True)
     cfg = load_train_config(config, overrides)
     meta = read_meta(teacher_ckpt)
@@ -142,57 +162,89 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
         raise UserError(f'{teacher_ckpt}: a {meta["kind"]} checkpoint (method '
                         f'{meta.get("method")}); distillation needs a diffusion teacher '
                         f'checkpoint (kind teacher)')
-    torch.manual_seed(cfg.seed)
-    teacher, spec, _ = load_model(teacher_ckpt, device)
-    cfg.obs_horizon, cfg.action_horizon = spec.obs_horizon, spec.action_horizon
-    cfg.action_exec = spec.action_exec
-    moe = _moe_like(cfg.moe, spec)
-    moe.obs_normalizer.load_state_dict(teacher.obs_normalizer.state_dict())
-    moe.action_normalizer.load_state_dict(teacher.action_normalizer.state_dict())
-    keys = [k for k, _ in spec.obs_fields]
-    found = load_dataset(dataset, keys)
-    wanted = [(k, int(n)) for k, n in spec.obs_fields]
-    if found.obs_fields != wanted or found.action_dim != spec.action_dim:
-        raise UserError(f'{dataset}: observations {found.obs_fields} and {found.action_dim}-d '
-                        f"actions do not match the teacher's {wanted} and {spec.action_dim}-d")
-    data = prepare_data(dataset, cfg, moe, keys, fit=False)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    moe.init_means(data.actions, gen)
-    moe.to(device)
-    data.spec.task = spec.task
-    save = _saver(out, data.spec, 'vdd_moe', cfg)
-    if cfg.vdd.init_em_iterations:
-        warm = BaselineConfig(iterations=cfg.vdd.init_em_iterations,
-                              batch_size=cfg.vdd.batch_size, lr=cfg.vdd.init_em_lr)
-        train_em(moe, data.obs.to(device), data.actions.to(device), warm, seed=cfg.seed,
-                 stage='vdd warm start (EM)', progress=progress, stop=stop, show_bar=show_bar)
-    history = distill(moe, TeacherScore(teacher), data.obs.to(device), data.actions.to(device),
-                      cfg.vdd, seed=cfg.seed, progress=progress, stop=stop, show_bar=show_bar,
-                      on_checkpoint=save, checkpoint_every=checkpoint_every)
-    return save(moe, history)
+    with data_parallel(device) as dp:
+        torch.manual_seed(cfg.seed)
+        teacher, spec, _ = load_model(teacher_ckpt, dp.device)
+        cfg.obs_horizon, cfg.action_horizon = spec.obs_horizon, spec.action_horizon
+        cfg.action_exec = spec.action_exec
+        moe = _moe_like(cfg.moe, spec)
+        moe.obs_normalizer.load_state_dict(teacher.obs_normalizer.state_dict())
+        moe.action_normalizer.load_state_dict(teacher.action_normalizer.state_dict())
+        keys = [k for k, _ in spec.obs_fields]
+        found = load_dataset(dataset, keys)
+        wanted = [(k, int(n)) for k, n in spec.obs_fields]
+        if found.obs_fields != wanted or found.action_dim != spec.action_dim:
+            raise UserError(f'{dataset}: observations {found.obs_fields} and '
+                            f'{found.action_dim}-d actions do not match the teacher\'s '
+                            f'{wanted} and {spec.action_dim}-d')
+        data = prepare_data(dataset, cfg, moe, keys, fit=False)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        moe.init_means(data.actions, gen)
+        moe.to(dp.device)
+        data.spec.task = spec.task
+        obs, actions = data.obs.to(dp.device), data.actions.to(dp.device)
+        warm = cfg.vdd.init_em_iterations
+        stages = (WARM_START, 'vdd') if warm else ('vdd',)
+        state = _training_state(out, 'vdd_moe', cfg, stages, checkpoint_every, resume, dp,
+                                obs, actions, *teacher.state_dict().values())
+        save = _saver(out, data.spec, 'vdd_moe', cfg, dp)
+        if warm:
+            bcfg = BaselineConfig(iterations=warm, batch_size=cfg.vdd.batch_size,
+                                  lr=cfg.vdd.init_em_lr)
+            train_em(moe, obs, actions, bcfg, seed=cfg.seed, stage=WARM_START,
+                     progress=progress, stop=stop, show_bar=show_bar, dp=dp, state=state)
+            if dp.should_stop(stop is not None and stop.is_set()):
+                return save(moe)
+        history = distill(moe, TeacherScore(teacher), obs, actions, cfg.vdd, seed=cfg.seed,
+                          progress=progress, stop=stop, show_bar=show_bar, on_checkpoint=save,
+                          checkpoint_every=checkpoint_every, dp=dp, state=state)
+        path = save(moe, history)
+        if len(history) >= cfg.vdd.iterations:
+            state.finish()
+    return path
 
 
 def baseline_job(method: str, dataset: Path_, out: Path_, config: Path_ | None = None, *,
                  overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
                  obs_keys: list[str] | None = None, progress: ProgressCallback | None = None,
-                 stop: threading.Event | None = None, show_bar: bool = True) -> Path:
-    """Train `gaussian_bc` (one Gaussian) or `em_moe` (MoE by EM) on the data; write to `out`."""
+                 stop: threading.Event | None = None, show_bar: bool = True,
+                 checkpoint_every: int = 1000, resume: bool = False) -> Path:
+    """Train `gaussian_bc` (one Gaussian) or `em_moe` (MoE by EM) on the data; write to `out`.
+
+    `checkpoint_every` sets how often the training state is saved (for `resume`).
+    """
     if method not in ('gaussian_bc', 'em_moe'):
         raise UserError(f"baseline method must be 'gaussian_bc' or 'em_moe', got {method!r}")
     check_writable(out, 'checkpoint folder', folder=True)
     cfg = load_train_config(config, overrides)
-    torch.manual_seed(cfg.seed)
-    obs_dim, action_dim = _dims(dataset, obs_keys)
-    experts = 1 if method == 'gaussian_bc' else cfg.moe.num_experts
-    mcfg = MoEConfig(**{**to_dict(cfg.moe), 'num_experts': experts})
-    moe = MixtureOfExperts(mcfg, obs_dim, action_dim, cfg.obs_horizon, cfg.action_horizon)
-    data = prepare_data(dataset, cfg, moe, obs_keys)
-    moe.init_means(data.actions, torch.Generator().manual_seed(cfg.seed))
-    moe.to(device)
-    history = train_em(moe, data.obs.to(device), data.actions.to(device),
-                       getattr(cfg, method), seed=cfg.seed, stage=method, progress=progress,
-                       stop=stop, show_bar=show_bar)
-    return _saver(out, data.spec, method, cfg)(moe, history)
+    with data_parallel(device) as dp:
+        torch.manual_seed(cfg.seed)
+        obs_dim, action_dim = _dims(dataset, obs_keys)
+        experts = 1 if method == 'gaussian_bc' else cfg.moe.num_experts
+        mcfg = MoEConfig(**{**to_dict(cfg.moe), 'num_experts': experts})
+        moe = MixtureOfExperts(mcfg, obs_dim, action_dim, cfg.obs_horizon, cfg.action_horizon)
+        data = prepare_data(dataset, cfg, moe, obs_keys)
+        moe.init_means(data.actions, torch.Generator().manual_seed(cfg.seed))
+        moe.to(dp.device)
+        obs, actions = data.obs.to(dp.device), data.actions.to(dp.device)
+        bcfg = getattr(cfg, method)
+        state = _training_state(out, method, cfg, (method,), checkpoint_every, resume, dp,
+                                obs, actions)
+        history = train_em(moe, obs, actions, bcfg, seed=cfg.seed, stage=method,
+                           progress=progress, stop=stop, show_bar=show_bar, dp=dp, state=state)
+        path = _saver(out, data.spec, method, cfg, dp)(moe, history)
+        if len(history) >= bcfg.iterations:
+            state.finish()
+    return path
+
+
+def _training_state(out: Path_, job: str, cfg: TrainConfig, stages: tuple[str, ...],
+                    every: int, resume: bool, dp: DataParallel,
+                    *data: torch.Tensor) -> TrainingState:
+    """The training state of a job writing `out`, identified by its config and its data."""
+    run = {'job': job, 'config': to_dict(cfg), 'data': fingerprint(*data)}
+    return TrainingState(state_folder(out), every=every, run=run, stages=stages,
+                         resume=resume, dp=dp)
 
 
 def _moe_like(cfg: MoEConfig, spec: PolicySpec) -> MixtureOfExperts:
@@ -200,10 +252,13 @@ def _moe_like(cfg: MoEConfig, spec: PolicySpec) -> MixtureOfExperts:
                             spec.action_horizon)
 
 
-def _saver(out: Path_, spec: PolicySpec, method: str, cfg: TrainConfig):
+def _saver(out: Path_, spec: PolicySpec, method: str, cfg: TrainConfig,
+           dp: DataParallel | None = None):
     """A callback that writes the model as a checkpoint folder: the iteration count and final
-    loss in its config, the loss curve in its curves file."""
+    loss in its config, the loss curve in its curves file. Only rank 0 writes."""
     def save(model: torch.nn.Module, history: list[tuple[int, float]] | None = None) -> Path:
+        if dp is not None and not dp.is_main:
+            return Path(out)
         if not history:
             return save_checkpoint(out, model, spec, method, to_dict(cfg))
         metrics = {'iterations': len(history), 'final_loss': tail_mean(history)}

@@ -34,20 +34,23 @@ class ProgressTracker:
     """Drives a tqdm bar, throttled callbacks and NaN checks for one training loop.
 
     `stop` is an optional `threading.Event`; when set, `should_stop` turns true and the loop
-    ends early (it still saves what it has).
+    ends early (it still saves what it has). A resumed loop passes the iteration it starts at
+    and the loss history so far. Pass `show_bar=False` and no callback on ranks other than 0.
     """
 
     def __init__(self, stage: str, total: int, callback: ProgressCallback | None = None,
                  stop: threading.Event | None = None, show_bar: bool = True,
-                 every_s: float = 0.5) -> None:
+                 every_s: float = 0.5, initial: int = 0,
+                 history: list[tuple[int, float]] | None = None) -> None:
         self.stage, self.total = stage, total
         self.callback, self.stop = callback, stop
         self.every_s = every_s
         self.start = time.monotonic()
+        self.initial = initial
         self._last_cb = -math.inf
-        self.history: list[tuple[int, float]] = []
-        self.bar = tqdm(total=total, desc=stage, disable=not show_bar, dynamic_ncols=True,
-                        leave=False)
+        self.history: list[tuple[int, float]] = list(history or [])
+        self.bar = tqdm(total=total, initial=initial, desc=stage, disable=not show_bar,
+                        dynamic_ncols=True, leave=False)
 
     @property
     def should_stop(self) -> bool:
@@ -70,7 +73,8 @@ class ProgressTracker:
     def report(self, iteration: int, loss: float, metrics: dict[str, float]) -> Progress:
         elapsed = time.monotonic() - self.start
         done = iteration + 1
-        eta = elapsed / done * (self.total - done) if done else math.inf
+        ran = done - self.initial
+        eta = elapsed / ran * (self.total - done) if ran > 0 else math.inf
         return Progress(self.stage, done, self.total, float(loss), elapsed, eta, dict(metrics))
 
     def close(self) -> None:

@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from vdd_ros.core.config import TeacherConfig
+from vdd_ros.core.distributed import DataParallel
 from vdd_ros.core.nets import FourierEmbedding, ResidualMLP
 from vdd_ros.core.normalizer import Normalizer
 from vdd_ros.core.progress import ProgressCallback, ProgressTracker
+from vdd_ros.core.train_state import TrainingState
 
 
 class DiffusionTeacher(nn.Module):
@@ -57,13 +59,23 @@ class DiffusionTeacher(nn.Module):
         sig = sigma.to(a.dtype).expand(a.shape[:-1])[..., None]
         return (self.denoise(a, obs, sigma) - a) / sig ** 2
 
+    def training_draws(self, batch: int, device: torch.device | str = 'cpu',
+                       generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The standard normal draws of one training batch: the noise levels' `(B,)` and the
+        noise's `(B, flat_act)` (data-parallel ranks draw a global batch and take their rows)."""
+        n = torch.randn(batch, device=device, generator=generator)
+        return n, torch.randn(batch, self.flat_act, device=device, generator=generator)
+
     def loss(self, a0: torch.Tensor, obs: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """EDM denoising loss with log-normal training noise."""
+             generator: torch.Generator | None = None,
+             draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """EDM denoising loss with log-normal training noise (from `draws` when given)."""
         cfg = self.cfg
-        n = torch.randn(a0.shape[0], device=a0.device, generator=generator)
+        if draws is None:
+            draws = self.training_draws(a0.shape[0], a0.device, generator)
+        n, noise = draws
         sigma = (cfg.noise_mean + cfg.noise_std * n).exp()
-        noise = torch.randn(a0.shape, device=a0.device, generator=generator)
         denoised = self.denoise(a0 + sigma[:, None] * noise, obs, sigma)
         sd = cfg.sigma_data
         weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
@@ -118,40 +130,60 @@ def train_teacher(teacher: DiffusionTeacher, obs: torch.Tensor, actions: torch.T
                   iterations: int | None = None, seed: int = 0,
                   progress: ProgressCallback | None = None,
                   stop: threading.Event | None = None, show_bar: bool = True,
-                  on_checkpoint: Any = None, checkpoint_every: int = 0) -> list[tuple[int, float]]:
+                  on_checkpoint: Any = None, checkpoint_every: int = 0,
+                  dp: DataParallel | None = None,
+                  state: TrainingState | None = None) -> list[tuple[int, float]]:
     """Train the denoiser on normalised flat `obs (N, flat_obs)` and `actions (N, flat_act)`.
 
     The weights end as an exponential moving average of the iterates. Returns the loss
-    history. `on_checkpoint(teacher)` is called every `checkpoint_every` iterations.
+    history. `on_checkpoint(teacher)` is called every `checkpoint_every` iterations. With `dp`
+    each rank trains on its share of every global batch (distributed.py), and only rank 0
+    reports and checkpoints; with `state` the loop resumes from and saves a training state.
     """
     cfg = teacher.cfg
     iterations = cfg.iterations if iterations is None else iterations
+    dp = dp or DataParallel()
     device = obs.device
     gen = torch.Generator(device=device).manual_seed(seed)
     ema = copy.deepcopy(teacher.net).requires_grad_(False)
     opt = torch.optim.AdamW(teacher.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda it: 0.5 * (1 + math.cos(math.pi * min(it / iterations, 1.0))))
-    tracker = ProgressTracker('teacher', iterations, progress, stop, show_bar)
-    teacher.train()
     n = obs.shape[0]
+    batch = min(cfg.batch_size, n)
+    dp.check_batch(batch, 'teacher')
+    rows, share = dp.rows(batch), dp.share(batch)
+    parts = {'model': teacher, 'ema': ema, 'opt': opt, 'sched': sched, 'gen': gen}
+    start, history = state.restore('teacher', parts) if state is not None else (0, [])
+    dp.broadcast_(teacher)
+    dp.broadcast_(ema)
+    params = list(teacher.net.parameters())
+    tracker = ProgressTracker('teacher', iterations, progress if dp.is_main else None, stop,
+                              show_bar and dp.is_main, initial=start, history=history)
+    teacher.train()
     try:
-        for it in range(iterations):
-            idx = torch.randint(n, (min(cfg.batch_size, n),), device=device, generator=gen)
-            loss = teacher.loss(actions[idx], obs[idx], gen)
+        for it in range(start, iterations):
+            idx = torch.randint(n, (batch,), device=device, generator=gen)[rows]
+            draws = teacher.training_draws(batch, device, gen)
+            loss = teacher.loss(actions[idx], obs[idx], draws=(draws[0][rows], draws[1][rows]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(teacher.net.parameters(), 1.0)
+            (value,) = dp.sync(params, share, [loss], tracker.should_stop)
+            nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             decay = min(cfg.ema_decay, (1 + it) / (10 + it))
             with torch.no_grad():
-                for pe, p in zip(ema.parameters(), teacher.net.parameters()):
+                for pe, p in zip(ema.parameters(), params):
                     pe.lerp_(p, 1 - decay)
-            tracker.update(it, loss.item(), lr=sched.get_last_lr()[0])
-            if on_checkpoint is not None and checkpoint_every and (it + 1) % checkpoint_every == 0:
+            tracker.update(it, value, lr=sched.get_last_lr()[0])
+            stopping = dp.should_stop(tracker.should_stop)
+            if (on_checkpoint is not None and dp.is_main and checkpoint_every
+                    and (it + 1) % checkpoint_every == 0):
                 _with_ema(teacher, ema, on_checkpoint)
-            if tracker.should_stop:
+            if state is not None:
+                state.step('teacher', it + 1, parts, tracker.history, force=stopping)
+            if stopping:
                 break
     finally:
         tracker.close()

@@ -16,25 +16,48 @@ import torch
 from torch import nn
 
 from vdd_ros.core.config import VDDConfig
+from vdd_ros.core.distributed import DataParallel
 from vdd_ros.core.moe import MixtureOfExperts
 from vdd_ros.core.progress import ProgressCallback, ProgressTracker
 from vdd_ros.core.scores import ScoreFunction
+from vdd_ros.core.train_state import TrainingState
+
+
+def expert_draws(moe: MixtureOfExperts, batch: int, cfg: VDDConfig,
+                 device: torch.device | str = 'cpu', generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random draws of one expert step: standard normal `(B, Z, V, D)` for the
+    reparameterised samples and the teacher's noise levels `(B, Z, V)` (data-parallel ranks
+    draw a global batch and take their rows)."""
+    z, v = moe.num_experts, cfg.samples_per_expert
+    eps = torch.randn(batch, z, v, moe.dim, device=device, generator=generator)
+    sigma = torch.empty(batch, z, v, device=device).uniform_(
+        cfg.score_sigma_min, cfg.score_sigma_max, generator=generator)
+    return eps, sigma
 
 
 def expert_loss(moe: MixtureOfExperts, obs: torch.Tensor, score_fn: ScoreFunction,
                 cfg: VDDConfig, uniform_gating: bool = False,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Surrogate of sum_z q(z|s) U_z(s), averaged over the batch of states `obs (B, F)`."""
+                generator: torch.Generator | None = None,
+                draws: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Surrogate of sum_z q(z|s) U_z(s), averaged over the batch of states `obs (B, F)`.
+
+    `draws` are `expert_draws` for these states; without them they are drawn from `generator`.
+    """
     b, z, v = obs.shape[0], moe.num_experts, cfg.samples_per_expert
+    eps, sigma = expert_draws(moe, b, cfg, obs.device, generator) if draws is None else draws
     h = moe.features(obs)
     if uniform_gating:
         log_gate = torch.full((b, z), -math.log(z), device=obs.device)
     else:
         log_gate = moe.log_gating(h).detach()
     means, scales = moe.means(h), moe.scales(h)
-    a = moe.rsample_experts(means, scales, v, generator)                      # (B, Z, V, D)
-    sigma = torch.empty(b, z, v, device=obs.device).uniform_(
-        cfg.score_sigma_min, cfg.score_sigma_max, generator=generator)
+    # a = mu_z + L_z eps, as MixtureOfExperts.rsample_experts                   (B, Z, V, D)
+    if moe.full:
+        a = means[:, :, None] + (scales[:, :, None] @ eps[..., None])[..., 0]
+    else:
+        a = means[:, :, None] + scales[:, :, None] * eps
     with torch.no_grad():
         score = score_fn(a.detach(), obs[:, None, None], sigma)
     log_resp = moe.responsibilities(a.reshape(b, z * v, -1), log_gate, means.detach(),
@@ -86,47 +109,70 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
             actions: torch.Tensor, cfg: VDDConfig, *, seed: int = 0,
             progress: ProgressCallback | None = None, stop: threading.Event | None = None,
             show_bar: bool = True, on_checkpoint: Callable[[MixtureOfExperts], Any] | None = None,
-            checkpoint_every: int = 0) -> list[tuple[int, float]]:
+            checkpoint_every: int = 0, dp: DataParallel | None = None,
+            state: TrainingState | None = None, stage: str = 'vdd') -> list[tuple[int, float]]:
     """Train `moe` by VDD against `score_fn` on dataset states `obs (N, F)`.
 
     `actions (N, D)` are the dataset actions for the gating step. Raises DivergenceError
-    naming the iteration if the loss turns NaN or Inf. Returns the loss history.
+    naming the iteration if the loss turns NaN or Inf. Returns the loss history. With `dp`
+    each rank takes its share of every global batch, teacher score calls included
+    (distributed.py); with `state` the loop resumes from and saves a training state.
     """
+    dp = dp or DataParallel()
     device = obs.device
     gen = torch.Generator(device=device).manual_seed(seed)
     opt = torch.optim.Adam(expert_param_groups(moe, cfg.backbone_lr_scale), lr=cfg.lr)
     gate_opt = torch.optim.Adam(moe.gate.parameters(), lr=cfg.gating_lr)
     decay = linear_decay(cfg.iterations, cfg.final_lr_fraction)
     warmup = int(cfg.uniform_gating_fraction * cfg.iterations)
-    tracker = ProgressTracker('vdd', cfg.iterations, progress, stop, show_bar)
-    moe.train()
     n = obs.shape[0]
+    batch = min(cfg.batch_size, n)
+    dp.check_batch(batch, stage)
+    rows, share = dp.rows(batch), dp.share(batch)
+    parts = {'model': moe, 'opt': opt, 'gate_opt': gate_opt, 'gen': gen}
+    resumed = state.restore(stage, parts) if state is not None else (0, [])
+    if resumed is None:
+        return []
+    start, history = resumed
+    dp.broadcast_(moe)
+    experts, gate = expert_parameters(moe), list(moe.gate.parameters())
+    tracker = ProgressTracker(stage, cfg.iterations, progress if dp.is_main else None, stop,
+                              show_bar and dp.is_main, initial=start, history=history)
+    moe.train()
     try:
-        for it in range(cfg.iterations):
+        for it in range(start, cfg.iterations):
             uniform = it < warmup
             set_lr(opt, cfg.lr * decay(it))
             set_lr(gate_opt, cfg.gating_lr * decay(it))
             for _ in range(cfg.expert_steps):
-                idx = torch.randint(n, (min(cfg.batch_size, n),), device=device, generator=gen)
-                loss, stats = expert_loss(moe, obs[idx], score_fn, cfg, uniform, gen)
+                idx = torch.randint(n, (batch,), device=device, generator=gen)[rows]
+                eps, sigma = expert_draws(moe, batch, cfg, device, gen)
+                loss, stats = expert_loss(moe, obs[idx], score_fn, cfg, uniform,
+                                          draws=(eps[rows], sigma[rows]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(expert_parameters(moe), cfg.grad_clip)
+                value, *logged = dp.sync(experts, share, [loss, *stats.values()],
+                                         tracker.should_stop)
+                stats = dict(zip(stats, logged))
+                nn.utils.clip_grad_norm_(experts, cfg.grad_clip)
                 opt.step()
             g_loss = float('nan')
             if not uniform:
                 for _ in range(cfg.gating_steps):
-                    idx = torch.randint(n, (min(cfg.batch_size, n),), device=device,
-                                        generator=gen)
+                    idx = torch.randint(n, (batch,), device=device, generator=gen)[rows]
                     g = gating_loss(moe, obs[idx], actions[idx])
                     gate_opt.zero_grad(set_to_none=True)
                     g.backward()
+                    (g_loss,) = dp.sync(gate, share, [g], tracker.should_stop)
                     gate_opt.step()
-                    g_loss = g.item()
-            tracker.update(it, loss.item(), gating_loss=g_loss, **stats)
-            if on_checkpoint is not None and checkpoint_every and (it + 1) % checkpoint_every == 0:
+            tracker.update(it, value, gating_loss=g_loss, **stats)
+            stopping = dp.should_stop(tracker.should_stop)
+            if (on_checkpoint is not None and dp.is_main and checkpoint_every
+                    and (it + 1) % checkpoint_every == 0):
                 on_checkpoint(moe)
-            if tracker.should_stop:
+            if state is not None:
+                state.step(stage, it + 1, parts, tracker.history, force=stopping)
+            if stopping:
                 break
     finally:
         tracker.close()
