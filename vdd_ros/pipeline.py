@@ -13,6 +13,25 @@ The key hashes the stage's settings and the run ids of the stages it reads, so a
 reruns (changed settings, lost output, `force`) makes everything downstream of it rerun too.
 A run killed at any moment leaves no marker for the stage it was in, so the next run resumes
 there. Robosuite, ROS and matplotlib are imported only by the stages that need them.
+
+Via bags (`via_bags`, `vdd-ros pipeline --via-bags`): the same job with everything over
+standard ROS 2 messages, under `<results>/via_bags/<task>/` (its own summary.md there):
+
+    record -> bag2dataset -> teacher -> ... (as above)
+
+- `record`: sim_node (lockstep, the task's shipped binding config/bindings/<task>.yaml) and
+  the scripted demonstrator as policy_node (act_on complete) run on a private ROS domain
+  and `vdd-ros record`'s recorder writes what they publish into MCAP bags
+  (`bags/round_<k>`), the way teleoperation on a real robot is recorded. Seeds and rounds are
+  those of `collect`: `collect_seed` onwards, each round asking for as many episodes as
+  demonstrations are still missing, up to 2 x demos + 10 attempts.
+- `bag2dataset`: the bags become demos.hdf5 through the binding (failed episodes dropped by
+  their end markers), so training reads what the recorder wrote, never the simulator.
+- The teacher and the VDD-MoE are evaluated through sim_node and policy_node over the
+  binding (JointState / PoseStamped in, TwistStamped / Float64MultiArray out, lockstep, act_on
+  complete, sim time); the other policies in-process; the evaluation seeds are the native
+  pipeline's. The report says so and, when `<results>/<task>/eval/` of the native pipeline
+  exists, puts native and via-bags success side by side.
 """
 from __future__ import annotations
 
@@ -194,6 +213,7 @@ class Context:
     device: str = 'cpu'
     show_progress: bool = True
     log: Callable[[str], None] = print
+    via_bags: bool = False
 
     def path(self, relative: str) -> Path:
         return self.folder / relative
@@ -208,18 +228,27 @@ def _train_settings(train: TrainConfig, *sections: str) -> dict[str, Any]:
 def build_stages(ctx: Context) -> list[Stage]:
     """The stages of a run, in execution order."""
     cfg, train = ctx.cfg, ctx.train
-    stages = [
-        Stage('collect', 'collect scripted demonstrations', (), ['demos.hdf5'],
-              {'task': ctx.task, 'demos': cfg.demos, 'seed': cfg.collect_seed}, _collect),
-        Stage('teacher', 'train the diffusion teacher', ('collect',), ['teacher'],
+    data = 'bag2dataset' if ctx.via_bags else 'collect'
+    collection = {'task': ctx.task, 'demos': cfg.demos, 'seed': cfg.collect_seed}
+    if ctx.via_bags:
+        stages = [
+            Stage('record', 'record scripted demonstrations through the ROS nodes', (),
+                  ['bags'], {**collection, 'binding': _binding_text(ctx.task)}, _record),
+            Stage('bag2dataset', 'convert the bags into a dataset', ('record',),
+                  ['demos.hdf5'], {'binding': _binding_text(ctx.task)}, _bag2dataset)]
+    else:
+        stages = [Stage('collect', 'collect scripted demonstrations', (), ['demos.hdf5'],
+                        collection, _collect)]
+    stages += [
+        Stage('teacher', 'train the diffusion teacher', (data,), ['teacher'],
               _train_settings(train, 'teacher'), functools.partial(_train, 'teacher')),
-        Stage('vdd_moe', 'distil the VDD-MoE', ('collect', 'teacher'), ['vdd_moe'],
+        Stage('vdd_moe', 'distil the VDD-MoE', (data, 'teacher'), ['vdd_moe'],
               {k: to_dict(train)[k] for k in ('seed', 'moe', 'vdd')},
               functools.partial(_train, 'vdd_moe')),
-        Stage('gaussian_bc', 'train the Gaussian BC baseline', ('collect',), ['gaussian_bc'],
+        Stage('gaussian_bc', 'train the Gaussian BC baseline', (data,), ['gaussian_bc'],
               _train_settings(train, 'moe', 'gaussian_bc'),
               functools.partial(_train, 'gaussian_bc')),
-        Stage('em_moe', 'train the EM-trained MoE baseline', ('collect',), ['em_moe'],
+        Stage('em_moe', 'train the EM-trained MoE baseline', (data,), ['em_moe'],
               _train_settings(train, 'moe', 'em_moe'), functools.partial(_train, 'em_moe')),
     ]
     for policy, (source, label) in POLICIES.items():
@@ -229,20 +258,142 @@ def build_stages(ctx: Context) -> list[Stage]:
             settings['steps'] = cfg.teacher_steps
         elif policy == 'teacher_1step':
             settings['steps'] = 1
-        elif policy == 'vdd_moe':
+        if policy == 'vdd_moe':
             settings.update(via_ros=True, control_rate_hz=cfg.ros_control_rate_hz,
                             expert_mode=cfg.expert_mode)
-        stages.append(Stage(f'eval_{policy}', f'evaluate: {label}', ('collect', source),
+        if ctx.via_bags and policy in VIA_BINDING:
+            settings.update(via_ros=True, control_rate_hz=cfg.ros_control_rate_hz,
+                            binding=f'task:{ctx.task}')
+        stages.append(Stage(f'eval_{policy}', f'evaluate: {label}', (data, source),
                             [f'eval/{policy}.json'], settings,
                             functools.partial(_evaluate, policy)))
     stages.append(Stage('video', 'render VDD-MoE rollouts of each mode', ('eval_vdd_moe',),
                         [GIF_NAME], {'per_mode': cfg.video_episodes_per_mode,
                                      'expert_mode': cfg.expert_mode}, _video))
     from vdd_ros.report import REPORT_OUTPUTS
+    report_settings: dict[str, Any] = {'config': to_dict(cfg)}
+    if ctx.via_bags:
+        report_settings['native'] = _native_fingerprint(ctx)
     stages.append(Stage('report', 'metrics, report and plots',
                         tuple(s.name for s in stages), list(REPORT_OUTPUTS),
-                        {'config': to_dict(cfg)}, _report))
+                        report_settings, _report))
     return stages
+
+
+def _binding_text(task: str) -> str:
+    """The task's shipped binding as JSON (a stage setting: an edited binding reruns)."""
+    from vdd_ros.binding import binding_for_task
+    return binding_for_task(task).to_json()
+
+
+def _record(ctx: Context) -> dict[str, Any]:
+    """Scripted demonstrations recorded through sim_node and policy_node (rounds as in
+    `collect`: each asks for as many episodes as successes are still missing)."""
+    from vdd_ros.ros.recorder import record_demonstrations
+    from vdd_ros.sim.rollout import EVAL_SEED_BASE
+    cfg = ctx.cfg
+    bags = ctx.path('bags')
+    shutil.rmtree(bags, ignore_errors=True)          # what an interrupted run left
+    bags.mkdir(parents=True)
+    max_attempts = 2 * cfg.demos + 10
+    if cfg.collect_seed + max_attempts > EVAL_SEED_BASE:
+        raise UserError(f'collection seeds must lie below {EVAL_SEED_BASE}; collect_seed '
+                        f'{cfg.collect_seed} with up to {max_attempts} attempts does not')
+    kept = attempts = messages = 0
+    size = 0
+    seed = cfg.collect_seed
+    counts: dict[str, int] = {}
+    lengths: list[int] = []
+    rounds = 0
+    while kept < cfg.demos and attempts < max_attempts:
+        n = min(cfg.demos - kept, max_attempts - attempts)
+        seeds = list(range(seed, seed + n))
+        seed, attempts = seed + n, attempts + n
+        summary, episodes = record_demonstrations(
+            ctx.task, bags / f'round_{rounds}', seeds, binding=f'task:{ctx.task}',
+            show_progress=ctx.show_progress)
+        rounds += 1
+        messages += sum(summary.messages.values())
+        size += summary.bytes
+        for e in episodes:
+            if e['success']:
+                kept += 1
+                counts[e['mode']] = counts.get(e['mode'], 0) + 1
+                lengths.append(int(e['length']))
+    if kept < cfg.demos:
+        ctx.log(f'  warning: only {kept} of {cfg.demos} demonstrations succeeded')
+    ctx.log(f'  {kept} successful of {attempts} recorded episodes in {rounds} bag(s), '
+            f'{messages} messages ({size / 2 ** 20:.1f} MB)')
+    return {'kept': kept, 'discarded': attempts - kept, 'attempts': attempts,
+            'rounds': rounds, 'messages': messages, 'mode_counts': counts,
+            'mean_length': float(sum(lengths) / len(lengths)) if lengths else 0.0}
+
+
+def _bag2dataset(ctx: Context) -> dict[str, Any]:
+    from vdd_ros.bags import convert
+    from vdd_ros.binding import binding_for_task
+    bags = sorted(ctx.path('bags').glob('round_*'), key=lambda p: int(p.name.split('_')[1]))
+    if not bags:
+        raise UserError(f'{ctx.path("bags")}: no recorded bags')
+    summary = convert(bags, binding_for_task(ctx.task), ctx.path('demos.hdf5'),
+                      env_args={'task': ctx.task}, show_progress=ctx.show_progress)
+    for line in summary.lines():
+        ctx.log(f'  {line}')
+    from vdd_ros.core.data import load_dataset
+    demos = load_dataset(ctx.path('demos.hdf5')).demos
+    counts: dict[str, int] = {}
+    for d in demos:
+        counts[str(d.mode)] = counts.get(str(d.mode), 0) + 1
+    record = read_marker(ctx.folder, 'record') or {}
+    attempts = (record.get('info') or {}).get('attempts')
+    return {'kept': len(demos), 'attempts': attempts, 'mode_counts': counts,
+            'mean_length': float(sum(len(d) for d in demos) / max(len(demos), 1)),
+            'episodes': summary.episodes, 'samples': summary.samples,
+            'mb_per_s': summary.mb_per_s}
+
+
+VIA_BINDING = ('teacher', 'vdd_moe')   # evaluated over standard messages in via-bags runs
+
+
+def native_folder(ctx: Context) -> Path:
+    """The native pipeline's folder of this task (next to `<results>/via_bags`)."""
+    return ctx.folder.parent.parent / ctx.task
+
+
+def _native_fingerprint(ctx: Context) -> str:
+    """Hash of the native pipeline's evaluations (the via-bags report compares with them)."""
+    digest = hashlib.sha256()
+    for name in VIA_BINDING:
+        path = native_folder(ctx) / 'eval' / f'{name}.json'
+        with contextlib.suppress(OSError):
+            digest.update(name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def compare_with_native(ctx: Context) -> dict[str, Any]:
+    """Success of the teacher and the VDD-MoE via bags against the native pipeline's, on the
+    same evaluation seeds (rows without native results say so)."""
+    rows = []
+    for name in VIA_BINDING:
+        mine = json.loads(ctx.path(f'eval/{name}.json').read_text())
+        row: dict[str, Any] = {'policy': name, 'via_bags': mine['success_rate'],
+                               'via_bags_successes': mine['successes'],
+                               'episodes': mine['episodes'], 'native': None}
+        try:
+            native = json.loads((native_folder(ctx) / 'eval' / f'{name}.json').read_text())
+        except (OSError, json.JSONDecodeError):
+            rows.append(row)
+            continue
+        a = {d['seed']: d for d in native.get('episodes_detail', [])}
+        b = {d['seed']: d for d in mine.get('episodes_detail', [])}
+        row.update(native=native['success_rate'], native_successes=native['successes'],
+                   native_episodes=native['episodes'],
+                   difference=mine['success_rate'] - native['success_rate'],
+                   same_seeds=sorted(a) == sorted(b),
+                   same_outcome=sum(a[k]['success'] == b[k]['success'] for k in a if k in b))
+        rows.append(row)
+    return {'native_folder': str(native_folder(ctx)), 'rows': rows,
+            'binding': f'config/bindings/{ctx.task}.yaml'}
 
 
 def _collect(ctx: Context) -> dict[str, Any]:
@@ -299,13 +450,19 @@ def _evaluate(policy: str, ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     seeds = evaluation_seeds(cfg.eval_episodes)
     ref = policy_ref(ctx, policy)
-    if policy == 'vdd_moe':
+    if policy == 'vdd_moe' or (ctx.via_bags and policy in VIA_BINDING):
         from vdd_ros.ros.evaluation import evaluate_via_ros
+        source = ctx.path(POLICIES[policy][0])
+        if policy == 'teacher' and cfg.teacher_steps is not None:
+            raise UserError('teacher_steps is not available with --via-bags (policy_node '
+                            "runs the checkpoint's own sampling steps)")
         try:
-            metrics = evaluate_via_ros(ctx.path('vdd_moe'), ctx.task, cfg.eval_episodes, seeds,
+            metrics = evaluate_via_ros(source, ctx.task, cfg.eval_episodes, seeds,
                                        control_rate_hz=cfg.ros_control_rate_hz,
-                                       expert_mode=cfg.expert_mode, device=ctx.device,
-                                       show_progress=ctx.show_progress)
+                                       expert_mode=cfg.expert_mode if policy == 'vdd_moe'
+                                       else None, device=ctx.device,
+                                       show_progress=ctx.show_progress,
+                                       binding=f'task:{ctx.task}' if ctx.via_bags else None)
         except UserError as exc:
             raise UserError(f'the ROS evaluation failed (no fallback to the in-process '
                             f'runner): {exc}') from None
@@ -319,7 +476,10 @@ def _evaluate(policy: str, ctx: Context) -> dict[str, Any]:
     if hasattr(model, 'expert_mode'):
         metrics['expert_mode'] = str(model.expert_mode)
     metrics.update(query_latency(built, ctx.path('demos.hdf5'), cfg.latency_queries))
-    metrics.update(name=policy, label=POLICIES[policy][1], checkpoint=POLICIES[policy][0],
+    label = POLICIES[policy][1]
+    if ctx.via_bags and policy == 'teacher':
+        label += ' (over ROS)'
+    metrics.update(name=policy, label=label, checkpoint=POLICIES[policy][0],
                    device=ctx.device)
     write_json(ctx.path(f'eval/{policy}.json'), metrics)
     ctx.log(f'  success {metrics["successes"]}/{metrics["episodes"]} '
@@ -437,6 +597,8 @@ def _report(ctx: Context) -> dict[str, Any]:
     from vdd_ros.report import assemble_metrics, render_task_report
     metrics = assemble_metrics(ctx.folder, to_dict(ctx.cfg), to_dict(ctx.train),
                                [s.name for s in build_stages(ctx)])
+    if ctx.via_bags:
+        metrics['via_bags'] = compare_with_native(ctx)
     write_json(ctx.path('metrics.json'), metrics)
     render_task_report(ctx.folder)
     return {'targets_met': metrics['targets_met']}
@@ -488,15 +650,17 @@ def _decide(ctx: Context, stage: Stage, deps: dict[str, str], forced: bool
 
 def run_pipeline(task: str, cfg: PipelineConfig, results: str | os.PathLike = 'results', *,
                  device: str = 'cpu', force: bool = False, rerun_from: str | None = None,
-                 show_progress: bool = True, log: Callable[[str], None] = print
-                 ) -> dict[str, Any]:
+                 show_progress: bool = True, log: Callable[[str], None] = print,
+                 via_bags: bool = False) -> dict[str, Any]:
     """Run (or resume) the pipeline on `task`; returns the metrics written to metrics.json.
 
     `force` reruns every stage; `rerun_from` reruns that stage (and so everything after it
-    that reads it).
+    that reads it). `via_bags`: everything over standard ROS 2 messages, under
+    `<results>/via_bags/<task>/` (see the module docstring).
     """
+    results = results_root(results, via_bags)
     ctx = Context(task, Path(results) / task, cfg, cfg.train_config(), device, show_progress,
-                  log)
+                  log, via_bags)
     stages = build_stages(ctx)
     names = [s.name for s in stages]
     if rerun_from is not None and rerun_from not in names:
@@ -506,6 +670,11 @@ def run_pipeline(task: str, cfg: PipelineConfig, results: str | os.PathLike = 'r
     with task_lock(ctx.folder):
         remove_stale_temporaries(ctx.folder)
         return _run_stages(ctx, stages, force, rerun_from, Path(results))
+
+
+def results_root(results: str | os.PathLike, via_bags: bool = False) -> Path:
+    """Where a run's task folders go: `<results>`, or `<results>/via_bags` for via-bags runs."""
+    return Path(results) / 'via_bags' if via_bags else Path(results)
 
 
 @contextlib.contextmanager

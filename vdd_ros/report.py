@@ -125,7 +125,7 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
         curve = read_training(folder / name)
         training[name] = {'iterations': curve['iterations'],
                           'loss_history': _downsample(curve['loss_history'])}
-    collect = stages.get('collect', {}).get('info', {})
+    collect = stages.get('collect', stages.get('bag2dataset', {})).get('info', {})
     return {
         'task': folder.name,
         'generated': _now(),
@@ -227,6 +227,7 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
     n = p['teacher']['episodes']
     verdict = 'all per-task targets met' if metrics['targets_met'] else \
         'some per-task targets MISSED'
+    via = ' --via-bags' if metrics.get('via_bags') else ''
     notes = '\n'.join('- ' + line for line in (
         f"*Per-action latency*: one policy query per action (no action chunk amortises it), "
         f"batch 1, one CPU thread, on the demonstrations' observations "
@@ -249,8 +250,8 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
     return f"""# VDD-MoE on `{task}`
 
 Task: {spec.description} (robosuite {spec.env_name}, Panda arm; modes: {', '.join(spec.modes)}).
-Generated {metrics['generated']} by `vdd-ros pipeline --task {task}`: **{verdict}**.
-
+Generated {metrics['generated']} by `vdd-ros pipeline --task {task}{via}`: **{verdict}**.
+{via_bags_section(metrics)}
 ## Results
 
 {n} closed-loop rollouts per policy on the same evaluation seeds ({_seed_range(seeds)}).
@@ -298,6 +299,39 @@ Pipeline config:
 |---|---|---|
 {stage_rows}
 | total | {total:.1f} | |
+"""
+
+
+def via_bags_section(metrics: Mapping[str, Any]) -> str:
+    """The via-bags note and the native-vs-via-bags table ('' for a native run)."""
+    vb = metrics.get('via_bags')
+    if not vb:
+        return ''
+    lines = ['| policy | native success | via-bags success | difference | same outcome '
+             '(seeds) |', '|---|---|---|---|---|']
+    for r in vb['rows']:
+        label = metrics['policies'][r['policy']].get('label', r['policy'])
+        mine = f"{r['via_bags']:.2f} ({r['via_bags_successes']}/{r['episodes']})"
+        if r.get('native') is None:
+            lines.append(f'| {label} | no native results | {mine} | - | - |')
+            continue
+        native = f"{r['native']:.2f} ({r['native_successes']}/{r['native_episodes']})"
+        same = f"{r['same_outcome']}/{r['episodes']}" + ('' if r['same_seeds'] else
+                                                          ' (different seeds!)')
+        lines.append(f"| {label} | {native} | {mine} | {r['difference']:+.2f} | {same} |")
+    table = '\n'.join(lines)
+    return f"""
+## Via bags
+
+Everything ran over standard ROS 2 messages through the task's binding
+(`{vb['binding']}`): the scripted demonstrator drove sim_node through its command topics
+(TwistStamped, Float64MultiArray) while `vdd-ros record` recorded JointState, PoseStamped,
+/clock and the episode markers into rosbag2 (MCAP); `vdd-ros bag2dataset` made the training
+dataset from the bags; the teacher and the VDD-MoE were evaluated through sim_node and
+policy_node over the same binding (lockstep, act_on complete, sim time), the other policies
+in-process. Against the native pipeline ({vb['native_folder']}), on the same evaluation seeds:
+
+{table}
 """
 
 

@@ -1,4 +1,6 @@
-"""`vdd-ros pipeline`: demonstrations to a results report on one task, resumable by stage."""
+"""`vdd-ros pipeline`: demonstrations to a results report on one task, resumable by stage
+(`--via-bags`: the same job over standard ROS 2 messages and rosbag2 recordings, see
+vdd_ros/pipeline.py)."""
 from __future__ import annotations
 
 import argparse
@@ -18,9 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='rerun every stage, even those whose outputs are cached')
     parser.add_argument('--from', dest='rerun_from', metavar='STAGE', default=None,
                         help='rerun this stage and every stage that reads its outputs '
-                        '(collect, teacher, vdd_moe, gaussian_bc, em_moe, eval_teacher, '
-                        'eval_teacher_1step, eval_vdd_moe, eval_gaussian_bc, eval_em_moe, '
-                        'video, report)')
+                        '(collect, or record and bag2dataset with --via-bags; teacher, '
+                        'vdd_moe, gaussian_bc, em_moe, eval_teacher, eval_teacher_1step, '
+                        'eval_vdd_moe, eval_gaussian_bc, eval_em_moe, video, report)')
+    parser.add_argument('--via-bags', action='store_true',
+                        help='everything over standard ROS 2 messages: record the scripted '
+                        "demonstrations through sim_node and policy_node with the task's "
+                        'binding, convert the bags with bag2dataset, evaluate the teacher and '
+                        'the VDD-MoE through the nodes; results in RESULTS/via_bags/TASK')
     parser.add_argument('--config', type=Path, default=None,
                         help='pipeline config YAML (default: config/pipeline.yaml)')
     parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
@@ -49,15 +56,17 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {args.device}: CUDA is not available')
+    from vdd_ros.pipeline import results_root
     cfg = load_pipeline_config(args.task, args.config, parse_overrides(args.set))
-    print(f'vdd-ros pipeline on {args.task} -> {args.results / args.task} '
+    folder = results_root(args.results, args.via_bags) / args.task
+    print(f'vdd-ros pipeline on {args.task}{" via bags" if args.via_bags else ""} -> {folder} '
           f'(device {args.device})')
     print('\n'.join(f'  {line}' for line in describe_config(cfg).splitlines()))
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         metrics = run_pipeline(args.task, cfg, args.results, device=args.device,
                                force=args.force, rerun_from=args.rerun_from,
-                               show_progress=not args.quiet)
+                               show_progress=not args.quiet, via_bags=args.via_bags)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not metrics['targets_met']:
