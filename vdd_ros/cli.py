@@ -16,6 +16,8 @@ from vdd_ros.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     'toy': ('toy', 'distill on a conditional 8-mode ring toy and report mode recovery'),
     'bench': ('bench', 'per-action inference latency: MoE against the teacher'),
+    'export': ('export', 'export a checkpoint to ONNX for the torch-free onnxruntime acting '
+               'path'),
     'train-teacher': ('train_teacher', 'train the diffusion teacher on a demonstration dataset'),
     'distill': ('distill', 'distil a teacher checkpoint into a VDD Mixture of Experts'),
     'collect': ('collect', 'collect scripted demonstrations of a task into an HDF5 file'),

@@ -7,6 +7,8 @@
     <folder>/curves.json           training curves, at most CURVE_POINTS points each
 
 Loading never unpickles code: the model is rebuilt from the YAML and filled from safetensors.
+`load_policy` also takes an exported `.onnx` file (`vdd-ros export`), which it runs through
+onnxruntime without importing torch (torch is imported only for checkpoint folders).
 Training curves stay out of config.yaml so that it loads fast whatever the run's length
 (checkpoints that kept `metrics.loss_history` in config.yaml still load). Folders are written
 atomically (a temporary sibling, then a rename), every file with the normal umask.
@@ -20,17 +22,16 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
 from vdd_ros.core.config import MoEConfig, TeacherConfig, from_dict, safe_yaml
-from vdd_ros.core.policy import ModelPolicy, PolicySpec
+from vdd_ros.core.policy import ChunkPolicy, ModelPolicy, PolicySpec
 from vdd_ros.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, NORMALIZER_FILE = 'config.yaml', 'model.safetensors', \
@@ -91,6 +92,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: Polic
     `metrics` are small values kept in config.yaml; `curves` (name -> `[[iteration, value],
     ...]`) go to curves.json, each downsampled to at most CURVE_POINTS points.
     """
+    from safetensors.torch import save as safetensors_bytes
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_dir(path)
@@ -172,6 +174,8 @@ def read_training(path: str | os.PathLike) -> dict[str, Any]:
 def load_model(path: str | os.PathLike,
                device: str = 'cpu') -> tuple[torch.nn.Module, PolicySpec, dict[str, Any]]:
     """Rebuild the model of a checkpoint folder: (model in eval mode, spec, metadata)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     path = Path(path)
     meta = read_meta(path)
     module, cls_name, cfg_cls = MODEL_KINDS[meta['kind']]
@@ -198,11 +202,18 @@ def load_model(path: str | os.PathLike,
 
 
 def load_policy(path: str | os.PathLike, device: str = 'cpu', expert_mode: str | int | None = None,
-                steps: int | None = None) -> ModelPolicy:
-    """Any checkpoint (teacher, VDD-MoE, baseline) as a Policy.
+                steps: int | None = None, threads: int | None = None) -> ChunkPolicy:
+    """Any checkpoint (teacher, VDD-MoE, baseline) or exported `.onnx` file as a Policy.
 
-    `expert_mode` applies to mixtures, `steps` (sampling steps) to the teacher.
+    `expert_mode` applies to mixtures, `steps` (sampling steps) to the teacher; `threads`
+    (onnxruntime intra-op threads, default 1) to `.onnx` files, which run on the CPU.
     """
+    if str(path).endswith('.onnx'):
+        if device != 'cpu':
+            raise UserError(f'{path}: an exported .onnx policy runs on the CPU, not {device!r}')
+        from vdd_ros.core.onnx_policy import load_onnx_policy
+        return load_onnx_policy(path, expert_mode=expert_mode, steps=steps,
+                                threads=1 if threads is None else threads)
     model, spec, meta = load_model(path, device)
     if expert_mode is not None:
         if not hasattr(model, 'set_expert_mode'):
