@@ -99,7 +99,7 @@ class Robot(threading.Thread):
         rclpy.shutdown(context=context)
 
 
-@pytest.mark.parametrize('storage,compress', [('mcap', False), ('sqlite3', True)])
+@pytest.mark.parametrize('storage,compress', [('mcap', False), ('mcap', True), ('sqlite3', True)])
 def test_a_recording_converts_back_into_what_was_published(tmp_path, storage, compress):
     robot = Robot(steps=12, episodes=2)
     robot.start()

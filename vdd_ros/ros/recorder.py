@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from vdd_ros.binding import CLOCK, STRING, Binding, BindingMismatch, parse_marker
+from vdd_ros.binding import CLOCK, STRING, Binding, parse_marker
 from vdd_ros.errors import UserError
 
 STORAGES = ('mcap', 'sqlite3')
@@ -199,7 +199,7 @@ class BagRecorder:
         from std_msgs.msg import String
         try:
             marker = parse_marker(deserialize_message(raw, String).data)
-        except (BindingMismatch, Exception):   # recorded as it is; bag2dataset names it
+        except Exception:   # malformed: recorded as it is, bag2dataset names the problem
             return
         if marker.event == 'end':
             self.summary.episodes += 1
@@ -353,9 +353,9 @@ def record(binding: Binding, out: str | os.PathLike, storage: str = 'mcap',
 
         def until() -> str | None:
             s = recorder.summary
+            bar.set_postfix(messages=sum(s.messages.values()), refresh=False)
             if bar.n != s.episodes:
                 bar.update(s.episodes - bar.n)
-            bar.set_postfix(messages=sum(s.messages.values()), refresh=False)
             if episodes is not None and s.episodes >= episodes:
                 return f'{episodes} episode end marker(s)'
             if end is not None and time.monotonic() >= end:
@@ -429,8 +429,8 @@ def record_demonstrations(task: str, out: str | os.PathLike, seeds: list[int],
         def until() -> str | None:
             s = recorder.summary
             if bar.n != s.episodes:
-                bar.update(s.episodes - bar.n)
                 bar.set_postfix(success=f'{s.successes}/{s.episodes}', refresh=False)
+                bar.update(s.episodes - bar.n)
             if s.episodes >= len(seeds):
                 return 'the last end marker'
             for node in (policy, sim):
