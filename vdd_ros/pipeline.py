@@ -214,6 +214,7 @@ class Context:
     show_progress: bool = True
     log: Callable[[str], None] = print
     via_bags: bool = False
+    nproc: int = 1                  # training stages on this many torchrun ranks
 
     def path(self, relative: str) -> Path:
         return self.folder / relative
@@ -416,7 +417,10 @@ def _train(method: str, ctx: Context) -> dict[str, Any]:
     demos, out = ctx.path('demos.hdf5'), ctx.path(method)
     common = dict(overrides=ctx.cfg.train, device=ctx.device, show_bar=ctx.show_progress)
     try:
-        if method == 'teacher':
+        if ctx.nproc > 1:
+            from vdd_ros.core.launch import torchrun_job
+            torchrun_job(method, demos, out, ctx.nproc, teacher=ctx.path('teacher'), **common)
+        elif method == 'teacher':
             train_teacher_job(demos, out, **common)
         elif method == 'vdd_moe':
             distill_job(ctx.path('teacher'), demos, out, **common)
@@ -651,8 +655,10 @@ def _decide(ctx: Context, stage: Stage, deps: dict[str, str], forced: bool
 def run_pipeline(task: str, cfg: PipelineConfig, results: str | os.PathLike = 'results', *,
                  device: str = 'cpu', force: bool = False, rerun_from: str | None = None,
                  show_progress: bool = True, log: Callable[[str], None] = print,
-                 via_bags: bool = False) -> dict[str, Any]:
+                 via_bags: bool = False, nproc: int = 1) -> dict[str, Any]:
     """Run (or resume) the pipeline on `task`; returns the metrics written to metrics.json.
+
+    With `nproc` > 1 the training stages run data-parallel on that many torchrun ranks.
 
     `force` reruns every stage; `rerun_from` reruns that stage (and so everything after it
     that reads it). `via_bags`: everything over standard ROS 2 messages, under
@@ -660,7 +666,7 @@ def run_pipeline(task: str, cfg: PipelineConfig, results: str | os.PathLike = 'r
     """
     results = results_root(results, via_bags)
     ctx = Context(task, Path(results) / task, cfg, cfg.train_config(), device, show_progress,
-                  log, via_bags)
+                  log, via_bags, nproc)
     stages = build_stages(ctx)
     names = [s.name for s in stages]
     if rerun_from is not None and rerun_from not in names:

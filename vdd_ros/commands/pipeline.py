@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, default=1,
                         help='torch CPU threads, 0 for torch default (default: %(default)s)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
+    parser.add_argument('--nproc', type=int, default=1, metavar='N',
+                        help='run the training stages data-parallel on N torchrun ranks '
+                        '(default: %(default)s, in this process)')
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     from vdd_ros.core.config import parse_overrides
     from vdd_ros.pipeline import describe_config, load_pipeline_config, run_pipeline
+    if args.nproc < 1:
+        raise UserError(f'--nproc must be >= 1, got {args.nproc}')
     if args.threads < 0:
         raise UserError(f'--threads must be >= 0, got {args.threads}')
     if args.threads > 0:
@@ -66,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         metrics = run_pipeline(args.task, cfg, args.results, device=args.device,
                                force=args.force, rerun_from=args.rerun_from,
-                               show_progress=not args.quiet, via_bags=args.via_bags)
+                               show_progress=not args.quiet, via_bags=args.via_bags,
+                               nproc=args.nproc)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not metrics['targets_met']:
