@@ -1,6 +1,7 @@
 """policy_node through a binding: standard messages in and out (JointState, PoseStamped,
 TwistStamped, Float64MultiArray, JointTrajectory), staleness, rejection, the last gate, the
 binding-vs-checkpoint check, and a closed loop over DDS on /clock."""
+import copy
 import subprocess
 import sys
 import time
@@ -184,11 +185,14 @@ def test_the_binding_must_match_the_checkpoint_and_names_the_first_difference():
 
 # -- the node, its callbacks called directly ------------------------------------------------
 class Recorder:
+    """Stands in for a publisher: keeps a copy of each message (rclpy's publish serializes
+    at once, so the node refills one message object per sink)."""
+
     def __init__(self):
         self.msgs = []
 
     def publish(self, msg):
-        self.msgs.append(msg)
+        self.msgs.append(copy.deepcopy(msg))
 
 
 def bare(context, checkpoint, **params):
@@ -401,8 +405,10 @@ def test_the_last_gate_covers_every_sink(context, checkpoint):
         node.destroy_node()
 
 
-def test_the_watchdog_holds_on_every_sink_at_each_tick_on_the_node_clock(context, checkpoint):
-    node = bare(context, checkpoint, act_on='complete', control_rate_hz=100.0,
+@pytest.mark.parametrize('act_on', ['tick', 'complete'])
+def test_the_watchdog_holds_at_each_tick_on_the_node_clock_and_recovers(context, checkpoint,
+                                                                        act_on):
+    node = bare(context, checkpoint, act_on=act_on, control_rate_hz=100.0,
                 obs_timeout_s=0.05)
     try:
         node._last_valid_ns = node._now_ns() - NS
@@ -413,6 +419,15 @@ def test_the_watchdog_holds_on_every_sink_at_each_tick_on_the_node_clock(context
         level, message, _ = node.status()
         assert level == 'WARN' and 'no valid observation' in message
         assert '/eef_pose waiting' in message
+        # valid observations come: the node acts again and the watchdog resets
+        now = node._now_ns()
+        deliver(node, messages(OBS[0], now))
+        node._on_binding_tick()
+        assert not node._tripped and node.stats.computed == 1
+        assert published(node)[-1][0] == now and len(published(node)) == 4
+        node._on_binding_tick()
+        assert len(published(node)) == 4           # nothing new: nothing out
+        assert node.status()[0] == 'OK'
     finally:
         node.destroy_node()
 

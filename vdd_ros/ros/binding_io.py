@@ -435,6 +435,9 @@ class SinkWriter:
         self.sink = sink
         self.cls = message_class(sink.type)
         self.frame = sink.frame_id or ''
+        self.msg = self.cls()     # refilled for every message (publishing copies it out)
+        if sink.type in HAS_HEADER:
+            self.msg.header.frame_id = self.frame
         self.build: Callable[[np.ndarray, int, float], Any] = {
             FLOAT64_ARRAY: self._array, FLOAT32_ARRAY: self._array,
             TWIST_STAMPED: self._twist, POSE_STAMPED: self._pose,
@@ -453,16 +456,15 @@ class SinkWriter:
     def _array(self, values: np.ndarray, stamp_ns: int, period_s: float) -> Any:
         if self.sink.label is not None:
             return array_to_msg(values, [(self.sink.label, values.size)])
-        msg = self.cls()
+        msg = self.msg
         code, dtype = ('f', np.float32) if self.sink.type == FLOAT32_ARRAY else ('d', np.float64)
         msg.data = array.array(code, np.asarray(values, dtype=dtype).tobytes())
         return msg
 
     def _stamped(self, stamp_ns: int) -> Any:
-        msg = self.cls()
-        msg.header.stamp = to_time(stamp_ns)
-        msg.header.frame_id = self.frame
-        return msg
+        stamp = self.msg.header.stamp
+        stamp.sec, stamp.nanosec = divmod(stamp_ns, NS)
+        return self.msg
 
     def _twist(self, values: np.ndarray, stamp_ns: int, period_s: float) -> Any:
         msg = self._stamped(stamp_ns)

@@ -353,6 +353,7 @@ class PolicyNode(VddNode):
         """Subscriptions (the episode markers first, then one raw sensor-data subscription
         per source topic), one publisher per sink, the per-source bookkeeping."""
         b = self.binding
+        self._now_handle = self.get_clock().handle
         self.book = SourceBook(b)
         self.readers = {t: TopicReader(b, t, k, self.max_bytes)
                         for t, k in b.observation_topics().items()}
@@ -600,8 +601,9 @@ class PolicyNode(VddNode):
 
     # -- the binding path ---------------------------------------------------------------------
     def _now_ns(self) -> int:
-        """Now on the node clock (follows /clock under use_sim_time)."""
-        return self.get_clock().now().nanoseconds
+        """Now on the node clock (follows /clock under use_sim_time); rclpy's Clock.now()
+        without building its Time object (a fifth of the cost)."""
+        return self._now_handle.get_now().nanoseconds
 
     def _on_source(self, reader: TopicReader, raw: bytes) -> None:
         """A serialized source message: size-checked, read through the binding, kept as the
@@ -638,7 +640,7 @@ class PolicyNode(VddNode):
             return
         ready = self.book.complete_stamp(self._acted_serial)
         if ready is not None and ready > self._acted_ns:
-            self._act(ready, arrived)
+            self._act(ready, arrived, now_ns)
 
     def _reject_source(self, reader: TopicReader, raw: bytes, reason: str) -> None:
         """An invalid source message: the topic is invalid until its next valid message; the
@@ -656,7 +658,7 @@ class PolicyNode(VddNode):
         if stamp is None or stamp - now_ns > reader.max_age_ns:   # none, or not believable
             stamp = now_ns
         if stamp > self._acted_ns:
-            self._act(stamp, time.perf_counter())
+            self._act(stamp, time.perf_counter(), now_ns)
 
     def _on_marker(self, msg: String) -> None:
         """An episode marker: a start resets the policy with the episode's seed."""
@@ -680,14 +682,19 @@ class PolicyNode(VddNode):
             self.get_logger().warning('the clock went back: source values cleared')
 
     def _on_binding_tick(self) -> None:
-        """The watchdog (both modes) and, in act_on tick, acting on the latest sources."""
+        """In act_on tick, act on the latest sources when any is new; then the watchdog (both
+        modes): no valid observation for obs_timeout_s, the hold at every tick."""
         if not self.context.ok():
             return  # shutting down
         start = time.perf_counter()
         now_ns = self._now_ns()
+        acted = self._fresh
+        if self._fresh:          # only ever set in act_on tick
+            self._fresh = False
+            stamp = self.book.stamp_ns()
+            self._act(now_ns if stamp is None else stamp, start, now_ns)
         expired = now_ns - self._last_valid_ns > self.obs_timeout * NS
         if expired:
-            self._fresh = False
             if not self._tripped:
                 self._tripped = True
                 self.stats.watchdog_trips += 1
@@ -695,23 +702,19 @@ class PolicyNode(VddNode):
                 self.get_logger().warning(f'no valid observation for {self.obs_timeout:g} s: '
                                           f'publishing the hold action ({problems or "-"})')
                 self._publish_status()
-            # stamped now (tick) or, in act_on complete, like the last answer: never with a
-            # stamp not seen yet, which a lockstep simulator would take for its next answer
-            stamp = now_ns if self.act_on == 'tick' else max(self._acted_ns, 0)
-            self._publish_sinks(self._hold(), None, stamp, hold=True)
-        elif self._fresh:
-            self._fresh = False
-            stamp = self.book.stamp_ns()
-            self._act(now_ns if stamp is None else stamp, start)
-        if self._tripped and not expired:
+            if not acted:        # (an act on invalid sources has just held)
+                # stamped now (tick) or, in act_on complete, like the last answer: never with
+                # a stamp not seen yet, which a lockstep simulator would take for its answer
+                stamp = now_ns if self.act_on == 'tick' else max(self._acted_ns, 0)
+                self._publish_sinks(self._hold(), None, stamp, hold=True)
+        elif self._tripped:
             self._tripped = False
             self.get_logger().info('observations resumed')
         self.deadlines.record(start, time.perf_counter())
 
-    def _act(self, stamp_ns: int, start: float) -> None:
+    def _act(self, stamp_ns: int, start: float, now_ns: int) -> None:
         """Answer the observation of time `stamp_ns`: the policy's action when every source
-        is valid and fresh, else the hold (WARN naming the topics)."""
-        now_ns = self._now_ns()
+        is valid and fresh at `now_ns`, else the hold (WARN naming the topics)."""
         problems = self.book.problems(now_ns)
         self._acted_serial = self.book.serial
         self._acted_ns = max(self._acted_ns, stamp_ns)
