@@ -148,9 +148,7 @@ class BagRecorder:
         self.last_written = 0
         self.stop_requested = threading.Event()
         self.stop_reason = ''
-        self.error: UserError | None = None
         self._closed = False
-        self.context = context
         self.node = rclpy.create_node('vdd_recorder', context=context,
                                       start_parameter_services=False)
         self.executor = SingleThreadedExecutor(context=context)
