@@ -4,18 +4,21 @@ The parent (`torchrun_job`, used by the pipeline's `--nproc` and the training no
 runs `torchrun --standalone --nproc-per-node N -m vdd_ros.core.launch SPEC`; every rank runs the
 job of SPEC (distributed.py), and rank 0 prints one JSON line per progress report and a last
 line with the checkpoint or the error, each after PREFIX, on stdout. Other stdout lines go to
-`log`; stderr (the progress bar, torchrun's own messages) is the parent's. Setting `stop` sends
-SIGINT to torchrun, which forwards it to the ranks: they agree to stop after the iteration,
-rank 0 saves, and the training state stays for `resume`.
+`log`; stderr (the progress bar, torchrun's own messages) is the parent's. Setting `stop`
+creates the spec's stop file, which the ranks watch: they agree to stop after the iteration,
+rank 0 saves, the training state stays for `resume`, and torchrun exits 0. A rank also stops on
+SIGINT or SIGTERM (torchrun forwards the one it receives, e.g. Ctrl-C).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -59,33 +62,37 @@ def torchrun_job(method: str, dataset: str | os.PathLike, out: str | os.PathLike
     checkpoint folder (also when stopped). A failed job raises UserError with its message."""
     if int(nproc) < 1:
         raise UserError(f'nproc: must be >= 1, got {nproc}')
+    tmp = Path(tempfile.mkdtemp(prefix='vdd_ros-torchrun-'))
     spec = {'method': method, 'dataset': str(dataset), 'out': str(out),
             'teacher': None if teacher is None else str(teacher),
             'config': None if config is None else str(config),
             'overrides': dict(overrides or {}), 'device': device, 'show_bar': show_bar,
-            'checkpoint_every': checkpoint_every, 'resume': resume, 'threads': threads}
-    proc = subprocess.Popen(torchrun_command(nproc, spec), stdout=subprocess.PIPE, text=True,
-                            bufsize=1)
+            'checkpoint_every': checkpoint_every, 'resume': resume, 'threads': threads,
+            'stop_file': str(tmp / 'stop')}
     result: dict[str, Any] = {}
-    watcher = threading.Thread(target=_stop_on, args=(stop, proc), daemon=True)
-    watcher.start()
     try:
-        for line in proc.stdout:
-            line = line.rstrip('\n')
-            if not line.startswith(PREFIX):
-                if log is not None:
-                    log(line)
-                continue
-            message = json.loads(line[len(PREFIX):])
-            if 'progress' in message and progress is not None:
-                progress(Progress(**message['progress']))
-            result.update({k: v for k, v in message.items() if k != 'progress'})
-        code = proc.wait()
+        proc = subprocess.Popen(torchrun_command(nproc, spec), stdout=subprocess.PIPE,
+                                text=True, bufsize=1)
+        threading.Thread(target=_stop_on, args=(stop, proc, tmp / 'stop'), daemon=True).start()
+        try:
+            for line in proc.stdout:
+                line = line.rstrip('\n')
+                if not line.startswith(PREFIX):
+                    if log is not None:
+                        log(line)
+                    continue
+                message = json.loads(line[len(PREFIX):])
+                if 'progress' in message and progress is not None:
+                    progress(Progress(**message['progress']))
+                result.update({k: v for k, v in message.items() if k != 'progress'})
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     if 'error' in result:
         raise UserError(result['error'])
     if 'checkpoint' not in result:
@@ -94,13 +101,19 @@ def torchrun_job(method: str, dataset: str | os.PathLike, out: str | os.PathLike
     return Path(result['checkpoint'])
 
 
-def _stop_on(stop: threading.Event | None, proc: subprocess.Popen) -> None:
-    """SIGINT to torchrun once `stop` is set (it forwards the signal to every rank)."""
+def _stop_on(stop: threading.Event | None, proc: subprocess.Popen, stop_file: Path) -> None:
+    """Create the ranks' stop file once `stop` is set."""
     while stop is not None and proc.poll() is None:
         if stop.wait(0.1):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+            stop_file.touch()
             return
+
+
+def _watch(stop_file: str, stop: threading.Event) -> None:
+    """In a rank: set `stop` once the parent created the stop file."""
+    while not stop.wait(0.2):
+        if os.path.exists(stop_file):
+            stop.set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    if spec.get('stop_file'):
+        threading.Thread(target=_watch, args=(spec['stop_file'], stop), daemon=True).start()
     kwargs = {k: spec[k] for k in ('config', 'overrides', 'device', 'show_bar',
                                    'checkpoint_every', 'resume')}
     try:

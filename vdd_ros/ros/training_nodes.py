@@ -11,6 +11,12 @@ worker thread, so the executor stays free for the `~/stop` service and the progr
 The job writes its checkpoint every `checkpoint_every` iterations and at the end. With
 `exit_on_finish` the node exits when the job ends: status 0 once a checkpoint is saved
 (also after ~/stop or a signal), 1 when training failed, so a launch file can chain stages.
+
+Data-parallel: with `nproc` N > 1 the worker thread starts `torchrun --standalone
+--nproc-per-node N` as a subprocess (vdd_ros.core.launch); rank 0 sends the progress the node
+publishes, ~/stop ends all ranks after the iteration (rank 0 saves), and `resume` continues a
+stopped or killed run from `<out>.state`. For several machines, run `torchrun --nnodes ...
+-m vdd_ros.cli train-teacher` (or distill) next to the node instead (see the README).
 """
 from __future__ import annotations
 
@@ -74,11 +80,20 @@ class TrainingNode(VddNode):
             read_only=True, dynamic=True))
         threads = int(self.param('torch_threads', 1, 'torch CPU threads (0: torch default)',
                                  read_only=True))
+        self.nproc = int(self.param('nproc', 1, 'training processes: above 1, torchrun runs '
+                                    'the job data-parallel on this many local ranks',
+                                    read_only=True))
+        self.resume = bool(self.param('resume', False, 'continue from the training state in '
+                                      '<out>.state (saved with each checkpoint and on stop)',
+                                      read_only=True))
+        self.threads = threads
         self.declare_stage_parameters()
         if not self.dataset:
             raise UserError('parameter dataset: required')
         if not self.out:
             raise UserError('parameter out: required (the checkpoint folder to write)')
+        if self.nproc < 1:
+            raise UserError(f'parameter nproc: must be >= 1, got {self.nproc}')
         self.overrides = parse_overrides(items)
         if threads > 0:
             import torch
@@ -115,7 +130,17 @@ class TrainingNode(VddNode):
     def job_kwargs(self) -> dict[str, Any]:
         return dict(config=self.config or None, overrides=self.overrides, device=self.device,
                     progress=self._on_progress, stop=self.stop_event, show_bar=False,
-                    checkpoint_every=self.checkpoint_every)
+                    checkpoint_every=self.checkpoint_every, resume=self.resume)
+
+    def run_training(self, method: str, teacher: str | None = None) -> Path:
+        """The job of `method`, in this process or (nproc > 1) on torchrun ranks."""
+        from vdd_ros.core.launch import run_training, torchrun_job
+        if self.nproc == 1:
+            return run_training(method, self.dataset, self.out, teacher=teacher,
+                                **self.job_kwargs())
+        return torchrun_job(method, self.dataset, self.out, self.nproc, teacher=teacher,
+                            threads=self.threads, log=self.get_logger().info,
+                            **self.job_kwargs())
 
     # -- worker thread ------------------------------------------------------------------------
     def _on_progress(self, progress: Progress) -> None:
@@ -209,8 +234,7 @@ class TeacherTrainingNode(TrainingNode):
         super().__init__('teacher_training_node', **kwargs)
 
     def run_job(self) -> Path:
-        from vdd_ros.core.jobs import train_teacher_job
-        return train_teacher_job(self.dataset, self.out, **self.job_kwargs())
+        return self.run_training('teacher')
 
 
 class DistillationNode(TrainingNode):
@@ -227,8 +251,7 @@ class DistillationNode(TrainingNode):
             raise UserError('parameter teacher: required (a teacher checkpoint folder)')
 
     def run_job(self) -> Path:
-        from vdd_ros.core.jobs import distill_job
-        return distill_job(self.teacher, self.dataset, self.out, **self.job_kwargs())
+        return self.run_training('vdd_moe', self.teacher)
 
 
 def teacher_main(args: list[str] | None = None) -> NoReturn:
