@@ -363,7 +363,6 @@ class PolicyNode(VddNode):
         self._acted_ns = -1          # the last observation stamp answered
         self._arrived = time.perf_counter()  # arrival of the newest source message
         self._last_valid_ns = self._now_ns()
-        self._source_issue = ''      # why the last hold answered (sources stale or invalid)
         self._warned_types: set[str] = set()
         self.create_subscription(String, b.episode_topic, self._on_marker, MARKER_QOS)
         for topic, reader in self.readers.items():
@@ -721,11 +720,9 @@ class PolicyNode(VddNode):
         done = None
         if problems:
             self.stats.holds += 1
-            self._source_issue = '; '.join(problems)
-            self._throttled('warning', f'holding: {self._source_issue}', key='sources')
+            self._throttled('warning', f'holding: {"; ".join(problems)}', key='sources')
         else:
             self._last_valid_ns = now_ns
-            self._source_issue = ''
             done = self._compute(self.book.observation(), start, self._arrived)
         if done is None:
             self._publish_sinks(self._hold(), None, stamp_ns, hold=True)
