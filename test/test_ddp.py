@@ -1,5 +1,7 @@
 """Data-parallel training under torchrun: two gloo ranks on the CPU end with identical
 parameters and match a run without a process group; NCCL where CUDA is available."""
+import socket
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -94,3 +96,22 @@ def test_nccl_ranks_on_cuda_match_one_process(tmp_path):
     for key, value in single.items():
         assert all(torch.equal(r[key], ranks[0][key]) for r in ranks), key
     assert max(close_to(ranks[0][k], v) for k, v in single.items()) < 1e-4
+
+
+def test_one_rank_process_group_sync_scales_reduces_and_votes(monkeypatch):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    for key, value in dict(WORLD_SIZE='1', RANK='0', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
+                           MASTER_PORT=str(port), GLOO_SOCKET_IFNAME='lo').items():
+        monkeypatch.setenv(key, value)
+    with data_parallel('cpu') as dp:
+        assert dp.active and torch.distributed.get_backend() == 'gloo'
+        used, unused = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))
+        used.grad = torch.full((2, 2), 4.0)
+        values = dp.sync([used, unused], 0.25, [torch.tensor(2.0), 6.0], stop=True)
+        assert values == [0.5, 1.5] and dp.stop_vote and dp.should_stop(False)
+        assert torch.equal(used.grad, torch.ones(2, 2)) and unused.grad is None
+        dp.sync([used], 1.0, [], stop=False)
+        assert not dp.should_stop(True)          # the agreed vote, not the local flag
+    assert not torch.distributed.is_initialized()

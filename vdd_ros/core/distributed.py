@@ -71,35 +71,30 @@ class DataParallel:
         rank's `share` of the batch, in one collective; returns the global values as floats.
 
         The ranks' `stop` flags are OR-ed into `stop_vote`. Without a process group this only
-        turns `values` into floats. A parameter without a gradient contributes zeros and keeps
-        no gradient, on every rank alike.
+        turns `values` into floats. Parameters without a gradient are left out: every rank runs
+        the same code, so they are the same on every rank.
         """
         values = list(values)
         if not self.active:
             return [v.item() if isinstance(v, torch.Tensor) else float(v) for v in values]
-        params = list(params)
-        sizes = [p.numel() for p in params]
-        total = sum(sizes)
-        ref = params[0] if params else torch.empty(0, device=self.device)
-        buf = torch.zeros(total + len(values) + 1, dtype=ref.dtype, device=ref.device)
-        offset = 0
-        for p, size in zip(params, sizes):
-            if p.grad is not None:
-                buf[offset:offset + size].copy_(p.grad.reshape(-1))
-            offset += size
+        params = [p for p in params if p.grad is not None]
+        ref = params[0].grad if params else torch.empty(0, device=self.device)
+        tail = torch.tensor([*(float(v) if not isinstance(v, torch.Tensor) else 0.0
+                               for v in values), 0.0], dtype=ref.dtype, device=ref.device)
         for i, v in enumerate(values):
-            buf[total + i] = v.detach() if isinstance(v, torch.Tensor) else float(v)
-        buf[:-1].mul_(share)
+            if isinstance(v, torch.Tensor):
+                tail[i] = v.detach()
+        buf = torch.cat([*(p.grad.reshape(-1) for p in params), tail])
+        if share != 1.0:
+            buf.mul_(share)
         buf[-1] = float(bool(stop))
         dist.all_reduce(buf)
-        offset = 0
-        for p, size in zip(params, sizes):
-            if p.grad is not None:
-                p.grad.copy_(buf[offset:offset + size].view_as(p.grad))
-            offset += size
-        tail = buf[total:].tolist()
-        self.stop_vote = tail[-1] > 0
-        return tail[:-1]
+        *grads, reduced = buf.split([*(p.numel() for p in params), len(tail)])
+        for p, grad in zip(params, grads):   # views of the reduced buffer, no copy back
+            p.grad = grad.view_as(p)
+        reduced = reduced.tolist()
+        self.stop_vote = reduced[-1] > 0
+        return reduced[:-1]
 
     def should_stop(self, local: bool) -> bool:
         """Whether to end the loop: the agreed vote of the last `sync` in a process group, else
