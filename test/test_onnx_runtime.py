@@ -54,6 +54,69 @@ def test_loading_and_acting_import_no_torch(exports):
     assert out.stdout.strip().splitlines()[-1] == 'loaded: []', out.stdout
 
 
+NODE_SCRIPT = '''
+import json, sys
+import numpy as np
+from rclpy.parameter import Parameter
+from rclpy.serialization import serialize_message
+from vdd_ros.ros.conversions import array_to_msg
+from vdd_ros.ros.policy_node import PolicyNode
+from vdd_ros.ros.testing import ros_context
+from vdd_ros.sim.tasks import get_task
+path, obs = sys.argv[1], np.asarray(json.loads(sys.argv[2]), dtype=np.float32)
+fields = list(get_task('lift_carry').obs_fields)
+
+class Recorder:
+    def __init__(self):
+        self.actions = []
+
+    def publish(self, msg):
+        self.actions.append([float(v) for v in msg.data])
+
+with ros_context() as context:
+    params = {'checkpoint': path, 'task': 'lift_carry', 'seed': 5, 'control_rate_hz': 100.0,
+              'obs_timeout_s': 5.0}
+    node = PolicyNode(context=context, namespace='/onnx_node', parameter_overrides=[
+        Parameter(k, value=v) for k, v in params.items()])
+    node.action_pub = Recorder()
+    threads = node.policy.model.session.get_session_options().intra_op_num_threads
+    for i, o in enumerate(obs):
+        if i == len(obs) - 2:
+            node.set_parameters([Parameter('expert_mode', value='2')])
+        node._on_observation(serialize_message(array_to_msg(o, fields, {'seq': i + 1})))
+        node._on_tick()
+    node.destroy_node()
+print(json.dumps({'actions': node.action_pub.actions, 'threads': threads,
+                  'torch': 'torch' in sys.modules, 'onnx': 'onnx' in sys.modules}))
+'''
+
+
+def test_policy_node_runs_an_onnx_checkpoint_without_torch(tmp_path):
+    """policy_node with checkpoint:=F.onnx (torch_threads at its default 1): onnxruntime on one
+    thread, no torch in the process, and the actions of the torch checkpoint with the same seed
+    (sampled experts, then a pinned one set at runtime)."""
+    from vdd_ros.core.onnx_export import export_checkpoint
+    from vdd_ros.ros.testing import tiny_moe_checkpoint
+    from vdd_ros.sim.tasks import get_task
+    ckpt = tiny_moe_checkpoint(tmp_path / 'moe', num_experts=3)
+    export_checkpoint(ckpt, tmp_path / 'moe.onnx')
+    obs = np.random.default_rng(0).normal(size=(12, get_task('lift_carry').obs_dim))
+    env = dict(os.environ, PYTHONPATH=f'{ROOT}{os.pathsep}{os.environ.get("PYTHONPATH", "")}')
+    out = subprocess.run([sys.executable, '-c', NODE_SCRIPT, str(tmp_path / 'moe.onnx'),
+                          json.dumps(obs.tolist())], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got['threads'] == 1 and not got['torch'] and not got['onnx']
+    want = load_policy(ckpt)
+    want.reset(5)
+    expected = [want.act(o) for o in obs[:-2].astype(np.float32)]
+    want.model.set_expert_mode(2)
+    expected += [want.act(o) for o in obs[-2:].astype(np.float32)]
+    np.testing.assert_allclose(np.array(got['actions']), np.array(expected), atol=1e-5)
+    assert len({round(a[0], 4) for a in got['actions']}) > 1    # the experts differ
+
+
 def test_onnxruntime_runs_on_one_thread_by_default(exports):
     session = load_policy(exports['vdd_moe'][1]).model.session
     options = session.get_session_options()

@@ -117,8 +117,9 @@ OBS_BYTES = (1024, 64 * 2 ** 20)  # max_observation_bytes range (default 64 KiB)
 
 
 def load_any_policy(checkpoint: str, task: str = '', device: str = 'cpu',
-                    steps: int | None = None) -> Policy:
-    """A checkpoint folder through the one loader, or a task's oracle ('scripted')."""
+                    steps: int | None = None, threads: int | None = None) -> Policy:
+    """A checkpoint folder or exported .onnx file (onnxruntime on `threads` threads, no
+    torch) through the one loader, or a task's oracle ('scripted')."""
     if not checkpoint:
         raise UserError('parameter checkpoint: required (a checkpoint folder, or '
                         f'{" / ".join(ORACLES)} with a task)')
@@ -128,7 +129,7 @@ def load_any_policy(checkpoint: str, task: str = '', device: str = 'cpu',
         from vdd_ros.sim.demonstrators import make_oracle
         return make_oracle(task, kind=checkpoint)
     from vdd_ros.core.checkpoint import load_policy
-    policy = load_policy(checkpoint, device=device, steps=steps)
+    policy = load_policy(checkpoint, device=device, steps=steps, threads=threads)
     if task:
         from vdd_ros.sim.tasks import get_task
         spec = get_task(task)
@@ -232,7 +233,8 @@ class PolicyNode(VddNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('policy_node', **kwargs)
         checkpoint = self.param('checkpoint', '', 'checkpoint folder (teacher, VDD-MoE or '
-                                'baseline), or "scripted" / "averaged" for the task oracle',
+                                'baseline), an exported .onnx file (onnxruntime, no torch), '
+                                'or "scripted" / "averaged" for the task oracle',
                                 read_only=True)
         task = self.param('task', '', 'task name; required for an oracle, checked against a '
                           'checkpoint when set', read_only=True)
@@ -268,7 +270,8 @@ class PolicyNode(VddNode):
         priority = int(self.param('realtime_priority', 0, 'SCHED_FIFO priority (1-99) for the '
                                   'control loop thread; 0 keeps the normal scheduler',
                                   read_only=True))
-        threads = int(self.param('torch_threads', 1, 'torch CPU threads (0: torch default)',
+        threads = int(self.param('torch_threads', 1, 'CPU threads of torch, or of onnxruntime '
+                                 'for a .onnx checkpoint (0: the library default)',
                                  read_only=True))
         binding = str(self.param('binding', '', 'binding YAML file (task:<name>: the shipped '
                                  'config/bindings/<name>.yaml): standard topics in and out; '
@@ -295,12 +298,14 @@ class PolicyNode(VddNode):
                             f'{self.act_on!r}')
         if priority:
             set_realtime_priority(priority, self.get_logger())
-        if threads > 0:
+        onnx = checkpoint.endswith('.onnx')
+        if threads > 0 and not onnx:
             import torch
             torch.set_num_threads(threads)
 
         self.checkpoint = checkpoint
-        self.policy = load_any_policy(checkpoint, task, device, int(steps) or None)
+        self.policy = load_any_policy(checkpoint, task, device, int(steps) or None,
+                                      threads if onnx else None)
         self.fields = [(str(k), int(n)) for k, n in self.policy.spec.obs_fields]
         self.action_dim = int(self.policy.spec.action_dim)
         self.model = getattr(self.policy, 'model', None)
