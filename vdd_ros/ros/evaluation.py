@@ -119,7 +119,8 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
                      show_progress: bool = True, domain_id: int | None = None,
                      timeout_s: float | None = None, binding: str | None = None
                      ) -> dict[str, Any]:
-    """Roll `policy` out through sim_node (lockstep) and policy_node over DDS.
+    """Roll `policy` out through sim_node (lockstep) and policy_node over DDS (`timeout_s`:
+    the longest wait for the next episode to end, default 120 s + one second per step).
 
     `policy` is a checkpoint folder or 'scripted' / 'averaged'. Returns the metrics of
     `vdd_ros.sim.rollout.evaluate` (latency_ms_* is the policy node's inference time) plus
@@ -160,8 +161,8 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
         check_against_policy(bound, spec.obs_fields, spec.action_dim)
     domain = free_domain_id() if domain_id is None else int(domain_id)
     namespace = f'/vdd_eval_{os.getpid()}_{uuid.uuid4().hex[:6]}'
-    if timeout_s is None:
-        timeout_s = 120.0 + episodes * spec.horizon * (2.0 / control_rate_hz + 0.05)
+    if timeout_s is None:       # the longest wait for the next episode to end
+        timeout_s = 120.0 + spec.horizon * 1.0
     start = time.perf_counter()
     remove_dead_owners(TEMP_PREFIX)
     folder = owned_tempdir(TEMP_PREFIX)
@@ -195,13 +196,15 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
                     raise UserError(f'policy_node exited with status {policy_proc.poll()}:\n'
                                     f'{policy_proc.log_tail()}')
                 if time.monotonic() > deadline:
-                    raise UserError(f'ROS evaluation timed out after {timeout_s:.0f} s; '
-                                    f'sim_node log:\n{sim_proc.log_tail()}\npolicy_node log:'
+                    raise UserError(f'ROS evaluation stalled: no episode ended for '
+                                    f'{timeout_s:.0f} s; sim_node log:\n'
+                                    f'{sim_proc.log_tail()}\npolicy_node log:'
                                     f'\n{policy_proc.log_tail()}')
                 time.sleep(0.25)
                 done = len((_read_json(results) or {}).get('episodes', []))
                 if done > bar.n:
                     bar.update(done - bar.n)
+                    deadline = time.monotonic() + timeout_s
             if sim_proc.poll() != 0:
                 raise UserError(f'sim_node exited with status {sim_proc.poll()}:\n'
                                 f'{sim_proc.log_tail()}')

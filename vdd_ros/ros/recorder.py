@@ -379,7 +379,8 @@ def record_demonstrations(task: str, out: str | os.PathLike, seeds: list[int],
                           oracle: str = 'scripted') -> tuple[RecordSummary, list[dict]]:
     """Record one scripted demonstration per seed through sim_node and policy_node (see the
     module docstring). `binding` is a binding file or `task:<name>` (default: the task's
-    shipped binding). Returns the recording's summary and sim_node's episode results."""
+    shipped binding); `timeout_s` is the longest wait for the next episode to end. Returns
+    the recording's summary and sim_node's episode results."""
     from tqdm import tqdm
 
     from vdd_ros.core.process import owned_tempdir, remove_dead_owners
@@ -397,8 +398,8 @@ def record_demonstrations(task: str, out: str | os.PathLike, seeds: list[int],
     bound = resolve_binding(ref)
     check_output(out)
     domain = free_domain_id() if domain_id is None else int(domain_id)
-    if timeout_s is None:
-        timeout_s = 120.0 + len(seeds) * spec.horizon * 0.1
+    if timeout_s is None:       # the longest wait for the next episode to end
+        timeout_s = 120.0 + spec.horizon * 1.0
     # the nodes discover only on localhost; so must the recorder (same private domain)
     os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     remove_dead_owners(TEMP_PREFIX)
@@ -421,12 +422,13 @@ def record_demonstrations(task: str, out: str | os.PathLike, seeds: list[int],
             'episodes': len(seeds), 'exit_when_done': True, 'results_file': str(results),
             'wait_for_subscribers': 2}, folder, domain)
         nodes.append(sim)
-        deadline = time.monotonic() + timeout_s
+        deadline = [time.monotonic() + timeout_s]
         sim_exited: list[float] = []
 
         def until() -> str | None:
             s = recorder.summary
             if bar.n != s.episodes:
+                deadline[0] = time.monotonic() + timeout_s
                 bar.set_postfix(success=f'{s.successes}/{s.episodes}', refresh=False)
                 bar.update(s.episodes - bar.n)
             if s.episodes >= len(seeds):
@@ -442,9 +444,10 @@ def record_demonstrations(task: str, out: str | os.PathLike, seeds: list[int],
             if sim_exited and now > sim_exited[0] + 2.0:    # its last messages had 2 s
                 raise UserError(f'sim_node finished, but the recorder saw only {s.episodes} '
                                 f'of {len(seeds)} end markers')
-            if now > deadline:
-                raise UserError(f'recording timed out after {timeout_s:.0f} s; sim_node log:\n'
-                                f'{sim.log_tail()}\npolicy_node log:\n{policy.log_tail()}')
+            if now > deadline[0]:
+                raise UserError(f'recording stalled: no episode ended for {timeout_s:.0f} s; '
+                                f'sim_node log:\n{sim.log_tail()}\npolicy_node log:\n'
+                                f'{policy.log_tail()}')
             return None
         previous = signal.signal(signal.SIGTERM, _interrupt) \
             if threading.current_thread() is threading.main_thread() else None
