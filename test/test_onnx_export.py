@@ -195,3 +195,17 @@ def test_bad_export_arguments_are_one_line(exports, tmp_path, capsys, args, mess
     err = capsys.readouterr().err.strip()
     assert err.startswith('vdd-ros export: error: ') and '\n' not in err and message in err, err
     assert not (tmp_path / 'x.onnx').exists()
+
+
+def test_bench_reports_onnxruntime_next_to_torch_and_the_floor():
+    from vdd_ros.core.bench import latency_benchmark
+    r = latency_benchmark(obs_dim=10, action_dim=3, hidden_dim=32, num_layers=2, num_experts=4,
+                          steps=(1, 2), calls=200, warmup=10)
+    for key in ('moe', 'moe_forward', 'onnx_moe', 'onnx_moe_run'):
+        assert 0 < r[key]['p50'] <= r[key]['p99'], key
+    assert set(r['onnx_teacher']) == {'1', '2'} and r['onnx_moe_over_torch'] > 0
+    # backbone 10->32->32, gating 32->64->4 (MoEConfig's gating width), chosen mean 32->3
+    shapes = [(10, 32), (32, 32), (32, 64), (64, 4), (32, 3)]
+    assert r['floor']['shapes'] == [list(s) for s in shapes]
+    assert r['floor']['flops'] == sum(2 * a * b for a, b in shapes)
+    assert 0 < r['floor']['floor_ms'] < r['onnx_moe']['p50']

@@ -1,4 +1,5 @@
-"""`vdd-ros bench`: per-action latency at batch 1 on the CPU, MoE against the teacher."""
+"""`vdd-ros bench`: per-action latency at batch 1 on the CPU, MoE against the teacher, in torch
+and through onnxruntime (the exported graphs), with the MoE's arithmetic floor."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from vdd_ros.core.io import check_writable, write_json
 
 TARGET_SPEEDUP_8 = 8.0       # MoE at least 8x faster than the 8-step teacher
 TARGET_ACT_OVER_FORWARD = 1.5  # MoE act within 1.5x of its bare network forward
+TARGET_ONNX_OVER_TORCH = 0.5   # onnxruntime MoE act at most half the torch MoE act
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--experts', type=int, default=8)
     parser.add_argument('--expert-mode', default='sample',
                         choices=['sample', 'argmax', 'per_episode'])
-    parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch CPU threads and onnxruntime intra-op threads')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,22 +39,33 @@ def run(args: argparse.Namespace) -> int:
                           args.experts, calls=args.calls, warmup=args.warmup,
                           expert_mode=args.expert_mode, threads=args.threads)
     r['targets'] = {'speedup_vs_teacher_8': TARGET_SPEEDUP_8,
-                    'act_over_forward': TARGET_ACT_OVER_FORWARD}
+                    'act_over_forward': TARGET_ACT_OVER_FORWARD,
+                    'onnx_moe_over_torch': TARGET_ONNX_OVER_TORCH}
     r['met'] = {'speedup_vs_teacher_8': r['speedup_vs_teacher_8'] >= TARGET_SPEEDUP_8,
-                'act_over_forward': r['act_over_forward'] <= TARGET_ACT_OVER_FORWARD}
+                'act_over_forward': r['act_over_forward'] <= TARGET_ACT_OVER_FORWARD,
+                'onnx_moe_over_torch': r['onnx_moe_over_torch'] <= TARGET_ONNX_OVER_TORCH}
     s = r['settings']
     print(f'batch 1, CPU, {s["threads"]} thread(s), {s["num_layers"]}x{s["hidden_dim"]} MLP, '
           f'obs {s["obs_dim"]}-d, action {s["action_dim"]}-d, {s["calls"]} calls')
     print(f'{"policy":<26}{"p50 ms":>10}{"p99 ms":>10}{"vs MoE":>9}')
-    rows = [('MoE act (1 pass)', r['moe']), ('MoE bare network forward', r['moe_forward'])]
+    rows = [('MoE act (1 pass)', r['moe']), ('MoE bare network forward', r['moe_forward']),
+            ('ONNX MoE act', r['onnx_moe']), ('ONNX MoE bare graph run', r['onnx_moe_run'])]
     rows += [(f'teacher, {k} step(s)', v) for k, v in r['teacher'].items()]
+    rows += [(f'ONNX teacher, {k} step(s)', v) for k, v in r['onnx_teacher'].items()]
     for name, v in rows:
         print(f'{name:<26}{v["p50"]:>10.4f}{v["p99"]:>10.4f}{v["p50"] / r["moe_ms_p50"]:>8.1f}x')
+    f = r['floor']
+    print(f'MoE arithmetic floor: {f["flops"] / 1e3:.0f} kFLOP at '
+          f'{f["flops"] / f["floor_ms"] / 1e6:.1f} GFLOP/s (numpy float32 matmul, one core) = '
+          f'{f["floor_ms"]:.4f} ms; numpy batch-1 matmuls {f["numpy_batch1_ms"]:.4f} ms; '
+          f'ONNX MoE act is {f["onnx_moe_over_floor"]:.1f}x the floor')
     flag = {True: 'met', False: 'MISSED'}
     print(f'speed-up vs 8-step teacher: {r["speedup_vs_teacher_8"]:.1f}x '
           f'(target >= {TARGET_SPEEDUP_8:.0f}x, {flag[r["met"]["speedup_vs_teacher_8"]]})')
     print(f'MoE act / bare forward: {r["act_over_forward"]:.2f}x '
           f'(target <= {TARGET_ACT_OVER_FORWARD}x, {flag[r["met"]["act_over_forward"]]})')
+    print(f'ONNX MoE act / torch MoE act: {r["onnx_moe_over_torch"]:.2f}x '
+          f'(target <= {TARGET_ONNX_OVER_TORCH}x, {flag[r["met"]["onnx_moe_over_torch"]]})')
     write_json(args.json, r)
     print(f'wrote {args.json}')
     return 0

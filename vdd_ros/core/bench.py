@@ -1,7 +1,14 @@
-"""Per-action inference latency at batch 1: the MoE against the teacher at several step counts."""
+"""Per-action inference latency at batch 1: the MoE against the teacher at several step counts,
+in torch and through onnxruntime (the exported graphs), and the MoE's arithmetic floor."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -79,4 +86,95 @@ def latency_benchmark(obs_dim: int = 60, action_dim: int = 7, hidden_dim: int = 
     if '8' in results['teacher_ms_p50']:
         results['speedup_vs_teacher_8'] = results['teacher_ms_p50']['8'] / m
     results['act_over_forward'] = m / results['moe_forward_ms_p50']
+    results.update(onnx_benchmark(moe, teacher, spec, obs, steps, calls, warmup, threads))
+    results['onnx_moe_over_torch'] = results['onnx_moe']['p50'] / m
+    shapes = moe_matmul_shapes(moe)
+    results['floor'] = matmul_floor(shapes)
+    results['floor']['onnx_moe_over_floor'] = (results['onnx_moe']['p50']
+                                               / results['floor']['floor_ms'])
     return results
+
+
+def onnx_benchmark(moe: MixtureOfExperts, teacher: DiffusionTeacher, spec: PolicySpec,
+                   obs: np.ndarray, steps: tuple[int, ...], calls: int, warmup: int,
+                   threads: int) -> dict[str, Any]:
+    """`act` of the exported MoE and teacher through onnxruntime on `threads` threads, and the
+    MoE graph's bare run (inputs written, one session call)."""
+    from vdd_ros.core.onnx_export import export_checkpoint
+    from vdd_ros.core.checkpoint import save_checkpoint
+    from vdd_ros.core.onnx_policy import ARGMAX, load_onnx_policy
+    import onnxruntime
+    out: dict[str, Any] = {'onnx_settings': {'onnxruntime': onnxruntime.__version__,
+                                             'intra_op_threads': threads}}
+    with tempfile.TemporaryDirectory() as tmp:
+        policies = {}
+        for name, model in (('moe', moe), ('teacher', teacher)):
+            folder = save_checkpoint(Path(tmp) / name, model, spec, name)
+            export_checkpoint(folder, Path(tmp) / f'{name}.onnx')
+            policies[name] = load_onnx_policy(Path(tmp) / f'{name}.onnx', threads=threads)
+    policy = policies['moe']
+    policy.model.set_expert_mode(moe.expert_mode)
+    policy.reset(0)
+    out['onnx_moe'] = summary(time_calls(lambda: policy.act(obs), calls, warmup))
+    window = obs[None]
+    out['onnx_moe_run'] = summary(time_calls(lambda: policy.model.run(window, ARGMAX), calls,
+                                             warmup))
+    out['onnx_teacher'] = {}
+    teacher_policy = policies['teacher']
+    for n in steps:
+        teacher_policy.model.sampling_steps = n
+        out['onnx_teacher'][str(n)] = summary(
+            time_calls(lambda: teacher_policy.act(obs), max(calls // max(n // 4, 1), 200),
+                       warmup))
+    out['onnx_moe_ms_p50'] = out['onnx_moe']['p50']
+    out['onnx_teacher_ms_p50'] = {k: v['p50'] for k, v in out['onnx_teacher'].items()}
+    return out
+
+
+def moe_matmul_shapes(moe: MixtureOfExperts) -> list[tuple[int, int]]:
+    """(in, out) of every matrix product the MoE's acting graph computes at batch 1: the
+    backbone, the gating and the chosen expert's mean."""
+    layers = [m for m in list(moe.backbone) + list(moe.gate) if isinstance(m, torch.nn.Linear)]
+    return [(m.in_features, m.out_features) for m in layers] + [(moe.cfg.hidden_dim, moe.dim)]
+
+
+_FLOOR_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+shapes = json.loads(sys.argv[1])
+rng = np.random.default_rng(0)
+
+def per_call(fn, calls):
+    best = float('inf')
+    for _ in range(7):
+        t0 = time.perf_counter_ns()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter_ns() - t0) / calls)
+    return best / 1e6
+
+out = {'batch1_ms': [], 'batched_gflops': []}
+for n_in, n_out in shapes:
+    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    x1 = rng.standard_normal((1, n_in)).astype(np.float32)
+    xb = rng.standard_normal((256, n_in)).astype(np.float32)
+    out['batch1_ms'].append(per_call(lambda: x1 @ w, 2000))
+    out['batched_gflops'].append(2 * 256 * n_in * n_out / per_call(lambda: xb @ w, 50) / 1e6)
+print(json.dumps(out))
+"""
+
+
+def matmul_floor(shapes: list[tuple[int, int]]) -> dict[str, Any]:
+    """The arithmetic floor of a chain of matrix-vector products of `shapes` (in, out) on one
+    core: FLOPs / numpy's float32 matmul throughput at these layer sizes (256 rows at once, so
+    that the call overhead is amortised), and the sum of numpy's batch-1 products (the same
+    FLOPs, call overhead included). Measured in a subprocess held to one BLAS thread."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS='1', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    run = subprocess.run([sys.executable, '-c', _FLOOR_SCRIPT, json.dumps(shapes)], env=env,
+                         capture_output=True, text=True, check=True)
+    measured = json.loads(run.stdout)
+    flops = [2 * a * b for a, b in shapes]
+    floor_ms = sum(f / (g * 1e6) for f, g in zip(flops, measured['batched_gflops']))
+    return {'shapes': [list(s) for s in shapes], 'flops': int(sum(flops)),
+            'matmul_gflops': measured['batched_gflops'], 'floor_ms': floor_ms,
+            'numpy_batch1_ms': float(sum(measured['batch1_ms']))}

@@ -159,16 +159,21 @@ class OnnxMoE:
             return SAMPLE if self._episode_expert is None else self._episode_expert
         return int(mode)
 
+    def run(self, window: np.ndarray, code: int, u: float = 0.0) -> np.ndarray:
+        """One graph call on a window `(obs_horizon, obs_dim)` with the `expert` input `code`
+        and the uniform `u`; returns the output buffer `action (1, action_horizon,
+        action_dim)`, which the next call overwrites."""
+        self._obs[0] = window
+        self._u[0] = u
+        self._expert[0] = code
+        self._graph.run()
+        return self._action
+
     def predict(self, window: np.ndarray, uniform: TorchUniform,
                 diagnostics: bool = False) -> tuple[np.ndarray, dict[str, float]]:
         """One observation window `(obs_horizon, obs_dim)` -> `(action_horizon, action_dim)`."""
-        self._obs[0] = window
         code = self.code()
-        if code == SAMPLE:
-            self._u[0] = uniform()
-        self._expert[0] = code
-        self._graph.run()
-        action = self._action[0].copy()
+        action = self.run(window, code, uniform() if code == SAMPLE else 0.0)[0].copy()
         if self.expert_mode == 'per_episode':
             self._episode_expert = int(self._index[0])
         if not diagnostics:
