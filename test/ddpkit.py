@@ -19,6 +19,7 @@ from vdd_ros.core.moe import MixtureOfExperts
 from vdd_ros.core.scores import TeacherScore
 from vdd_ros.core.teacher import DiffusionTeacher, train_teacher
 from vdd_ros.core.vdd import distill
+from vdd_ros.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 # 2 ranks against 1 differ by floating-point summation order only: at most 1.2e-7 relative to
@@ -101,6 +102,12 @@ def main(folder: str, device: str = 'cpu') -> None:
         out['rows'] = torch.arange(TEACHER_BATCH)[rows]
         out['world'] = torch.tensor(dp.world)
         out['backend_is_nccl'] = torch.tensor(torch.distributed.get_backend() == 'nccl')
+        dp.check_same('c0ffee', 'the same data')
+        try:
+            dp.check_same(f'{dp.rank:x}', 'the data')
+            out['mismatch_caught'] = torch.tensor(False)
+        except UserError as exc:
+            out['mismatch_caught'] = torch.tensor('the data differs between ranks' in str(exc))
         save_file(out, os.path.join(folder, f'rank{dp.rank}.safetensors'))
 
 

@@ -31,7 +31,10 @@ def test_two_gloo_ranks_hold_identical_parameters_after_every_loop(two_ranks):
     first, second = two_ranks
     assert int(first['world']) == int(second['world']) == 2
     assert not bool(first['backend_is_nccl'])
-    compared = [k for k in first if k not in ('rows', 'world', 'backend_is_nccl')]
+    # every rank finds that the ranks read different data
+    assert bool(first['mismatch_caught']) and bool(second['mismatch_caught'])
+    compared = [k for k in first if k not in ('rows', 'world', 'backend_is_nccl',
+                                              'mismatch_caught')]
     assert {k.split('.')[0] for k in compared} == {'teacher', 'vdd', 'bc', 'curve'}
     for key in compared:
         assert torch.equal(first[key], second[key]), key

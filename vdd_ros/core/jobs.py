@@ -243,6 +243,7 @@ def _training_state(out: Path_, job: str, cfg: TrainConfig, stages: tuple[str, .
                     *data: torch.Tensor) -> TrainingState:
     """The training state of a job writing `out`, identified by its config and its data."""
     run = {'job': job, 'config': to_dict(cfg), 'data': fingerprint(*data)}
+    dp.check_same(run['data'], 'the training data')
     return TrainingState(state_folder(out), every=every, run=run, stages=stages,
                          resume=resume, dp=dp)
 
