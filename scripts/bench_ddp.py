@@ -1,11 +1,16 @@
 """Training throughput without a process group, and under torchrun on 1 and N ranks, in one run.
 
     python scripts/bench_ddp.py [--nproc 2] [--device cpu] [--teacher-iterations 40]
+    python scripts/bench_ddp.py --overhead [--repeats 10]
 
 Each setting runs the teacher loop and the VDD loop (with the teacher's score) at the default
 model sizes on synthetic data, one torch thread per process, and reports global samples per
 second over the timed iterations (after a warm-up; process start-up is not counted). On a
 machine shared with other work the figures move with its load: compare them within one run.
+The last column is the share of the loop's time spent in the step's all-reduce (DataParallel.sync,
+the whole data-parallel cost per step; none at one rank, where there is nothing to reduce).
+`--overhead` times the same loops in one process, alternately without a process group and with
+a one-rank gloo group, and prints the median ratio, little disturbed by the machine's load.
 """
 from __future__ import annotations
 
@@ -47,9 +52,21 @@ def worker(args: argparse.Namespace) -> None:
         score = TeacherScore(DiffusionTeacher(tcfg, OBS_DIM, ACTION_DIM, OBS_HORIZON,
                                               ACTION_HORIZON).to(dp.device))
 
+        spent = [0.0]
+        plain_sync = dp.sync
+
+        def sync(*a, **k):        # time spent in the all-reduce step (data-parallel cost)
+            start = time.perf_counter()
+            try:
+                return plain_sync(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - start
+        dp.sync = sync
+
         def timed(run, warmup: int) -> float:
             run(warmup)
             dp.barrier()
+            spent[0] = 0.0
             if dp.device.type == 'cuda':
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -61,18 +78,69 @@ def worker(args: argparse.Namespace) -> None:
 
         t_s = timed(lambda n: train_teacher(teacher, obs, act, iterations=n or
                                             args.teacher_iterations, show_bar=False, dp=dp), 5)
+        t_sync = spent[0]
 
         def run_vdd(n):
             cfg = vcfg if n is None else VDDConfig(iterations=n)
             distill(moe, score, obs, act, cfg, show_bar=False, dp=dp)
         v_s = timed(run_vdd, 2)
+        v_sync = spent[0]
         if dp.is_main:
             print('RESULT ' + json.dumps({
                 'ranks': dp.world, 'process_group': dp.active,
                 'teacher_samples_s': args.teacher_iterations * tcfg.batch_size / t_s,
                 'teacher_iter_s': args.teacher_iterations / t_s,
                 'vdd_states_s': args.vdd_iterations * vcfg.batch_size * vcfg.expert_steps / v_s,
-                'vdd_iter_s': args.vdd_iterations / v_s}), flush=True)
+                'vdd_iter_s': args.vdd_iterations / v_s,
+                'teacher_sync_share': t_sync / t_s, 'vdd_sync_share': v_sync / v_s}),
+                flush=True)
+
+
+def overhead(args: argparse.Namespace) -> None:
+    """Median time of the loops with a one-rank process group over without, alternated."""
+    import socket
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    from vdd_ros.core.config import MoEConfig, TeacherConfig, VDDConfig
+    from vdd_ros.core.distributed import DataParallel
+    from vdd_ros.core.moe import MixtureOfExperts
+    from vdd_ros.core.scores import TeacherScore
+    from vdd_ros.core.teacher import DiffusionTeacher, train_teacher
+    from vdd_ros.core.vdd import distill
+    torch.set_num_threads(1)
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0,
+                            world_size=1)
+    gen = torch.Generator().manual_seed(0)
+    obs = torch.randn(STATES, OBS_DIM * OBS_HORIZON, generator=gen)
+    act = torch.rand(STATES, ACTION_DIM * ACTION_HORIZON, generator=gen) * 2 - 1
+    shape = (OBS_DIM, ACTION_DIM, OBS_HORIZON, ACTION_HORIZON)
+    teacher = DiffusionTeacher(TeacherConfig(), *shape)
+    moe = MixtureOfExperts(MoEConfig(), *shape)
+    score = TeacherScore(DiffusionTeacher(TeacherConfig(), *shape))
+    loops = {
+        'teacher': lambda dp: train_teacher(teacher, obs, act, iterations=args.teacher_iterations,
+                                            show_bar=False, dp=dp),
+        'vdd': lambda dp: distill(moe, score, obs, act,
+                                  VDDConfig(iterations=args.vdd_iterations), show_bar=False,
+                                  dp=dp)}
+    for name, loop in loops.items():
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(args.repeats + 1):
+            for active in (False, True):
+                start = time.perf_counter()
+                loop(DataParallel(active=active))
+                if i:        # the first round warms up
+                    times[active].append(time.perf_counter() - start)
+        off, on = statistics.median(times[False]), statistics.median(times[True])
+        print(f'{name}: {off * 1e3:.1f} ms without a process group, {on * 1e3:.1f} ms with a '
+              f'one-rank group: overhead {100 * (on / off - 1):+.1f}%')
+    dist.destroy_process_group()
 
 
 def launch(args: argparse.Namespace, nproc: int | None, threads: int = 1) -> dict:
@@ -105,9 +173,14 @@ def main() -> None:
     parser.add_argument('--vdd-iterations', type=int, default=6)
     parser.add_argument('--repeats', type=int, default=1,
                         help='run the settings this many times, interleaved')
+    parser.add_argument('--overhead', action='store_true',
+                        help='the one-rank process group against none, in one process')
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.overhead:
+        overhead(args)
         return
     settings = [('no process group, 1 thread', None, 1), ('torchrun, 1 rank', 1, 1),
                 (f'torchrun, {args.nproc} ranks', args.nproc, 1),
@@ -116,11 +189,14 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, nproc, threads in settings:
             rows[name].append(launch(args, nproc, threads))
-    print(f'{"setting":34s} {"teacher samples/s":>18s} {"VDD states/s":>13s}')
+    print(f'{"setting":34s} {"teacher samples/s":>18s} {"VDD states/s":>13s} '
+          f'{"in all-reduce (teacher, VDD)":>29s}')
     for name, results in rows.items():
-        t = sorted(r['teacher_samples_s'] for r in results)
-        v = sorted(r['vdd_states_s'] for r in results)
-        print(f'{name:34s} {t[len(t) // 2]:18.0f} {v[len(v) // 2]:13.0f}'
+        t, v, ts, vs = ([r[k] for r in results] for k in (
+            'teacher_samples_s', 'vdd_states_s', 'teacher_sync_share', 'vdd_sync_share'))
+        med = [sorted(x)[len(x) // 2] for x in (t, v, ts, vs)]
+        print(f'{name:34s} {med[0]:18.0f} {med[1]:13.0f} {100 * med[2]:13.1f}% '
+              f'{100 * med[3]:6.1f}%'
               + (f'   (runs: {", ".join(f"{x:.0f}" for x in t)} / '
                  f'{", ".join(f"{x:.0f}" for x in v)})' if len(results) > 1 else ''))
 

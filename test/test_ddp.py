@@ -101,7 +101,7 @@ def test_nccl_ranks_on_cuda_match_one_process(tmp_path):
     assert max(close_to(ranks[0][k], v) for k, v in single.items()) < 1e-4
 
 
-def test_one_rank_process_group_sync_scales_reduces_and_votes(monkeypatch):
+def test_a_one_rank_process_group_passes_gradients_through_and_votes(monkeypatch):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
@@ -109,12 +109,12 @@ def test_one_rank_process_group_sync_scales_reduces_and_votes(monkeypatch):
                            MASTER_PORT=str(port), GLOO_SOCKET_IFNAME='lo').items():
         monkeypatch.setenv(key, value)
     with data_parallel('cpu') as dp:
-        assert dp.active and torch.distributed.get_backend() == 'gloo'
-        used, unused = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))
-        used.grad = torch.full((2, 2), 4.0)
-        values = dp.sync([used, unused], 0.25, [torch.tensor(2.0), 6.0], stop=True)
-        assert values == [0.5, 1.5] and dp.stop_vote and dp.should_stop(False)
-        assert torch.equal(used.grad, torch.ones(2, 2)) and unused.grad is None
-        dp.sync([used], 1.0, [], stop=False)
-        assert not dp.should_stop(True)          # the agreed vote, not the local flag
+        assert dp.active and dp.world == 1 and torch.distributed.get_backend() == 'gloo'
+        p = torch.nn.Parameter(torch.ones(2, 2))
+        p.grad = torch.full((2, 2), 4.0)
+        grad = p.grad
+        assert dp.sync([p], 1.0, [torch.tensor(2.0), 6.0], stop=True) == [2.0, 6.0]
+        assert p.grad is grad and dp.should_stop(False)
+        dp.sync([p], 1.0, [], stop=False)
+        assert not dp.should_stop(True)          # the vote of the last sync, not the flag
     assert not torch.distributed.is_initialized()
