@@ -1,15 +1,21 @@
-"""teacher_training_node with nproc 2: the job runs on two torchrun ranks, the node publishes
-rank 0's progress, and ~/stop ends every rank with the checkpoint and the training state saved."""
+"""Jobs launched on torchrun ranks as a subprocess: the pipeline's training stages with nproc 2;
+teacher_training_node with nproc 2, which publishes rank 0's progress, and whose ~/stop ends
+every rank with the checkpoint and the training state saved."""
 import json
 import math
 import uuid
 
 import rclpy
+import torch
+from ddpkit import TOLERANCE, close_to
 from rclpy.parameter import Parameter
+from safetensors.torch import load_file
 from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 
-from vdd_ros.core.checkpoint import load_policy
+from vdd_ros.core.checkpoint import load_policy, read_training
+from vdd_ros.core.config import parse_overrides
+from vdd_ros.core.jobs import baseline_job
 from vdd_ros.core.train_state import state_folder
 from vdd_ros.ros.conversions import msg_to_dict
 from vdd_ros.ros.runtime import make_executor
@@ -63,3 +69,27 @@ def test_two_rank_node_reports_rank_0_progress_and_stops_every_rank(tmp_path, mo
     history = json.loads((out / 'curves.json').read_text())['loss_history']
     assert history[-1][0] + 1 == meta['iteration']   # saved on stop, after the last iteration
     assert load_policy(out).spec.obs_dim > 0
+
+
+def test_a_pipeline_training_stage_on_two_ranks(tmp_path, monkeypatch):
+    from vdd_ros.pipeline import Context, _train, load_pipeline_config
+    monkeypatch.setenv('GLOO_SOCKET_IFNAME', 'lo')
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    tiny_dataset(tmp_path / 'demos.hdf5')
+    cfg = load_pipeline_config('lift_carry', None, parse_overrides(
+        [f'train.{item}' for item in TINY_TRAINING + ['em_moe.iterations=30',
+                                                      'em_moe.batch_size=31']]))
+    logged = []
+    ctx = Context('lift_carry', tmp_path, cfg, cfg.train_config(), show_progress=False,
+                  log=logged.append, nproc=2)
+    info = _train('em_moe', ctx)
+    assert info['iterations'] == 30 and logged[-1].startswith('  30 iterations')
+    assert read_training(tmp_path / 'em_moe')['iterations'] == 30
+    assert not state_folder(tmp_path / 'em_moe').exists()
+    # two ranks shared each batch: within the tolerance of one process, and not bitwise equal
+    baseline_job('em_moe', tmp_path / 'demos.hdf5', tmp_path / 'one', overrides=cfg.train,
+                 show_bar=False)
+    two = load_file(str(tmp_path / 'em_moe' / 'model.safetensors'))
+    one = load_file(str(tmp_path / 'one' / 'model.safetensors'))
+    assert max(close_to(two[k], one[k]) for k in one) < TOLERANCE
+    assert any(not torch.equal(two[k], one[k]) for k in one)
