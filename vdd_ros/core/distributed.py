@@ -59,7 +59,8 @@ class DataParallel:
             raise UserError(f'{stage}: a batch of {batch} rows cannot be shared by '
                             f'{self.world} ranks (batch_size, or the dataset, is too small)')
 
-    def check_same(self, digest: str, what: str) -> None:
+    def check_same(self, digest: str, what: str,
+                   hint: str = 'every rank must read the same data') -> None:
         """Raise UserError on every rank unless all ranks hold the same hex `digest` of `what`
         (e.g. the training data, which every node must read alike)."""
         if not (self.active and self.world > 1):
@@ -69,7 +70,7 @@ class DataParallel:
         dist.all_reduce(value, dist.ReduceOp.MAX)
         if int(value[0]) != -int(value[1]):
             raise UserError(f'{what} differs between ranks (this is rank {self.rank}, digest '
-                            f'{digest}): every rank must read the same data')
+                            f'{digest}): {hint}')
 
     def broadcast_(self, module: nn.Module) -> None:
         """Copy rank 0's parameters and buffers to every rank (as DDP does at wrap time)."""

@@ -149,6 +149,10 @@ class TrainingState:
                                     f'remove {self.folder}')
         elif self.dp.is_main:
             shutil.rmtree(self.folder, ignore_errors=True)
+        found = '' if self.saved is None else f'{self.saved.path.name}:{self.saved.meta}'
+        self.dp.check_same(hashlib.sha256(found.encode()).hexdigest(), 'the training state '
+                           'to resume', f'every rank must see the same {self.folder} (on a '
+                           'filesystem shared by the nodes)')
 
     def _notice(self, text: str) -> None:
         if self.dp.is_main:
