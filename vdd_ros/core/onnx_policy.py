@@ -17,10 +17,10 @@ Graphs (`batch` is a free dimension; the normalizers are folded in):
   `action (batch, action_horizon, action_dim)` (raw units). The Euler/Heun sampler loop runs
   here in numpy on the teacher's Karras schedule.
 
-Random numbers: a mixture draws its uniforms exactly as torch's CPU generator draws
-`torch.rand` for the same seed, so an exported MoE chooses the same experts as the checkpoint
-under `reset(seed)`; the teacher's Gaussian noise comes from numpy (the same distribution,
-other draws).
+Random numbers: `reset(seed)` seeds a numpy copy of torch's CPU generator (TorchRandom), so an
+exported MoE draws the uniforms that choose its experts, and the teacher the initial noise of
+its sampler, as the checkpoint's policy does for the same seed: an exported policy acts out the
+same episodes.
 """
 from __future__ import annotations
 
@@ -69,9 +69,12 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float) ->
     return (np.float32(hi) + ramp * np.float32(lo - hi)) ** np.float32(rho)
 
 
-class TorchUniform:
-    """Uniform float32 numbers in [0, 1) exactly as torch's CPU generator draws `torch.rand`
-    (Mersenne Twister seeded with the seed's low 32 bits, 24 bits per number)."""
+class TorchRandom:
+    """The random numbers of a seed as torch's CPU generator draws them (Mersenne Twister
+    seeded with the seed's low 32 bits): `uniform()` is `torch.rand(())` exactly, `normal(n)`
+    is `torch.randn(n)`, exactly below 16 values (double Box-Muller, one value kept for the
+    next call) and to float32 rounding from 16 on (torch's vectorised Box-Muller over blocks of
+    16, the last block redrawn)."""
 
     BLOCK = 256
 
@@ -81,26 +84,68 @@ class TorchUniform:
     def seed(self, seed: int | None = None) -> None:
         seed = secrets.randbits(32) if seed is None else int(seed) & 0xFFFFFFFF
         self._state = np.random.RandomState(seed)
-        self._block: list[float] = []
+        self._raw: list[int] = []        # the next 32-bit outputs, the first last
+        self._normal: float | None = None
+
+    def _refill(self, n: int) -> None:
+        while len(self._raw) < n:
+            block = self._state.randint(0, 2 ** 32, size=self.BLOCK, dtype=np.uint32)
+            self._raw = block[::-1].tolist() + self._raw
+
+    def _take(self, n: int) -> np.ndarray:
+        self._refill(n)
+        out = self._raw[:-n - 1:-1]
+        del self._raw[-n:]
+        return np.array(out, dtype=np.uint64)
 
     def __call__(self) -> float:
-        if not self._block:
-            raw = self._state.randint(0, 2 ** 32, size=self.BLOCK, dtype=np.uint32)
-            self._block = ((raw & 0xFFFFFF) * 2.0 ** -24).tolist()[::-1]
-        return self._block.pop()
+        if not self._raw:
+            self._refill(1)
+        return (self._raw.pop() & 0xFFFFFF) * 2.0 ** -24
+
+    def _floats(self, n: int) -> np.ndarray:
+        return (self._take(n) & 0xFFFFFF).astype(np.float64) * 2.0 ** -24
+
+    def _double(self) -> float:
+        hi, lo = (int(v) for v in self._take(2))
+        return (((hi << 32) | lo) & ((1 << 53) - 1)) * 2.0 ** -53
 
     def normal(self, n: int) -> np.ndarray:
-        """`n` standard normal float32 numbers (numpy's draws, not torch's)."""
-        return self._state.standard_normal(n).astype(np.float32)
+        """`n` standard normal float32 numbers, as `torch.randn(n)` draws them."""
+        if n < 16:
+            out = []
+            for _ in range(n):
+                if self._normal is None:
+                    u1, u2 = self._double(), self._double()
+                    radius, theta = np.sqrt(-2.0 * np.log1p(-u2)), 2.0 * np.pi * u1
+                    self._normal = radius * np.sin(theta)
+                    out.append(radius * np.cos(theta))
+                else:
+                    out.append(self._normal)
+                    self._normal = None
+            return np.array(out, dtype=np.float32)
+        data = self._floats(n)
+        out = np.empty(n)
+        for i in range(0, n - 15, 16):
+            out[i:i + 16] = _box_muller_16(data[i:i + 16])
+        if n % 16:
+            out[n - 16:] = _box_muller_16(self._floats(16))
+        return out.astype(np.float32)
+
+
+def _box_muller_16(u: np.ndarray) -> np.ndarray:
+    radius, theta = np.sqrt(-2.0 * np.log(1.0 - u[:8])), 2.0 * np.pi * u[8:]
+    return np.concatenate([radius * np.cos(theta), radius * np.sin(theta)])
 
 
 class _Bound:
     """A session whose inputs and outputs are bound to preallocated batch-1 numpy arrays
-    (no allocation per call): write `inputs[name][...]`, call `run()`, read `outputs`."""
+    (no allocation per call): write `inputs[name][...]`, call `run()`, read `outputs`.
+    (Measured with onnxruntime 1.32: a bound run takes a few microseconds; passing RunOptions
+    to it, or `run_with_ort_values`, costs tens of microseconds more.)"""
 
     def __init__(self, session: Any, inputs: dict[str, tuple[tuple[int, ...], Any]],
                  outputs: dict[str, tuple[tuple[int, ...], Any]]) -> None:
-        import onnxruntime as ort
         self.session = session
         self.inputs = {k: np.zeros(shape, dtype) for k, (shape, dtype) in inputs.items()}
         self.outputs = {k: np.zeros(shape, dtype) for k, (shape, dtype) in outputs.items()}
@@ -110,10 +155,9 @@ class _Bound:
         for name, arr in self.outputs.items():
             self._binding.bind_output(name, 'cpu', 0, arr.dtype, list(arr.shape),
                                       arr.ctypes.data)
-        self._options = ort.RunOptions()
 
     def run(self) -> None:
-        self.session.run_with_iobinding(self._binding, self._options)
+        self.session.run_with_iobinding(self._binding)
 
 
 class OnnxMoE:
@@ -169,7 +213,7 @@ class OnnxMoE:
         self._graph.run()
         return self._action
 
-    def predict(self, window: np.ndarray, uniform: TorchUniform,
+    def predict(self, window: np.ndarray, uniform: TorchRandom,
                 diagnostics: bool = False) -> tuple[np.ndarray, dict[str, float]]:
         """One observation window `(obs_horizon, obs_dim)` -> `(action_horizon, action_dim)`."""
         code = self.code()
@@ -244,9 +288,9 @@ class OnnxTeacher:
             x = x_next
         raise AssertionError('unreachable')
 
-    def predict(self, window: np.ndarray, uniform: TorchUniform,
+    def predict(self, window: np.ndarray, random: TorchRandom,
                 diagnostics: bool = False) -> tuple[np.ndarray, dict[str, float]]:
-        return self.sample(window, uniform.normal(self.flat_act)), {}
+        return self.sample(window, random.normal(self.flat_act)), {}
 
 
 class OnnxPolicy(ChunkPolicy):
@@ -262,16 +306,16 @@ class OnnxPolicy(ChunkPolicy):
         super().__init__(spec)
         self.model = model
         self.meta = meta
-        self._uniform = TorchUniform()
+        self._random = TorchRandom()
 
     def reset(self, seed: int | None = None) -> None:
         super().reset(seed)
         if seed is not None:
-            self._uniform.seed(seed)
+            self._random.seed(seed)
         self.model.reset()
 
     def query(self, window: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-        return self.model.predict(window, self._uniform, self.diagnostics)
+        return self.model.predict(window, self._random, self.diagnostics)
 
 
 # -- loading ----------------------------------------------------------------------------------
