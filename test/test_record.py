@@ -228,3 +228,30 @@ def test_demonstrations_recorded_through_the_nodes_convert_into_the_native_episo
     assert native['success'] and demo.seed == 7 and demo.mode == native['policy_mode']
     assert np.array_equal(demo.obs, native['obs'])
     assert np.array_equal(demo.actions, native['actions'])
+
+
+def test_log_times_are_publish_times_in_order_whatever_the_arrival_order(tmp_path):
+    """A message delivered late (a reliable sample repaired after a loss) is logged at its
+    publish time, before the /clock that followed it, as bag2dataset's timing needs."""
+    from rclpy.serialization import serialize_message
+    from rosbags.highlevel import AnyReader
+    from rosgraph_msgs.msg import Clock
+    from std_msgs.msg import Float64MultiArray
+
+    from vdd_ros.ros.binding_io import to_time
+    from vdd_ros.ros.recorder import BagRecorder
+    from vdd_ros.ros.testing import ros_context
+    arrivals = [('/clock', 1_000), ('/clock', 3_000), ('/gripper/command', 2_000),
+                ('/clock', 5_000), ('/gripper/command', 4_000)]     # (topic, publish time)
+    with ros_context() as context:
+        rec = BagRecorder(BINDING, tmp_path / 'bag', context=context)
+        for i, (topic, sent) in enumerate(arrivals):
+            msg = Clock(clock=to_time(sent)) if topic == '/clock' else \
+                Float64MultiArray(data=[float(sent)])
+            rec._on_message(topic, serialize_message(msg),
+                            {'source_timestamp': sent, 'received_timestamp': 10_000 + i})
+        rec.close(commit=True)
+    with AnyReader([tmp_path / 'bag']) as reader:
+        logged = [(c.topic, t) for c, t, _ in reader.messages()]
+    assert logged == sorted(arrivals, key=lambda a: a[1])
+    assert rec.summary.late == 0

@@ -20,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='rosbag2 storage (default: %(default)s)')
     parser.add_argument('--compress', action='store_true',
                         help='zstd-compress every message (rosbag2 compression mode message)')
+    parser.add_argument('--log-time', choices=('publish', 'receive'), default='publish',
+                        help="each message's log time: when it was published (default; causal "
+                             'on one machine or synchronised hosts) or when it was received '
+                             '(what ros2 bag record logs)')
     parser.add_argument('--episodes', type=int, default=None,
                         help='stop after this many episode end markers (with --demonstrate: '
                              'the number of demonstrations, required)')
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f'--seed must lie in [0, 2^32 - episodes], got {args.seed}')
         if args.binding is not None:
             load_binding(args.binding)
+        if args.log_time != 'publish':
+            raise UserError('--demonstrate records publish times (--log-time publish)')
         check_output(args.out)
         summary, episodes = record_demonstrations(
             args.demonstrate, args.out, list(range(args.seed, args.seed + args.episodes)),
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         binding = load_binding(args.binding)
         summary = record(binding, args.out, args.storage, args.compress, args.episodes,
                          args.duration, show_progress=not args.quiet,
-                         domain_id=args.domain_id)
+                         domain_id=args.domain_id, log_time=args.log_time)
     for line in summary.lines():
         print(line)
     print(f'-> {summary.out}')

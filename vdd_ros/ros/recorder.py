@@ -9,12 +9,19 @@ publisher), KEEP_LAST 1000, volatile. A topic advertised with another type than 
 binding's is an error naming both (no bag is kept).
 
 Messages are taken RAW (serialized CDR) and written byte for byte. The log time of a message
-is its DDS reception time (rmw's `received_timestamp`, system clock; the callback's time when
-the middleware gives none), as rosbag2 logs it. Callbacks of different topics can run out of
-reception order, so messages wait in a reorder window (0.25 s) and are written sorted by log
-time: the bag's log times never go back (a message later than the window is written with the
-last written time and counted as late). bag2dataset relies on that order: a command without a
-header (Float64MultiArray) is timed by the /clock logged before it.
+is, by default, its PUBLISH time (rmw's `source_timestamp`, the publisher's system clock;
+`log_time='receive'`: its DDS reception time, `received_timestamp`, as `ros2 bag record`
+logs it; the callback's time when the middleware gives neither). bag2dataset times a
+command without a header (Float64MultiArray) by the /clock logged before it, so the log
+order of /clock and the commands must be causal: publish times are (a command answering the
+state at t is published after /clock(t), and the simulator publishes /clock(t + 1) after
+the command reached it), while reception times are not under load: a reliable sample lost
+once and repaired later is received after /clock values that followed it, and measured so
+it put 18 gripper commands of one recorded episode past their step. Publish times need the
+publishers' clocks to agree (one machine, or synchronised hosts); else use 'receive'.
+Messages wait in a reorder window (2 s) and are written sorted by log time, so the bag's log
+times never go back (a message later than the window is written with the last written time
+and counted as late).
 
 Message definitions and type hashes come from rosbags' ROS 2 Kilted type store (the ROS 2
 distribution of the wheels here; these standard types are the same in Jazzy).
@@ -54,7 +61,8 @@ from vdd_ros.errors import UserError
 STORAGES = ('mcap', 'sqlite3')
 CLOCK_TOPIC = '/clock'
 DEPTH = 1000
-REORDER_NS = 250_000_000
+REORDER_NS = 2_000_000_000
+LOG_TIMES = ('publish', 'receive')
 GRAPH_PERIOD_S = 0.2
 TEMP_INFIX = '.rec-'
 
@@ -114,7 +122,8 @@ class BagRecorder:
 
     def __init__(self, binding: Binding, out: str | os.PathLike, storage: str = 'mcap',
                  compress: bool = False, context: Any = None,
-                 on_marker: Callable[[Any], None] | None = None) -> None:
+                 on_marker: Callable[[Any], None] | None = None,
+                 log_time: str = 'publish') -> None:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
         from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
@@ -123,6 +132,9 @@ class BagRecorder:
         from vdd_ros.core.process import owned_tempdir, remove_dead_owners
         if storage not in STORAGES:
             raise UserError(f'--storage must be one of {list(STORAGES)}, got {storage!r}')
+        if log_time not in LOG_TIMES:
+            raise UserError(f'--log-time must be one of {list(LOG_TIMES)}, got {log_time!r}')
+        self.stamp_key = 'source_timestamp' if log_time == 'publish' else 'received_timestamp'
         self.binding = binding
         self.out = check_output(out)
         self.topics = recorded_topics(binding)
@@ -187,7 +199,7 @@ class BagRecorder:
             self.subscribed[topic] = 'reliable' if reliable else 'best_effort'
 
     def _on_message(self, topic: str, raw: bytes, info: Any) -> None:
-        stamp = int((info or {}).get('received_timestamp') or 0) or time.time_ns()
+        stamp = int((info or {}).get(self.stamp_key) or 0) or time.time_ns()
         heapq.heappush(self.heap, (stamp, next(self.seq), topic, bytes(raw)))
         if topic == self.binding.episode_topic:
             self._marker(raw)
@@ -330,7 +342,7 @@ def _shutdown(context: Any) -> None:
 def record(binding: Binding, out: str | os.PathLike, storage: str = 'mcap',
            compress: bool = False, episodes: int | None = None,
            duration_s: float | None = None, show_progress: bool = True,
-           domain_id: int | None = None) -> RecordSummary:
+           domain_id: int | None = None, log_time: str = 'publish') -> RecordSummary:
     """Record live topics of `binding` (this process's ROS domain unless `domain_id`) until
     SIGINT/SIGTERM, `episodes` end markers or `duration_s` seconds; the bag is committed in
     every one of these cases."""
@@ -346,7 +358,7 @@ def record(binding: Binding, out: str | os.PathLike, storage: str = 'mcap',
                disable=not show_progress, dynamic_ncols=True, leave=False)
     commit = False
     try:
-        recorder = BagRecorder(binding, out, storage, compress, context)
+        recorder = BagRecorder(binding, out, storage, compress, context, log_time=log_time)
         end = None if duration_s is None else time.monotonic() + duration_s
 
         def until() -> str | None:
