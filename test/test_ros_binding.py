@@ -627,3 +627,15 @@ def test_a_source_published_with_another_type_is_an_error_naming_the_topic(rig):
     assert message == ('/eef_pose: published as geometry_msgs/msg/Pose, the binding expects '
                        'geometry_msgs/msg/PoseStamped')
     assert values['source /joint_states'] == 'waiting: no message yet'
+
+
+def test_the_latency_bench_runs_the_binding_path(checkpoint):
+    """`python -m vdd_ros.ros.bench --binding task:lift_carry` in small: separate processes,
+    every source topic per step, answers matched by stamp."""
+    from vdd_ros.ros.bench import benchmark_latency
+    from vdd_ros.ros.testing import domain_id
+    result = benchmark_latency(checkpoint, 100.0, duration_s=1.5, domain_id=domain_id(),
+                               binding='task:lift_carry', act_on='complete', raw_source=True)
+    assert result['policy_exit_status'] == 0 and result['path'].startswith('binding')
+    assert result['answered_fraction'] >= 0.5, result
+    assert 0 < result['obs_to_action_ms_p50'] < 50.0, result

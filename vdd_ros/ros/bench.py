@@ -23,6 +23,7 @@ stamped sink and is complete when every sink has arrived.
 from __future__ import annotations
 
 import argparse
+import struct
 import sys
 import tempfile
 import time
@@ -45,7 +46,7 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
                       domain_id: int | None = None, startup_timeout_s: float = 90.0,
                       seed: int = 0, sweep_phase: bool = True,
                       realtime_priority: int = 0, binding: str = '',
-                      act_on: str = 'tick') -> dict[str, Any]:
+                      act_on: str = 'tick', raw_source: bool = False) -> dict[str, Any]:
     """Measure policy_node at `rate_hz` for `duration_s` seconds (after the first answer).
 
     The obs-to-action latency of a timer-driven policy includes the wait for its next tick,
@@ -56,7 +57,9 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
     node's diagnostics its inference time and tick-wait (`obs_age`) percentiles, ticks,
     deadline misses and miss rate over the measured window. With `binding` (a file or
     `task:<name>`) the observations travel on the binding's topics and the node acts per
-    `act_on`.
+    `act_on`. With `raw_source` the source publishes pre-serialized messages with only
+    their sequence number or stamp patched (a C++ driver's cost rather than rclpy's message
+    conversion, for both paths alike).
     """
     from vdd_ros.ros.evaluation import NodeProcess, free_domain_id
     from vdd_ros.ros.runtime import make_executor
@@ -93,10 +96,11 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
             with ros_context(domain) as ctx:
                 if binding:
                     probe: Any = BindingProbe(ctx, bound, namespace, name='bench_source')
-                    source = _BindingSource(probe, observations)
+                    source: Any = _BindingSource(probe, observations, raw_source)
                 else:
                     probe = Probe(ctx, namespace, name='bench_source')
-                    source = _LabelledSource(probe, observations, list(spec.obs_fields))
+                    source = _LabelledSource(probe, observations, list(spec.obs_fields),
+                                             raw_source)
                 executor = make_executor(ctx)
                 executor.add_node(probe.node)
 
@@ -143,6 +147,7 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
         'obs_age_ms_p50': after.get('obs_age_ms_p50', 0.0),
         'obs_age_ms_p99': after.get('obs_age_ms_p99', 0.0),
         'sweep_phase': bool(sweep_phase), 'realtime_priority': int(realtime_priority),
+        'raw_source': bool(raw_source),
         'policy_ticks': int(ticks), 'deadline_misses': int(misses),
         'skipped_periods': int(after.get('skipped_periods', 0.0)
                                - before.get('skipped_periods', 0.0)),
@@ -153,16 +158,35 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
 
 
 class _LabelledSource:
-    """Labelled observations, one per tick; answers matched by `@seq`."""
+    """Labelled observations, one per tick; answers matched by `@seq`. With `raw`, each
+    observation is serialized once and only its `@seq` bytes change per tick."""
 
-    def __init__(self, probe: Any, observations: np.ndarray, fields: list) -> None:
+    def __init__(self, probe: Any, observations: np.ndarray, fields: list,
+                 raw: bool = False) -> None:
         self.probe, self.observations, self.fields = probe, observations, fields
         self.count = 0
+        self.raw: list[bytes] = []
+        if raw:
+            from rclpy.serialization import serialize_message
+
+            from vdd_ros.ros.conversions import observation_to_msg
+            mark = 0x7A6B5C4D      # a @seq value whose bytes occur nowhere else
+            self.raw = [serialize_message(observation_to_msg(obs, fields, mark, 1, 0))
+                        for obs in observations]
+            self.at = [blob.index(mark.to_bytes(4, 'little')) for blob in self.raw]
 
     def tick(self) -> None:
         i = self.count
-        self.probe.send(self.observations[i % len(self.observations)], self.fields,
-                        episode=1, step=i)
+        if not self.raw:
+            self.probe.send(self.observations[i % len(self.observations)], self.fields,
+                            episode=1, step=i)
+        else:
+            k = i % len(self.raw)
+            blob = bytearray(self.raw[k])
+            seq = self.probe.seq = i + 1
+            struct.pack_into('<I', blob, self.at[k], seq)
+            self.probe.sent[seq] = time.perf_counter()
+            self.probe.obs_pub.publish(bytes(blob))
         self.count = i + 1
 
     def answered_any(self) -> bool:
@@ -182,22 +206,36 @@ class _BindingSource:
     """Every source topic of a binding, one stamp per tick (the system time); answers
     matched by the stamp of their stamped sink, complete when every sink has arrived."""
 
-    def __init__(self, probe: Any, observations: np.ndarray) -> None:
-        self.probe, self.count = probe, 0
+    def __init__(self, probe: Any, observations: np.ndarray, raw: bool = False) -> None:
+        from rclpy.serialization import serialize_message
+        self.probe, self.count, self.raw = probe, 0, raw
         self.stamps: list[int] = []
         clock = probe.node.get_clock()
         self.now = lambda: clock.now().nanoseconds
         self.messages = [probe.messages(obs, 0) for obs in observations]
+        # raw: every message serialized once; only its header stamp bytes change per tick
+        self.blobs = [{t: (serialize_message(m), hasattr(m, 'header')) for t, m in msgs.items()}
+                      for msgs in self.messages] if raw else []
 
     def tick(self) -> None:
         from vdd_ros.ros.binding_io import to_time
-        msgs = self.messages[self.count % len(self.messages)]
+        k = self.count % len(self.messages)
         stamp = self.now()
-        for msg in msgs.values():
-            if hasattr(msg, 'header'):
-                msg.header.stamp = to_time(stamp)
+        if self.raw:
+            self.probe.sent[stamp] = time.perf_counter()
+            sec, nsec = divmod(stamp, 1_000_000_000)
+            for topic, (blob, stamped) in self.blobs[k].items():
+                if stamped:
+                    blob = bytearray(blob)
+                    struct.pack_into('<iI', blob, 4, sec, nsec)
+                self.probe.pubs[topic].publish(bytes(blob))
+        else:
+            msgs = self.messages[k]
+            for msg in msgs.values():
+                if hasattr(msg, 'header'):
+                    msg.header.stamp = to_time(stamp)
+            self.probe.send(None, stamp, msgs)
         self.stamps.append(stamp)
-        self.probe.send(None, stamp, msgs)
         self.count += 1
 
     def answered_any(self) -> bool:
@@ -268,10 +306,14 @@ def main(argv: list[str] | None = None) -> int:
                         help='the binding path\'s act_on (default: %(default)s)')
     parser.add_argument('--rounds', type=int, default=3,
                         help='runs of each path per rate with --binding (default: %(default)s)')
+    parser.add_argument('--raw-source', action='store_true',
+                        help='publish pre-serialized observations (only the sequence number or '
+                        'stamp patched), so the source costs what a C++ driver would')
     parser.add_argument('--json', type=Path, help='write the results here')
     args = parser.parse_args(argv)
     common = dict(task=args.task, expert_mode=args.expert_mode,
-                  sweep_phase=not args.fixed_phase, realtime_priority=args.realtime_priority)
+                  sweep_phase=not args.fixed_phase, realtime_priority=args.realtime_priority,
+                  raw_source=args.raw_source)
     try:
         if args.binding:
             if args.rounds < 1:
