@@ -2,6 +2,8 @@
 
     ros2 launch vdd_ros policy.launch.py checkpoint:=runs/moe task:=lift_carry \
         control_rate_hz:=20.0 expert_mode:=per_episode observation:=/arm/obs
+    ros2 launch vdd_ros policy.launch.py checkpoint:=runs/moe binding:=task:lift_carry \
+        clock_mode:=lockstep act_on:=complete use_sim_time:=true
 
 Parameters come from config/sim_node.yaml and config/policy_node.yaml; a launch argument
 overrides them only when it is set (`--show-args` names each file's value). `observation` and
@@ -34,6 +36,12 @@ ARGUMENTS = {
                                 'clock_mode')),
     'sim_rate_hz': ('', describe("sim_node realtime rate in Hz (0: the task's, real time)",
                                  CONFIG, 'sim_node', 'control_rate_hz')),
+    'binding': ('', "binding YAML (or task:<name>) for standard messages in both nodes; empty: "
+                    'the labelled observation/action arrays'),
+    'act_on': ('', describe('policy_node with a binding: tick or complete', CONFIG,
+                            'policy_node', 'act_on')),
+    'use_sim_time': ('', 'true: both nodes run on /clock (sim_node publishes it in lockstep '
+                         'with a binding); empty: false'),
     'namespace': ('', 'namespace of both nodes'),
     'observation': ('observation', 'observation topic (relative names lie in the namespace)'),
     'action': ('action', 'action topic (relative names lie in the namespace)'),
@@ -41,10 +49,12 @@ ARGUMENTS = {
 # node -> {parameter: (launch argument, type)}
 PARAMETERS = {
     'sim_node': {'task': ('task', str), 'clock_mode': ('clock_mode', str),
-                 'control_rate_hz': ('sim_rate_hz', float)},
+                 'control_rate_hz': ('sim_rate_hz', float), 'binding': ('binding', str),
+                 'use_sim_time': ('use_sim_time', bool)},
     'policy_node': {'checkpoint': ('checkpoint', str), 'task': ('task', str),
                     'control_rate_hz': ('control_rate_hz', float),
-                    'expert_mode': ('expert_mode', str)},
+                    'expert_mode': ('expert_mode', str), 'binding': ('binding', str),
+                    'act_on': ('act_on', str), 'use_sim_time': ('use_sim_time', bool)},
 }
 
 

@@ -279,6 +279,15 @@ def test_policy_launch_passes_only_the_arguments_that_are_set(stand_ins):
                                         "got 'fast'"):
         _launch('policy.launch.py', control_rate_hz='fast')
 
+    _, (sim, policy) = _launch('policy.launch.py', binding='task:lift_carry', act_on='complete',
+                               use_sim_time='true', clock_mode='lockstep')
+    assert sim.parameters[1] == {'clock_mode': 'lockstep', 'binding': 'task:lift_carry',
+                                 'use_sim_time': True}
+    assert policy.parameters[1] == {'binding': 'task:lift_carry', 'act_on': 'complete',
+                                    'use_sim_time': True}
+    with pytest.raises(UserError, match='launch argument use_sim_time: expected true or false'):
+        _launch('policy.launch.py', use_sim_time='yes')
+
 
 def test_pipeline_launch_chains_the_stages_and_passes_only_what_is_set(stand_ins):
     _, entities = _launch('pipeline.launch.py', dataset='d.hdf5')
