@@ -3,9 +3,10 @@
 The graphs and their metadata are described in `vdd_ros.core.onnx_policy`, which runs them.
 MoE: the acting graph of `MixtureOfExperts.predict` (first layer and mean head with the
 normalizers folded in, gating, expert choice from the `expert` code and `u`, only the chosen
-expert's mean). Teacher: one call of `DiffusionTeacher.denoise` with the observation
-normalizer folded into the input layer and the action normalizer applied to a second output.
-The file is written atomically; torch and onnx are needed here, never to run the file.
+expert's mean). Teacher: one call of `DiffusionTeacher.denoise` on the raw observation window
+(normalised in the graph), the action normalizer applied to a second output. Mish runs as
+`NegatedMish`. The file is written atomically; torch and onnx are needed here, never to run
+the file.
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ class MoEActing(nn.Module):
 
 class TeacherStep(nn.Module):
     """One `DiffusionTeacher.denoise` call on the raw observation window:
-    `(x, obs, sigma) -> (denoised, action)`."""
+    `(x, obs, sigma) -> (denoised, action)`. The observation is normalised as torch does it
+    (folding it into the input layer cost up to 1e-5 over a sampler's steps)."""
 
     def __init__(self, teacher: DiffusionTeacher) -> None:
         super().__init__()
@@ -107,24 +109,19 @@ class TeacherStep(nn.Module):
         net = self.teacher.net
         net.blocks = nn.ModuleList(fast_mish(block) for block in net.blocks)
         net.out = fast_mish(net.out)
-        fa, fo = teacher.flat_act, teacher.flat_obs
-        with torch.no_grad():
-            inp = self.teacher.net.inp
-            off = teacher.obs_normalizer.offset.repeat(teacher.obs_horizon)
-            scale = teacher.obs_normalizer.scale.repeat(teacher.obs_horizon)
-            w_obs = inp.weight[:, fa:fa + fo] / scale
-            inp.bias.sub_(w_obs @ off)
-            inp.weight[:, fa:fa + fo] = w_obs
-            self.register_buffer('a_off', teacher.action_normalizer.offset.repeat(
-                teacher.action_horizon))
-            self.register_buffer('a_scale', teacher.action_normalizer.scale.repeat(
-                teacher.action_horizon))
+        for name, norm, repeat in (('obs', teacher.obs_normalizer, teacher.obs_horizon),
+                                   ('action', teacher.action_normalizer,
+                                    teacher.action_horizon)):
+            self.register_buffer(f'{name}_offset', norm.offset.repeat(repeat).clone())
+            self.register_buffer(f'{name}_scale', norm.scale.repeat(repeat).clone())
         self.action_shape = (teacher.action_horizon, teacher.action_dim)
 
     def forward(self, x: torch.Tensor, obs: torch.Tensor,
                 sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        denoised = self.teacher.denoise(x, obs.flatten(1), sigma)
-        return denoised, (denoised * self.a_scale + self.a_off).reshape(-1, *self.action_shape)
+        obs = (obs.flatten(1) - self.obs_offset) / self.obs_scale
+        denoised = self.teacher.denoise(x, obs, sigma)
+        action = denoised * self.action_scale + self.action_offset
+        return denoised, action.reshape(-1, *self.action_shape)
 
 
 def metadata(model: nn.Module, spec: PolicySpec, meta: dict[str, Any], opset: int,
