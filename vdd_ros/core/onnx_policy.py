@@ -6,7 +6,7 @@ opset; the teacher's sampler), so `load_onnx_policy` rebuilds the same `Policy` 
 `load_policy` on the checkpoint folder: `reset(seed)`, `act(obs)`, the action-chunk queue and,
 for a mixture, the expert modes with the per-episode expert memory.
 
-Graphs (`batch` is a free dimension; the normalizers are folded in):
+Graphs (`batch` is a free dimension; the normalizers are inside the graphs):
 - MoE (VDD-MoE, Gaussian BC, EM-MoE): `obs (batch, obs_horizon, obs_dim)`, `u (batch)` a
   uniform number in [0, 1), `expert (batch)` int64: an index pins that expert, SAMPLE (-1)
   draws one from the gating with `u`, ARGMAX (-2) takes the most probable. Outputs the chosen

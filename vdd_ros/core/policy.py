@@ -87,6 +87,7 @@ class ChunkPolicy(Policy):
         self.spec = spec
         self.info: dict[str, float] = {}
         self.diagnostics = False
+        self._obs_dim = spec.obs_dim     # (a sum over the fields: not recomputed per step)
         self._history: deque[np.ndarray] = deque(maxlen=spec.obs_horizon)
         self._queue: deque[np.ndarray] = deque()
         self._ahead = np.zeros((0, spec.action_dim), dtype=np.float32)  # beyond action_exec
@@ -102,9 +103,9 @@ class ChunkPolicy(Policy):
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs, dtype=np.float32).reshape(-1)
-        if obs.shape[0] != self.spec.obs_dim:
+        if obs.shape[0] != self._obs_dim:
             raise ValueError(f'observation has {obs.shape[0]} values, policy expects '
-                             f'{self.spec.obs_dim}')
+                             f'{self._obs_dim}')
         if not self._history:
             self._history.extend([obs] * self.spec.obs_horizon)
         else:
