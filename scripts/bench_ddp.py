@@ -7,8 +7,10 @@ Each setting runs the teacher loop and the VDD loop (with the teacher's score) a
 model sizes on synthetic data, one torch thread per process, and reports global samples per
 second over the timed iterations (after a warm-up; process start-up is not counted). On a
 machine shared with other work the figures move with its load: compare them within one run.
-The last column is the share of the loop's time spent in the step's all-reduce (DataParallel.sync,
-the whole data-parallel cost per step; none at one rank, where there is nothing to reduce).
+"in all-reduce" is the share of the loop's time spent in DataParallel.sync (the whole
+data-parallel cost per step, waiting for the slowest rank included; none at one rank, where
+there is nothing to reduce); "CPU ms / 1000 samples" adds up the CPU time of all ranks, which
+the machine's load disturbs far less than wall time.
 `--overhead` times the same loops in one process, alternately without a process group and with
 a one-rank gloo group, and prints the median ratio, little disturbed by the machine's load.
 """
@@ -63,28 +65,35 @@ def worker(args: argparse.Namespace) -> None:
                 spent[0] += time.perf_counter() - start
         dp.sync = sync
 
+        cpu = [0.0]
+
         def timed(run, warmup: int) -> float:
             run(warmup)
             dp.barrier()
             spent[0] = 0.0
             if dp.device.type == 'cuda':
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run(None)
             if dp.device.type == 'cuda':
                 torch.cuda.synchronize()
+            used = torch.tensor([time.process_time() - cpu_start], dtype=torch.float64)
+            if dp.active and dp.world > 1:       # CPU seconds of all ranks together
+                used = used.to(dp.device)
+                torch.distributed.all_reduce(used)
+            cpu[0] = float(used)
             dp.barrier()
             return time.perf_counter() - start
 
         t_s = timed(lambda n: train_teacher(teacher, obs, act, iterations=n or
                                             args.teacher_iterations, show_bar=False, dp=dp), 5)
-        t_sync = spent[0]
+        t_sync, t_cpu = spent[0], cpu[0]
 
         def run_vdd(n):
             cfg = vcfg if n is None else VDDConfig(iterations=n)
             distill(moe, score, obs, act, cfg, show_bar=False, dp=dp)
         v_s = timed(run_vdd, 2)
-        v_sync = spent[0]
+        v_sync, v_cpu = spent[0], cpu[0]
         if dp.is_main:
             print('RESULT ' + json.dumps({
                 'ranks': dp.world, 'process_group': dp.active,
@@ -92,7 +101,11 @@ def worker(args: argparse.Namespace) -> None:
                 'teacher_iter_s': args.teacher_iterations / t_s,
                 'vdd_states_s': args.vdd_iterations * vcfg.batch_size * vcfg.expert_steps / v_s,
                 'vdd_iter_s': args.vdd_iterations / v_s,
-                'teacher_sync_share': t_sync / t_s, 'vdd_sync_share': v_sync / v_s}),
+                'teacher_sync_share': t_sync / t_s, 'vdd_sync_share': v_sync / v_s,
+                'teacher_cpu_ms_per_1k': 1e6 * t_cpu / (args.teacher_iterations
+                                                        * tcfg.batch_size),
+                'vdd_cpu_ms_per_1k': 1e6 * v_cpu / (args.vdd_iterations * vcfg.batch_size
+                                                    * vcfg.expert_steps)}),
                 flush=True)
 
 
@@ -189,16 +202,19 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, nproc, threads in settings:
             rows[name].append(launch(args, nproc, threads))
-    print(f'{"setting":34s} {"teacher samples/s":>18s} {"VDD states/s":>13s} '
-          f'{"in all-reduce (teacher, VDD)":>29s}')
+    print(f'{"setting":32s} {"teacher samples/s":>17s} {"VDD states/s":>12s} '
+          f'{"in all-reduce":>14s} {"CPU ms / 1000 samples":>22s}')
     for name, results in rows.items():
-        t, v, ts, vs = ([r[k] for r in results] for k in (
-            'teacher_samples_s', 'vdd_states_s', 'teacher_sync_share', 'vdd_sync_share'))
-        med = [sorted(x)[len(x) // 2] for x in (t, v, ts, vs)]
-        print(f'{name:34s} {med[0]:18.0f} {med[1]:13.0f} {100 * med[2]:13.1f}% '
-              f'{100 * med[3]:6.1f}%'
-              + (f'   (runs: {", ".join(f"{x:.0f}" for x in t)} / '
-                 f'{", ".join(f"{x:.0f}" for x in v)})' if len(results) > 1 else ''))
+        keys = ('teacher_samples_s', 'vdd_states_s', 'teacher_sync_share', 'vdd_sync_share',
+                'teacher_cpu_ms_per_1k', 'vdd_cpu_ms_per_1k')
+        cols = [[r[k] for r in results] for k in keys]
+        t, v, ts, vs, tc, vc = (sorted(x)[len(x) // 2] for x in cols)
+        print(f'{name:32s} {t:17.0f} {v:12.0f} {100 * ts:6.1f}% {100 * vs:5.1f}% '
+              f'{tc:11.1f} {vc:10.1f}'
+              + (f'   (runs: {", ".join(f"{x:.0f}" for x in cols[0])} / '
+                 f'{", ".join(f"{x:.0f}" for x in cols[1])})' if len(results) > 1 else ''))
+    print('medians over the runs; teacher then VDD in each pair of columns; CPU time of all '
+          'ranks together')
 
 
 if __name__ == '__main__':
