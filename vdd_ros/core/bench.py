@@ -16,6 +16,7 @@ import torch
 
 from vdd_ros.core.config import MoEConfig, TeacherConfig
 from vdd_ros.core.moe import MixtureOfExperts
+from vdd_ros.core.onnx_policy import ARGMAX
 from vdd_ros.core.policy import ModelPolicy, PolicySpec
 from vdd_ros.core.teacher import DiffusionTeacher
 
@@ -37,16 +38,31 @@ def summary(ms: np.ndarray) -> dict[str, float]:
             'mean': float(ms.mean())}
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], calls: int, warmup: int,
+                     rounds: int = 10) -> dict[str, np.ndarray]:
+    """`time_calls` of each function in turn, `rounds` times `calls / rounds` calls, so that
+    a change of machine load falls on every function alike."""
+    out: dict[str, list[np.ndarray]] = {name: [] for name in fns}
+    per_round = -(-calls // rounds)
+    for r in range(rounds):
+        for name, fn in fns.items():
+            out[name].append(time_calls(fn, per_round, warmup if r == 0 else 0))
+    return {name: np.concatenate(parts)[:calls] for name, parts in out.items()}
+
+
 def latency_benchmark(obs_dim: int = 60, action_dim: int = 7, hidden_dim: int = 256,
                       num_layers: int = 3, num_experts: int = 8,
                       steps: tuple[int, ...] = (1, 3, 8, 16), calls: int = 2000,
                       warmup: int = 200, expert_mode: str = 'sample',
                       threads: int = 1) -> dict[str, Any]:
-    """Latency of `Policy.act` for the MoE and the teacher, and of the MoE's bare network.
+    """Latency of `Policy.act` for the MoE and the teacher, in torch and through onnxruntime
+    (the exported graphs on `threads` intra-op threads), of the MoE's bare torch network and
+    bare onnxruntime graph run, and the MoE's arithmetic floor (`matmul_floor`).
 
     Both models use the same backbone size; each `act` call queries the network (one action
-    per query), so no chunk amortises the cost.
+    per query), so no chunk amortises the cost. The four MoE rows are timed interleaved.
     """
+    import onnxruntime
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     spec = PolicySpec(obs_fields=[('obs', obs_dim)], action_dim=action_dim)
@@ -57,78 +73,65 @@ def latency_benchmark(obs_dim: int = 60, action_dim: int = 7, hidden_dim: int = 
                                obs_dim, action_dim)
     obs = np.random.default_rng(0).standard_normal(obs_dim).astype(np.float32)
     moe_policy = ModelPolicy(moe, spec)
+    onnx_moe, onnx_teacher = onnx_policies(moe, teacher, spec, threads)
     results: dict[str, Any] = {'settings': {
         'obs_dim': obs_dim, 'action_dim': action_dim, 'hidden_dim': hidden_dim,
         'num_layers': num_layers, 'num_experts': num_experts, 'calls': calls,
         'warmup': warmup, 'threads': threads, 'expert_mode': expert_mode,
-        'torch': torch.__version__}}
-    results['moe'] = summary(time_calls(lambda: moe_policy.act(obs), calls, warmup))
+        'torch': torch.__version__, 'onnxruntime': onnxruntime.__version__}}
     x = torch.from_numpy(obs)[None]
+    window = obs[None]
 
     def bare() -> None:
         with torch.inference_mode():
             h = moe.backbone(x)
             moe.mean_head(h), moe.gate(h)
-    results['moe_forward'] = summary(time_calls(bare, calls, warmup))
-    results['teacher'] = {}
-    teacher_policy = ModelPolicy(teacher, spec)
-    for n in steps:
-        teacher.sampling_steps = n
-        results['teacher'][str(n)] = summary(
-            time_calls(lambda: teacher_policy.act(obs), max(calls // max(n // 4, 1), 200),
-                       warmup))
+    moe_policy.reset(0)
+    onnx_moe.reset(0)
+    timed = time_interleaved({
+        'moe': lambda: moe_policy.act(obs), 'moe_forward': bare,
+        'onnx_moe': lambda: onnx_moe.act(obs),
+        'onnx_moe_run': lambda: onnx_moe.model.run(window, ARGMAX)}, calls, warmup)
+    results.update({name: summary(ms) for name, ms in timed.items()})
+    for name, policy, model in (('teacher', ModelPolicy(teacher, spec), teacher),
+                                ('onnx_teacher', onnx_teacher, onnx_teacher.model)):
+        results[name] = {}
+        for n in steps:
+            model.sampling_steps = n
+            results[name][str(n)] = summary(
+                time_calls(lambda: policy.act(obs), max(calls // max(n // 4, 1), 200),
+                           warmup))
     m = results['moe']['p50']
     results['moe_ms_p50'] = m
     results['moe_ms_p99'] = results['moe']['p99']
     results['moe_forward_ms_p50'] = results['moe_forward']['p50']
+    results['onnx_moe_ms_p50'] = results['onnx_moe']['p50']
     results['teacher_ms_p50'] = {k: v['p50'] for k, v in results['teacher'].items()}
+    results['onnx_teacher_ms_p50'] = {k: v['p50'] for k, v in results['onnx_teacher'].items()}
     results['speedup_vs_teacher'] = {k: v / m for k, v in results['teacher_ms_p50'].items()}
     if '8' in results['teacher_ms_p50']:
         results['speedup_vs_teacher_8'] = results['teacher_ms_p50']['8'] / m
     results['act_over_forward'] = m / results['moe_forward_ms_p50']
-    results.update(onnx_benchmark(moe, teacher, spec, obs, steps, calls, warmup, threads))
     results['onnx_moe_over_torch'] = results['onnx_moe']['p50'] / m
-    shapes = moe_matmul_shapes(moe)
-    results['floor'] = matmul_floor(shapes)
+    results['floor'] = matmul_floor(moe_matmul_shapes(moe))
     results['floor']['onnx_moe_over_floor'] = (results['onnx_moe']['p50']
                                                / results['floor']['floor_ms'])
     return results
 
 
-def onnx_benchmark(moe: MixtureOfExperts, teacher: DiffusionTeacher, spec: PolicySpec,
-                   obs: np.ndarray, steps: tuple[int, ...], calls: int, warmup: int,
-                   threads: int) -> dict[str, Any]:
-    """`act` of the exported MoE and teacher through onnxruntime on `threads` threads, and the
-    MoE graph's bare run (inputs written, one session call)."""
-    from vdd_ros.core.onnx_export import export_checkpoint
+def onnx_policies(moe: MixtureOfExperts, teacher: DiffusionTeacher, spec: PolicySpec,
+                  threads: int) -> tuple[Any, Any]:
+    """The MoE and the teacher exported and loaded back as onnxruntime policies."""
     from vdd_ros.core.checkpoint import save_checkpoint
-    from vdd_ros.core.onnx_policy import ARGMAX, load_onnx_policy
-    import onnxruntime
-    out: dict[str, Any] = {'onnx_settings': {'onnxruntime': onnxruntime.__version__,
-                                             'intra_op_threads': threads}}
+    from vdd_ros.core.onnx_export import export_checkpoint
+    from vdd_ros.core.onnx_policy import load_onnx_policy
+    policies = []
     with tempfile.TemporaryDirectory() as tmp:
-        policies = {}
         for name, model in (('moe', moe), ('teacher', teacher)):
             folder = save_checkpoint(Path(tmp) / name, model, spec, name)
             export_checkpoint(folder, Path(tmp) / f'{name}.onnx')
-            policies[name] = load_onnx_policy(Path(tmp) / f'{name}.onnx', threads=threads)
-    policy = policies['moe']
-    policy.model.set_expert_mode(moe.expert_mode)
-    policy.reset(0)
-    out['onnx_moe'] = summary(time_calls(lambda: policy.act(obs), calls, warmup))
-    window = obs[None]
-    out['onnx_moe_run'] = summary(time_calls(lambda: policy.model.run(window, ARGMAX), calls,
-                                             warmup))
-    out['onnx_teacher'] = {}
-    teacher_policy = policies['teacher']
-    for n in steps:
-        teacher_policy.model.sampling_steps = n
-        out['onnx_teacher'][str(n)] = summary(
-            time_calls(lambda: teacher_policy.act(obs), max(calls // max(n // 4, 1), 200),
-                       warmup))
-    out['onnx_moe_ms_p50'] = out['onnx_moe']['p50']
-    out['onnx_teacher_ms_p50'] = {k: v['p50'] for k, v in out['onnx_teacher'].items()}
-    return out
+            policies.append(load_onnx_policy(Path(tmp) / f'{name}.onnx', threads=threads))
+    return policies[0], policies[1]
 
 
 def moe_matmul_shapes(moe: MixtureOfExperts) -> list[tuple[int, int]]:
