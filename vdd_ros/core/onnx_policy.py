@@ -356,7 +356,8 @@ def make_session(source: str | bytes, threads: int = 1, name: str = '') -> Any:
         return ort.InferenceSession(source, session_options(threads),
                                     providers=['CPUExecutionProvider'])
     except Exception as exc:  # onnxruntime raises its own pybind exception types
-        raise UserError(f'{name or source}: onnxruntime {ort.__version__} cannot load it '
+        label = name or (source if isinstance(source, str) else 'ONNX model')
+        raise UserError(f'{label}: onnxruntime {ort.__version__} cannot load it '
                         f'({_runtime_error(exc)})') from None
 
 
