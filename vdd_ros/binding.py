@@ -831,14 +831,8 @@ def load_binding(path: str | os.PathLike) -> Binding:
 
 def bindings_dir() -> Path | None:
     """config/bindings of the source tree, else of the installed package's share."""
-    here = Path(__file__).resolve().parents[1] / 'config' / 'bindings'
-    if here.is_dir():
-        return here
-    for prefix in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep):
-        shared = Path(prefix) / 'share' / 'vdd_ros' / 'config' / 'bindings'
-        if prefix and shared.is_dir():
-            return shared
-    return None
+    from vdd_ros.core.io import package_config
+    return package_config('bindings')
 
 
 def binding_for_task(task: str) -> Binding:

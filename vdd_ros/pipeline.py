@@ -54,7 +54,7 @@ import yaml
 
 from vdd_ros.core.config import (TrainConfig, apply_overrides, at_least, check_expert_mode,
                                  from_dict, key_text, positive, read_yaml_mapping, to_dict)
-from vdd_ros.core.io import atomic_path, check_writable, write_json
+from vdd_ros.core.io import atomic_path, check_writable, package_config, write_json
 from vdd_ros.errors import ConfigError, UserError
 
 # Policies evaluated, in report order: name -> (training stage, label)
@@ -125,14 +125,7 @@ def flatten(data: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def default_config_path() -> Path | None:
     """config/pipeline.yaml of the source tree, else of the installed package's share."""
-    here = Path(__file__).resolve().parents[1] / 'config' / 'pipeline.yaml'
-    if here.is_file():
-        return here
-    for prefix in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep):
-        shared = Path(prefix) / 'share' / 'vdd_ros' / 'config' / 'pipeline.yaml'
-        if prefix and shared.is_file():
-            return shared
-    return None
+    return package_config('pipeline.yaml')
 
 
 def load_pipeline_config(task: str, path: str | os.PathLike | None = None,

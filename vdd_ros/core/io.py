@@ -68,3 +68,16 @@ def check_writable(path: str | os.PathLike, what: str = 'output', folder: bool =
         raise UserError(f'{where}: cannot write in folder {base} ({exc.strerror or exc})') \
             from None
     return path
+
+
+def package_config(relative: str) -> Path | None:
+    """`config/<relative>` of the source tree, else of the installed package's share
+    (found through AMENT_PREFIX_PATH); None when neither exists."""
+    here = Path(__file__).resolve().parents[2] / 'config' / relative
+    if here.exists():
+        return here
+    for prefix in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep):
+        shared = Path(prefix) / 'share' / 'vdd_ros' / 'config' / relative
+        if prefix and shared.exists():
+            return shared
+    return None
