@@ -26,8 +26,11 @@ ros/sim_binding.py: /joint_states, /eef_pose, /objects/<cube>/pose, /goals/<name
   Every step publishes /clock, then every state topic stamped t.
 - Episodes: the `start` marker (`marker_json('start', seed)` on the binding's episode topic)
   follows the reset's /clock and precedes the first observation (its subscribers are given up
-  to `marker_wait_s` to acknowledge it); after the last step /clock advances once more and
-  the `end` marker (success and mode) follows. episode_result JSON is unchanged.
+  to `marker_wait_s`, default 0.05 s, to acknowledge it: Fast DDS acknowledges at its next
+  heartbeat, measured 0.4-3 s later, so a longer bound costs that per episode while the
+  marker is delivered, in order, long before); after the last step /clock advances once more
+  and the `end` marker (success and mode) follows, waited for (up to 1 s) only before the
+  node exits. episode_result JSON is unchanged.
 - lockstep: the simulation steps once every sink topic has delivered a command since the
   observation at t was published, stamped sinks (TwistStamped, PoseStamped,
   JointTrajectory) with header.stamp == t (others answer an earlier observation and are
@@ -115,8 +118,8 @@ class SimNode(VddNode):
             raise UserError(f'parameter wait_for_subscribers: must be >= 0, got '
                             f'{self.wait_subscribers}')
         self.marker_wait_s = self.number('marker_wait_s', self.param(
-            'marker_wait_s', 1.0, 'binding: longest wait for the subscribers to acknowledge '
-            'an episode marker', read_only=True, dynamic=True), inclusive=True, high=60.0)
+            'marker_wait_s', 0.05, 'binding: longest wait for the subscribers to acknowledge '
+            'a start marker', read_only=True, dynamic=True), inclusive=True, high=60.0)
 
         from vdd_ros.sim.env import SimEnv
         self.env = SimEnv(task)
@@ -295,8 +298,10 @@ class SimNode(VddNode):
         self._all_latency.extend(lat)
         self.active = False
         if self.topics is not None:
+            limit = self.max_episodes or len(self.seeds)
+            last = self.exit_when_done and bool(limit) and self.started >= limit
             self.topics.marker(marker_json('end', self.seed, success=record['success'],
-                                           mode=record['mode']), self.marker_wait_s)
+                                           mode=record['mode']), 1.0 if last else 0.0)
         self.result_pub.publish(json_to_msg(record))
         self._write_results()
         self.get_logger().info(
@@ -435,7 +440,7 @@ class SimNode(VddNode):
         self.active = False
         if abandoned and self.topics is not None:
             self._tick_clock()
-            self.topics.marker(marker_json('end', self.seed, success=False), self.marker_wait_s)
+            self.topics.marker(marker_json('end', self.seed, success=False), 0.0)
         if self._start_episode():
             response.success = True
             response.message = f'episode started with seed {self.seed}' + \
