@@ -23,7 +23,7 @@ from std_msgs.msg import Float32MultiArray, MultiArrayDimension
 from vdd_ros.errors import UserError
 from vdd_ros.ros.conversions import MAX_LAYOUT_DIMS, array_to_msg
 from vdd_ros.ros.policy_node import PolicyNode
-from vdd_ros.ros.testing import ros_context, tiny_moe_checkpoint
+from vdd_ros.ros.testing import ros_context
 from vdd_ros.sim.tasks import get_task
 
 SPEC = get_task('lift_carry')
@@ -67,11 +67,6 @@ def make_node(context, checkpoint, **params) -> PolicyNode:
                       parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
     node.action_pub = Recorder()
     return node
-
-
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    return str(tiny_moe_checkpoint(tmp_path_factory.mktemp('ckpt') / 'moe'))
 
 
 @pytest.fixture(scope='module')

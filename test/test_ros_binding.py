@@ -41,24 +41,12 @@ from vdd_ros.ros.testing import (
     ros_context,
     spin_for,
     spin_until,
-    tiny_moe_checkpoint,
 )
 
 NS = 1_000_000_000
 BINDING = binding_for_task('lift_carry')
 ARM = {f'robot0_joint{i}': 0.1 * i for i in range(1, 8)}
 OBS = np.random.default_rng(0).normal(size=(16, BINDING.obs_dim))
-
-
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    return str(tiny_moe_checkpoint(tmp_path_factory.mktemp('ckpt') / 'moe'))
-
-
-@pytest.fixture(scope='module')
-def context():
-    with ros_context() as ctx:
-        yield ctx
 
 
 def messages(obs, stamp_ns, binding=BINDING):

@@ -14,19 +14,13 @@ from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 
 from vdd_ros.ros.runtime import VddNode, make_executor
-from vdd_ros.ros.testing import (TINY_TRAINING, ros_context, spin_until, tiny_dataset,
+from vdd_ros.ros.testing import (TINY_TRAINING, spin_until, tiny_dataset,
                                  tiny_moe_checkpoint)
 
 ARRAYS = {'policy_node': ('hold_action', ParameterType.PARAMETER_DOUBLE_ARRAY),
           'sim_node': ('seeds', ParameterType.PARAMETER_INTEGER_ARRAY),
           'teacher_training_node': ('overrides', ParameterType.PARAMETER_STRING_ARRAY),
           'distillation_node': ('overrides', ParameterType.PARAMETER_STRING_ARRAY)}
-
-
-@pytest.fixture(scope='module')
-def context():
-    with ros_context() as ctx:
-        yield ctx
 
 
 def build(kind, context, tmp_path, **params):

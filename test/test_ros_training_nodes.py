@@ -13,7 +13,7 @@ from vdd_ros.cli import main as cli_main
 from vdd_ros.core.checkpoint import load_policy, read_meta
 from vdd_ros.ros.conversions import level_name, msg_to_dict, status_values
 from vdd_ros.ros.runtime import make_executor
-from vdd_ros.ros.testing import (TINY_TRAINING, ros_context, spin_for, spin_until,
+from vdd_ros.ros.testing import (TINY_TRAINING, spin_for, spin_until,
                                  tiny_dataset)
 from vdd_ros.ros.training_nodes import LATCHED, DistillationNode, TeacherTrainingNode
 
@@ -21,12 +21,6 @@ from vdd_ros.ros.training_nodes import LATCHED, DistillationNode, TeacherTrainin
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp('data') / 'tiny.hdf5')
-
-
-@pytest.fixture(scope='module')
-def context():
-    with ros_context() as ctx:
-        yield ctx
 
 
 class Watcher:
