@@ -152,3 +152,55 @@ def test_finite_arrays_round_trip_through_bytes(values, meta):
     msg = decode_labelled_array(blob, 1 << 16)
     assert msg_meta(msg) == meta
     assert np.array_equal(msg_to_array(msg, fields), values)
+
+
+def slow_read(raw, fields, dim):
+    """The reference: rclpy's decoding and msg_to_array, as (values, meta) or the error."""
+    try:
+        msg = decode_labelled_array(raw, 1 << 16)
+        return msg_to_array(msg, fields if msg.layout.dim else None, dim), msg_meta(msg)
+    except InvalidMessage as exc:
+        return exc
+
+
+READER_FIELDS = [('eef', 3), ('cube', 2)]
+
+
+@SETTINGS
+@given(st.lists(st.tuples(arrays(np.float32, 5, elements=st.floats(
+                              width=32, allow_nan=False, allow_infinity=False)),
+                          st.fixed_dictionaries({}, optional={
+                              'seq': uint32, 'episode': uint32, 'step': uint32})),
+                min_size=1, max_size=4),
+       st.lists(st.tuples(st.integers(0, 160), st.integers(0, 255)), max_size=6),
+       st.booleans())
+def test_the_labelled_fast_reader_reads_exactly_what_the_full_path_reads(values, flips, relabel):
+    """LabelledReader (policy_node's labelled path) against rclpy and msg_to_array: valid
+    messages teach it layouts, then any of them with bytes changed anywhere (or a renamed
+    field) gives the same values and metadata, or the same InvalidMessage."""
+    from vdd_ros.ros.binding_io import LabelledReader
+    reader = LabelledReader(READER_FIELDS, 5, 1 << 16)
+    blobs = [serialize_message(array_to_msg(v, READER_FIELDS, meta)) for v, meta in values]
+    for blob in blobs:                     # learnt from valid messages
+        obs, meta = reader.read(blob)
+        expected = slow_read(blob, READER_FIELDS, 5)
+        assert np.array_equal(obs, expected[0]) and meta == expected[1]
+    fast = reader.fast
+    reader.read(blobs[0])                  # a learnt layout: read from its bytes
+    assert reader.fast == fast + 1
+    for i, (at, byte) in enumerate(flips):
+        raw = bytearray(blobs[i % len(blobs)])
+        if at < len(raw):
+            raw[at] = byte
+        if relabel:
+            raw = bytearray(raw.replace(b'cube', b'cubE'))
+        expected = slow_read(bytes(raw), READER_FIELDS, 5)
+        try:
+            got = reader.read(bytes(raw))
+        except InvalidMessage as exc:
+            CASES['fast reader: rejected'] += 1
+            assert isinstance(expected, InvalidMessage) and str(exc) == str(expected)
+            continue
+        CASES['fast reader: read'] += 1
+        assert not isinstance(expected, InvalidMessage), expected
+        assert np.array_equal(got[0], expected[0]) and got[1] == expected[1]

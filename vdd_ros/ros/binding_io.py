@@ -39,7 +39,8 @@ from vdd_ros.binding import (FLOAT32_ARRAY, FLOAT64_ARRAY, HAS_HEADER, JOINT_STA
                              Sink, Source, binding_for_task, load_binding,
                              trajectory_times)
 from vdd_ros.errors import UserError
-from vdd_ros.ros.conversions import InvalidMessage, array_to_msg
+from vdd_ros.ros.conversions import (META_PREFIX, InvalidMessage, array_to_msg,
+                                     decode_labelled_array, msg_meta, msg_to_array)
 
 NS = 1_000_000_000
 MAX_LAYOUTS = 4          # learnt layouts kept per topic
@@ -211,6 +212,88 @@ def _read_fast(raw: bytes, layout: _Layout) -> dict[str, np.ndarray] | None:
             return None
         out[feature] = values.astype(np.float32 if dtype == '<f4' else np.float64, copy=False)
     return out
+
+
+class LabelledReader:
+    """Reads serialized labelled observations (conversions.py) into (values, metadata), as
+    TopicReader reads a source: a message is decoded by rclpy and checked by `msg_to_array`,
+    its layout learnt (labels, sizes, where the numbers and the metadata sit); a later message
+    with the same layout bytes is read from its bytes. `read` raises InvalidMessage (its
+    `meta` holds the metadata when the message decoded)."""
+
+    def __init__(self, fields: Sequence[tuple[str, int]], obs_dim: int, max_bytes: int) -> None:
+        self.fields, self.obs_dim, self.max_bytes = list(fields), int(obs_dim), int(max_bytes)
+        self.layouts: list[_Labelled] = []
+        self.fast = 0          # messages read from their bytes
+
+    def read(self, raw: bytes) -> tuple[np.ndarray, dict[str, int]]:
+        for layout in self.layouts:
+            got = layout.read(raw)
+            if got is not None:
+                self.fast += 1
+                return got
+        msg = decode_labelled_array(raw, self.max_bytes)
+        meta = msg_meta(msg)
+        try:
+            obs = msg_to_array(msg, self.fields if msg.layout.dim else None, self.obs_dim)
+        except InvalidMessage as exc:
+            exc.meta = meta
+            raise
+        layout = _Labelled.learn(raw)
+        fast = None if layout is None else layout.read(raw)
+        if fast is not None and np.array_equal(fast[0], obs) and fast[1] == meta:
+            if len(self.layouts) >= MAX_LAYOUTS:
+                self.layouts.pop(0)
+            self.layouts.append(layout)
+        return obs, meta
+
+
+@dataclass
+class _Labelled:
+    """Where the values and the metadata sit in every labelled array of one layout."""
+
+    length: int
+    checks: list[tuple[int, int]]
+    template: bytes
+    data_at: int
+    count: int
+    meta_at: list[tuple[str, int]]
+
+    @classmethod
+    def learn(cls, raw: bytes) -> '_Labelled | None':
+        if len(raw) < 8 or raw[0:2] != b'\x00\x01':        # plain CDR, little endian
+            return None
+        try:
+            cur = _Cursor(raw, 4)
+            meta_at = []
+            for _ in range(cur.uint()):
+                label = cur.string()
+                cur.uint()                                  # size
+                meta = label.startswith(META_PREFIX)
+                cur.uint(check=not meta)                    # stride: metadata rides here
+                if meta:
+                    meta_at.append((label[len(META_PREFIX):], cur.off - 4))
+            cur.uint()                                      # data_offset
+            count = cur.uint()
+            at = cur.numbers(count, 4)
+        except (struct.error, UnicodeDecodeError):
+            return None
+        return cls(len(raw), cur.checks, bytes(raw), at, count, meta_at)
+
+    def read(self, raw: bytes) -> tuple[np.ndarray, dict[str, int]] | None:
+        """(values, metadata) of a message with this layout's bytes, else None (also for
+        NaN/Inf: the full path names the bad value)."""
+        if len(raw) != self.length:
+            return None
+        template = self.template
+        for a, b in self.checks:
+            if raw[a:b] != template[a:b]:
+                return None
+        values = np.frombuffer(raw, '<f4', self.count, self.data_at)
+        if not np.isfinite(values).all():
+            return None
+        return values.copy(), {k: int.from_bytes(raw[o:o + 4], 'little')
+                               for k, o in self.meta_at}
 
 
 class TopicReader:

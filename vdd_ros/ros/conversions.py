@@ -39,7 +39,10 @@ LEVELS = {'OK': DiagnosticStatus.OK, 'WARN': DiagnosticStatus.WARN,
 
 
 class InvalidMessage(ValueError):
-    """A message that does not hold what the receiver expects (length, fields, values)."""
+    """A message that does not hold what the receiver expects (length, fields, values);
+    `meta` holds a labelled array's metadata when it decoded that far."""
+
+    meta: dict[str, int] = {}
 
 
 # -- labelled arrays --------------------------------------------------------------------------
