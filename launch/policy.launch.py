@@ -38,8 +38,10 @@ ARGUMENTS = {
                                  CONFIG, 'sim_node', 'control_rate_hz')),
     'binding': ('', "binding YAML (or task:<name>) for standard messages in both nodes; empty: "
                     'the labelled observation/action arrays'),
-    'act_on': ('', describe('policy_node with a binding: tick or complete', CONFIG,
-                            'policy_node', 'act_on')),
+    'act_on': ('', describe('policy_node: act at each tick (tick) or as each observation is '
+                            'complete (complete)', CONFIG, 'policy_node', 'act_on')),
+    'control_loop': ('', describe('policy_node tick driver: thread or timer', CONFIG,
+                                  'policy_node', 'control_loop')),
     'use_sim_time': ('', 'true: both nodes run on /clock (sim_node publishes it in lockstep '
                          'with a binding); empty: false'),
     'namespace': ('', 'namespace of both nodes'),
@@ -54,7 +56,8 @@ PARAMETERS = {
     'policy_node': {'checkpoint': ('checkpoint', str), 'task': ('task', str),
                     'control_rate_hz': ('control_rate_hz', float),
                     'expert_mode': ('expert_mode', str), 'binding': ('binding', str),
-                    'act_on': ('act_on', str), 'use_sim_time': ('use_sim_time', bool)},
+                    'act_on': ('act_on', str), 'control_loop': ('control_loop', str),
+                    'use_sim_time': ('use_sim_time', bool)},
 }
 
 

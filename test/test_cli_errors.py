@@ -64,7 +64,8 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, monkeypatch, capsys):
     _no_work(monkeypatch, 'vdd_ros.core.jobs.train_teacher', 'vdd_ros.core.jobs.train_em',
              'vdd_ros.core.jobs.distill', 'vdd_ros.sim.collection.collect',
              'vdd_ros.sim.rollout.evaluate', 'vdd_ros.commands.toy.run_toy',
-             'vdd_ros.commands.bench.latency_benchmark', 'vdd_ros.pipeline._run_stages')
+             'vdd_ros.commands.bench.latency_benchmark', 'vdd_ros.ros.bench.run_suite',
+             'vdd_ros.pipeline._run_stages')
     teacher = tmp_path / 'teacher'   # never read: the output check comes first
     for out, why in _bad_outputs(tmp_path):
         runs = [
@@ -76,6 +77,7 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, monkeypatch, capsys):
             ('toy', ['--json', f'{out}.json', '--quiet']),
             ('toy', ['--json', str(tmp_path / 'toy.json'), '--plot', f'{out}.png']),
             ('bench', ['--json', f'{out}.json']),
+            ('bench', ['--ros', '--json', f'{out}.json']),
             ('pipeline', ['--task', 'lift_carry', '--results', str(out), '--quiet']),
         ]
         for command, args in runs:

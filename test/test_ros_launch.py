@@ -280,11 +280,12 @@ def test_policy_launch_passes_only_the_arguments_that_are_set(stand_ins):
         _launch('policy.launch.py', control_rate_hz='fast')
 
     _, (sim, policy) = _launch('policy.launch.py', binding='task:lift_carry', act_on='complete',
-                               use_sim_time='true', clock_mode='lockstep')
+                               use_sim_time='true', clock_mode='lockstep',
+                               control_loop='timer')
     assert sim.parameters[1] == {'clock_mode': 'lockstep', 'binding': 'task:lift_carry',
                                  'use_sim_time': True}
     assert policy.parameters[1] == {'binding': 'task:lift_carry', 'act_on': 'complete',
-                                    'use_sim_time': True}
+                                    'control_loop': 'timer', 'use_sim_time': True}
     with pytest.raises(UserError, match='launch argument use_sim_time: expected true or false'):
         _launch('policy.launch.py', use_sim_time='yes')
 

@@ -17,23 +17,12 @@ from vdd_ros.ros.evaluation import NodeProcess
 from vdd_ros.ros.policy_node import DeadlineMonitor, PolicyNode
 from vdd_ros.ros.runtime import make_executor
 from vdd_ros.ros.testing import (Probe, domain_id, flood_observations, ros_context, spin_for,
-                                 spin_until, tiny_moe_checkpoint)
+                                 spin_until)
 from vdd_ros.sim.tasks import get_task
 
 SPEC = get_task('lift_carry')
 FIELDS = list(SPEC.obs_fields)
 OBS = np.random.default_rng(0).normal(size=(64, SPEC.obs_dim)).astype(np.float32)
-
-
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    return str(tiny_moe_checkpoint(tmp_path_factory.mktemp('ckpt') / 'moe'))
-
-
-@pytest.fixture(scope='module')
-def context():
-    with ros_context() as ctx:
-        yield ctx
 
 
 @pytest.fixture
@@ -71,8 +60,9 @@ def feed(probe, executor, n, period_s, start=0):
     return seqs
 
 
-def test_publishes_at_the_requested_rate_and_answers_each_observation(rig):
-    node, probe, executor = rig(control_rate_hz=50)
+@pytest.mark.parametrize('loop', ['thread', 'timer'])
+def test_publishes_at_the_requested_rate_and_answers_each_observation(rig, loop):
+    node, probe, executor = rig(control_rate_hz=50, control_loop=loop)
     seqs = feed(probe, executor, 5, 0.02)
     probe.actions.clear()
     t0 = time.perf_counter()
@@ -293,6 +283,33 @@ def test_the_last_gate_replaces_an_unsafe_action_by_the_safe_hold_and_reports_er
         node.destroy_node()
 
 
+def test_act_on_complete_answers_each_observation_on_arrival_and_ticks_only_watch(
+        context, checkpoint):
+    """Event-driven: the answer goes out inside the observation's callback; a tick republishes
+    nothing, sleeps until the watchdog could expire, and holds once it has."""
+    node = bare_node(context, checkpoint, act_on='complete', control_rate_hz=100.0,
+                     obs_timeout_s=0.05)
+    try:
+        node._on_observation(serialized(OBS[0], seq=1, episode=3))
+        node._on_observation(serialized(OBS[0], seq=1, episode=3))   # a resend: dropped
+        bad = OBS[1].copy()
+        bad[2] = np.inf
+        node._on_observation(serialized(bad, seq=2, episode=3))      # rejected: the hold
+        metas = [m for _, m in node.action_pub.actions]
+        assert [m['seq'] for m in metas] == [1, 2] and 'infer_us' in metas[0]
+        assert 'infer_us' not in metas[1] and node.stats.resends == 1
+        idle = node._on_tick()
+        assert len(node.action_pub.actions) == 2                     # nothing republished
+        assert 0 < idle <= 10 / 100.0
+        assert node.deadlines.ticks == 2 and not node.deadlines.periodic
+        time.sleep(0.06)
+        assert node._on_tick() is None and node._tripped             # the watchdog holds
+        action, meta = node.action_pub.actions[-1]
+        assert meta == {} and np.all(action[:-1] == 0.0)
+    finally:
+        node.destroy_node()
+
+
 def test_a_policy_that_returns_non_finite_actions_is_answered_by_the_hold(context, checkpoint):
     node = bare_node(context, checkpoint, hold_action=[0.0] * 6 + [-1.0])
     try:
@@ -322,6 +339,10 @@ def test_a_policy_that_returns_non_finite_actions_is_answered_by_the_hold(contex
     ({'max_observation_bytes': 10}, 'max_observation_bytes: must be >= 1024'),
     ({'seed': -5}, 'seed: must be -1 or in'),
     ({'teacher_steps': -1}, 'teacher_steps: must be >= 0'),
+    ({'control_loop': 'executor'}, r"control_loop: must be one of \['thread', 'timer'\], got "
+                                   "'executor'"),
+    ({'act_on': 'arrival'}, r"act_on: must be one of \['tick', 'complete'\]"),
+    ({'realtime_priority': 120}, 'realtime_priority: must be 0 or 1-99, got 120'),
     ({'expert_mode': '9'}, r'expert_mode: pinned expert 9 out of range \[0, 2\]'),
     ({'expert_mode': 1.5}, 'expert_mode: expected a name or an expert index, got 1.5'),
 ])

@@ -1,5 +1,8 @@
 """`vdd-ros bench`: per-action latency at batch 1 on the CPU, MoE against the teacher, in torch
-and through onnxruntime (the exported graphs), with the MoE's arithmetic floor."""
+and through onnxruntime (the exported graphs), with the MoE's arithmetic floor.
+
+`vdd-ros bench --ros`: policy_node over ROS instead (deadline misses, obs-to-action latency and
+where the time goes, repeated runs per rate and control loop; see vdd_ros/ros/bench.py)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +10,7 @@ from pathlib import Path
 
 from vdd_ros.core.bench import latency_benchmark
 from vdd_ros.core.io import check_writable, write_json
+from vdd_ros.ros import bench as ros_bench
 
 TARGET_SPEEDUP_8 = 8.0       # MoE at least 8x faster than the 8-step teacher
 TARGET_ACT_OVER_FORWARD = 1.5  # MoE act within 1.5x of its bare network forward
@@ -14,8 +18,10 @@ TARGET_ONNX_OVER_TORCH = 0.5   # onnxruntime MoE act at most half the torch MoE 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--json', type=Path, default=Path('results/bench/latency.json'),
-                        help='where to write the results (default: %(default)s)')
+    parser.add_argument('--ros', action='store_true', help='benchmark policy_node over ROS '
+                        '(control loops, deadline misses) instead of the bare policies')
+    parser.add_argument('--json', type=Path, default=None, help='where to write the results '
+                        '(default: results/bench/latency.json, with --ros results/bench/ros.json)')
     parser.add_argument('--calls', type=int, default=2000,
                         help='timed calls per policy after warm-up (default: %(default)s)')
     parser.add_argument('--warmup', type=int, default=200)
@@ -24,20 +30,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--hidden-dim', type=int, default=256)
     parser.add_argument('--layers', type=int, default=3)
     parser.add_argument('--experts', type=int, default=8)
-    parser.add_argument('--expert-mode', default='sample',
-                        choices=['sample', 'argmax', 'per_episode'])
+    parser.add_argument('--expert-mode', default=None,
+                        choices=['sample', 'argmax', 'per_episode'],
+                        help="the MoE's expert choice (default: sample; with --ros: the "
+                        "checkpoint's own)")
     parser.add_argument('--threads', type=int, default=1,
                         help='torch CPU threads and onnxruntime intra-op threads')
+    ros_bench.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from vdd_ros.errors import UserError
+    if args.ros:
+        return ros_bench.run(args, args.json or Path('results/bench/ros.json'))
+    args.json = args.json or Path('results/bench/latency.json')
     if args.calls < 1000:
         raise UserError(f'--calls: at least 1000 calls are needed for a p99, got {args.calls}')
     check_writable(args.json, '--json')
     r = latency_benchmark(args.obs_dim, args.action_dim, args.hidden_dim, args.layers,
                           args.experts, calls=args.calls, warmup=args.warmup,
-                          expert_mode=args.expert_mode, threads=args.threads)
+                          expert_mode=args.expert_mode or 'sample', threads=args.threads)
     r['targets'] = {'speedup_vs_teacher_8': TARGET_SPEEDUP_8,
                     'act_over_forward': TARGET_ACT_OVER_FORWARD,
                     'onnx_moe_over_torch': TARGET_ONNX_OVER_TORCH}

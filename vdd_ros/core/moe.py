@@ -219,8 +219,9 @@ class MixtureOfExperts(nn.Module):
         """Policy interface: raw `(B, T_o, obs_dim)` -> the chosen expert's mean `(B, T_a, A)`.
 
         One backbone pass; only the chosen expert's mean is computed, with the normalizers
-        folded into the first and last layers. With `diagnostics`, `info` holds the expert,
-        the gating entropy and the mixture log-likelihood of the action (raw action units).
+        folded into the first and last layers. `info` holds the (first state's) expert, and
+        with `diagnostics` the gating entropy and the mixture log-likelihood of the action (raw
+        action units).
         """
         b = obs_window.shape[0]
         w1, b1, wm, bm = self._acting_params()
@@ -235,10 +236,9 @@ class MixtureOfExperts(nn.Module):
             idx = self.select(logits, generator)
             i = int(idx[0])
             action = torch.einsum('bh,bdh->bd', h, wm[idx]) + bm[idx]
-        info: dict[str, float] = {}
+        info: dict[str, float] = {'expert': float(i)}
         if diagnostics:
             log_gate = F.log_softmax(logits[:1], dim=-1)
-            info['expert'] = float(i)
             info['gating_entropy'] = float(-(log_gate.exp() * log_gate).sum())
             a_norm = self.action_normalizer.normalize(
                 action[:1].view(1, self.action_horizon, self.action_dim)).view(1, 1, -1)

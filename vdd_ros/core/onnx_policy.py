@@ -221,7 +221,7 @@ class OnnxMoE:
         if self.expert_mode == 'per_episode':
             self._episode_expert = int(self._index[0])
         if not diagnostics:
-            return action, {}
+            return action, {'expert': float(self._index[0])}
         logits = self._logits[0].astype(np.float64)
         log_gate = logits - logits.max()
         log_gate -= np.log(np.exp(log_gate).sum())

@@ -1,13 +1,26 @@
 """policy_node: any vdd_ros policy (a checkpoint or a scripted oracle) at the control rate.
 
 Subscribes `observation` (Float32MultiArray, sensor-data QoS, labelled as in conversions.py),
-publishes `action` (Float32MultiArray, reliable) from a steady timer at `control_rate_hz`, and
-publishes diagnostics on /diagnostics. Each new observation is acted on exactly once (so
-action chunks and per-episode experts advance once per control step); ticks without a new
-observation republish the last action. The action echoes the observation's `@seq` and
-`@episode` and carries `@infer_us`; an observation from a new `@episode` resets the policy
-with that seed first, so episodes are reproducible. An observation with the `@seq` and
-`@episode` of the last *accepted* one is a resend and is dropped.
+publishes `action` (Float32MultiArray, reliable) at `control_rate_hz`, and publishes
+diagnostics on /diagnostics. Each new observation is acted on exactly once (so action chunks
+and per-episode experts advance once per control step). The action echoes the observation's
+`@seq` and `@episode` and carries `@infer_us`; an observation from a new `@episode` resets
+the policy with that seed first, so episodes are reproducible. An observation with the `@seq`
+and `@episode` of the last *accepted* one is a resend and is dropped.
+
+When it acts (`act_on`, both paths):
+- `tick` (default): at each control tick on the latest observation when it is new; ticks
+  without one republish the last action (labelled path). The tick comes from an executor
+  timer on the steady clock (`control_loop:=timer`, default) or from a dedicated thread
+  sleeping to absolute deadlines (`control_loop:=thread`, control_loop.py).
+- `complete`: as soon as an observation is complete, in its subscription callback (a robot
+  that publishes state at the control rate, lockstep simulation): no tick wait. Nothing is
+  republished; the tick is only the watchdog, on a thread that sleeps until it could expire.
+  A deadline miss is then an answer later than one period after the observation arrived.
+Labelled observations with the layout bytes of one already read are read straight from their
+bytes (binding_io.LabelledReader). Diagnostics add the p50/p99 of each stage of a control
+period (decode, the thread's wake-up lateness, tick wait, inference, publish, arrival to
+sent), and the MoE's gating entropy and log-likelihood for one action per diagnostics period.
 
 Invariants (what is published when):
 - Labelled path: every tick publishes one action of `action_dim` finite float32 values: the
@@ -76,8 +89,10 @@ Run: `python -m vdd_ros.ros.policy_node --ros-args -p checkpoint:=PATH -p task:=
 """
 from __future__ import annotations
 
-import os
+import functools
+import gc
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -96,10 +111,11 @@ from vdd_ros.binding import JOINT_TRAJECTORY, BindingMismatch, parse_marker
 from vdd_ros.core.config import check_expert_mode
 from vdd_ros.core.policy import Policy
 from vdd_ros.errors import UserError
-from vdd_ros.ros.binding_io import (SinkWriter, SourceBook, TopicReader, check_against_policy,
-                                    header_stamp_ns, resolve_binding)
+from vdd_ros.ros.binding_io import (LabelledReader, SinkWriter, SourceBook, TopicReader,
+                                    check_against_policy, header_stamp_ns, resolve_binding)
+from vdd_ros.ros.control_loop import LOOPS, ControlThread, TimerLoop, set_realtime_priority
 from vdd_ros.ros.conversions import (UINT32_MAX, InvalidMessage, action_to_msg,
-                                     decode_labelled_array, msg_meta, msg_to_array, percentiles)
+                                     percentiles)
 from vdd_ros.ros.runtime import VddNode, run_node
 
 ORACLES = ('scripted', 'averaged')
@@ -141,20 +157,6 @@ def load_any_policy(checkpoint: str, task: str = '', device: str = 'cpu',
     return policy
 
 
-def set_realtime_priority(priority: int, logger: Any) -> bool:
-    """Run this thread (the executor's) under SCHED_FIFO at `priority`; warn when not allowed."""
-    if not 1 <= priority <= 99:
-        raise UserError(f'parameter realtime_priority: must be 0 or 1-99, got {priority}')
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-    except (AttributeError, PermissionError, OSError) as exc:
-        logger.warning(f'cannot use SCHED_FIFO priority {priority} ({exc}); keeping the '
-                       'normal scheduler (needs CAP_SYS_NICE or an rtprio limit)')
-        return False
-    logger.info(f'control loop runs under SCHED_FIFO priority {priority}')
-    return True
-
-
 def _source_qos(depth: int) -> QoSProfile:
     """Sensor-data QoS keeping only the newest `depth` messages of a topic (one per source
     it feeds, as a driver may publish them apart). In act_on complete the node acts inside
@@ -170,11 +172,14 @@ class DeadlineMonitor:
     """Counts missed control deadlines of a periodic callback, and its worst gap.
 
     A miss is a tick whose work took longer than the period, or a period without a tick (the
-    timer fired more than 1.5 periods after the previous tick; each skipped period counts).
+    loop woke more than 1.5 periods after the previous tick; each skipped period counts).
+    Not `periodic` (acting on arrival), each answer is a tick from the observation's arrival
+    to its action's publication, and a miss is an answer later than one period.
     """
 
-    def __init__(self, period_s: float) -> None:
+    def __init__(self, period_s: float, periodic: bool = True) -> None:
         self.period = period_s
+        self.periodic = periodic
         self.ticks = 0
         self.misses = 0
         self.skipped = 0
@@ -184,7 +189,7 @@ class DeadlineMonitor:
 
     def record(self, start: float, end: float) -> None:
         self.ticks += 1
-        if self._last is not None:
+        if self._last is not None and self.periodic:
             gap = start - self._last
             self.worst_gap = max(self.worst_gap, gap)
             if gap > 1.5 * self.period:
@@ -210,12 +215,16 @@ class _Observation:
     meta: dict[str, int]
     received: float
     error: str = ''
+    serial: int = 0       # counts the observations received (accepted or rejected)
 
 
 @dataclass
 class _Stats:
     inference_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     obs_age_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+    decode_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))   # callback: read
+    publish_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # publish calls
+    answer_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))   # arrival -> sent
     received: int = 0
     rejected: int = 0
     resends: int = 0
@@ -251,8 +260,9 @@ class PolicyNode(VddNode):
                    "expert index to pin; empty: the checkpoint's own; changeable at runtime",
                    dynamic=True)
         self.model_diagnostics = bool(self.param(
-            'model_diagnostics', True, 'compute the chosen expert, gating entropy and '
-            'log-likelihood of each MoE action (a few tens of microseconds)'))
+            'model_diagnostics', True, 'report the chosen expert, gating entropy and '
+            'log-likelihood of an MoE action on /diagnostics (computed for one action per '
+            'diagnostics period)'))
         hold = self.param('hold_action', 'float[]', 'hold action: action_dim finite values; '
                           'empty: zero motion keeping the last gripper command (last entry)',
                           read_only=True)
@@ -277,10 +287,16 @@ class PolicyNode(VddNode):
                                  'config/bindings/<name>.yaml): standard topics in and out; '
                                  'empty: the labelled observation and action arrays',
                                  read_only=True))
-        self.act_on = str(self.param('act_on', 'tick', 'with a binding: tick (act at each '
-                                     'control tick when any source is new) or complete (act '
-                                     'once every source has a message of one new stamp)',
-                                     read_only=True))
+        self.act_on = str(self.param('act_on', 'tick', 'tick: act at each control tick on '
+                                     'the latest observation when it is new; complete: act as '
+                                     'soon as an observation is complete (on arrival; with a '
+                                     'binding, once every source has a message of one new '
+                                     'stamp)', read_only=True))
+        self.loop_kind = str(self.param('control_loop', 'timer', 'what drives the control '
+                                        'tick in act_on tick: timer (an executor timer, between '
+                                        'callbacks) or thread (a dedicated thread sleeping to '
+                                        'absolute deadlines); act_on complete watches from a '
+                                        'thread', read_only=True))
 
         # every parameter is checked before anything starts
         self.rate = self.number('control_rate_hz', rate, high=MAX_RATE_HZ)
@@ -296,7 +312,12 @@ class PolicyNode(VddNode):
         if self.act_on not in ACT_ON:
             raise UserError(f'parameter act_on: must be one of {list(ACT_ON)}, got '
                             f'{self.act_on!r}')
-        if priority:
+        if self.loop_kind not in LOOPS:
+            raise UserError(f'parameter control_loop: must be one of {list(LOOPS)}, got '
+                            f'{self.loop_kind!r}')
+        if not 0 <= priority <= 99:
+            raise UserError(f'parameter realtime_priority: must be 0 or 1-99, got {priority}')
+        if priority and self.loop_kind == 'timer':
             set_realtime_priority(priority, self.get_logger())
         onnx = checkpoint.endswith('.onnx')
         if threads > 0 and not onnx:
@@ -310,8 +331,8 @@ class PolicyNode(VddNode):
         self.action_dim = int(self.policy.spec.action_dim)
         self.model = getattr(self.policy, 'model', None)
         self.hold_action = self._check_hold(hold)
-        if hasattr(self.policy, 'diagnostics'):
-            self.policy.diagnostics = self.model_diagnostics and self._is_moe()
+        # (an MoE computes its diagnostics only when asked: see _compute)
+        self._moe_diagnostics = hasattr(self.policy, 'diagnostics') and self._is_moe()
         self._own_mode = self.model.expert_mode if self._is_moe() else None
         mode = self.get_parameter('expert_mode').value
         if mode not in ('', None):
@@ -322,7 +343,9 @@ class PolicyNode(VddNode):
             check_against_policy(self.binding, self.fields, self.action_dim)
 
         self._latest: _Observation | None = None
-        self._fresh = False
+        self._received_serial = 0   # serial of the latest observation (labelled path)
+        self._taken = 0             # serial of the latest one a tick has taken
+        self._fresh = False         # binding path, act_on tick: a source is new
         self._accepted: tuple[int, int | None] | None = None  # (@seq, @episode) last accepted
         self._episode: int | None = None
         self._last: tuple[np.ndarray, dict[str, int]] | None = None
@@ -333,26 +356,84 @@ class PolicyNode(VddNode):
         self._unsafe = ''
         self._logged: dict[str, float] = {}  # level -> time of the last throttled message
         self.stats = _Stats()
-        self.deadlines = DeadlineMonitor(1.0 / self.rate)
+        self.deadlines = DeadlineMonitor(1.0 / self.rate, periodic=self.act_on == 'tick')
+        self._info: dict[str, float] = {}  # the policy's info of recent actions
+        self._want_info = True       # compute them for the next action (one per diagnostics)
+        # the control loop thread and the executor's callbacks share the node's state
+        self._lock = threading.RLock()
         self._period_counts = (0, 0, 0)  # rejected, misses, unsafe at the last diagnostics
 
         if self.binding is None:
             self.action_pub = self.create_publisher(Float32MultiArray, 'action', ACTION_QOS)
-            self.create_subscription(Float32MultiArray, 'observation', self._on_observation,
+            self._reader = LabelledReader(self.fields, self.policy.spec.obs_dim, self.max_bytes)
+            # acting on arrival takes the node's lock; in act_on tick the callback only
+            # hands the observation over (see _on_observation), so the control thread never
+            # waits for it
+            on_obs = self._on_observation if self.act_on == 'tick' else \
+                self._locked(self._on_observation)
+            self.create_subscription(Float32MultiArray, 'observation', on_obs,
                                      qos_profile_sensor_data, raw=True)
         else:
             self._setup_binding(binding)
-        self.create_service(Trigger, '~/reset', self._on_reset)
-        self.add_on_set_parameters_callback(self._validate_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
-        self.timer = self.create_steady_timer(
-            1.0 / self.rate, self._on_tick if self.binding is None else self._on_binding_tick)
-        self.create_steady_timer(diag_period, self._publish_status)
+        self.create_service(Trigger, '~/reset', self._locked(self._on_reset))
+        self.add_on_set_parameters_callback(self._locked(self._validate_parameters))
+        self.add_post_set_parameters_callback(self._locked(self._apply_parameters))
+        tick = self._locked(self._on_tick if self.binding is None else self._on_binding_tick)
+        # acting on arrival, the tick is only the watchdog: a thread that sleeps until the
+        # watchdog could expire (an executor timer would wake the executor every period)
+        if self.loop_kind == 'thread' or self.act_on == 'complete':
+            self.loop: Any = ControlThread(1.0 / self.rate, tick, name='vdd_control',
+                                           priority=priority, logger=self.get_logger(),
+                                           on_error=self._on_loop_error)
+            # the thread starts when the node first spins (a node nobody spins never acts)
+            self._starter = self.create_timer(0.0, self._start_loop)
+        else:
+            self.loop = TimerLoop(self, 1.0 / self.rate, tick)
+        self.create_steady_timer(diag_period, self._locked(self._publish_status))
+        # what was built so far lives as long as the node: out of the garbage collector's
+        # scans, so that a full collection in the control loop stays short
+        gc.collect()
+        gc.freeze()
         self.get_logger().info(
             f'policy {checkpoint!r} ({self._kind()}, {self.policy.spec.obs_dim} obs -> '
-            f'{self.action_dim} actions) at {self.rate:g} Hz, expert_mode '
-            f'{self._expert_mode()!r}' + ('' if self.binding is None else
-                                          f', binding {binding!r}, act_on {self.act_on}'))
+            f'{self.action_dim} actions) at {self.rate:g} Hz ({self.loop_kind} loop, act_on '
+            f'{self.act_on}), expert_mode {self._expert_mode()!r}'
+            + ('' if self.binding is None else f', binding {binding!r}'))
+
+    # -- the control loop ---------------------------------------------------------------------
+    def _locked(self, fn: Any) -> Any:
+        """`fn` called under the node's lock (shared by the control thread and callbacks)."""
+        lock = self._lock
+
+        @functools.wraps(fn)     # (rclpy reads a callback's signature: it keeps fn's)
+        def call(*args: Any) -> Any:
+            with lock:
+                return fn(*args)
+        return call
+
+    def _start_loop(self) -> None:
+        self._starter.cancel()
+        if not self.loop.running:
+            self.loop.start()
+
+    def _on_loop_error(self, exc: BaseException) -> None:
+        """A tick raised in the control thread: stop at shutdown, else log it (throttled)."""
+        if not self.context.ok():
+            self.loop.stop()
+            return
+        self.stats.errors += 1
+        self._throttled('error', f'control tick failed: {type(exc).__name__}: {exc}',
+                        key='tick')
+
+    def stop_loop(self) -> None:
+        """End the control loop (waits for the current tick)."""
+        loop = getattr(self, 'loop', None)
+        if loop is not None:
+            loop.stop()
+
+    def destroy_node(self) -> None:
+        self.stop_loop()
+        super().destroy_node()
 
     def _setup_binding(self, name: str) -> None:
         """Subscriptions (the episode markers first, then one raw sensor-data subscription
@@ -369,19 +450,19 @@ class PolicyNode(VddNode):
         self._arrived = time.perf_counter()  # arrival of the newest source message
         self._last_valid_ns = self._now_ns()
         self._warned_types: set[str] = set()
-        self.create_subscription(String, b.episode_topic, self._on_marker, MARKER_QOS)
+        self.create_subscription(String, b.episode_topic, self._locked(self._on_marker),
+                                 MARKER_QOS)
         for topic, reader in self.readers.items():
             qos = qos_profile_sensor_data
             if self.act_on == 'complete':   # see _source_qos
                 qos = _source_qos(len(reader.sources))
-            self.create_subscription(reader.cls, topic,
-                                     lambda raw, reader=reader: self._on_source(reader, raw),
-                                     qos, raw=True)
+            on_source = self._locked(lambda raw, reader=reader: self._on_source(reader, raw))
+            self.create_subscription(reader.cls, topic, on_source, qos, raw=True)
         self.sink_pubs = [self.create_publisher(w.cls, w.sink.topic, ACTION_QOS)
                           for w in self.writers]
         self._jump = self.get_clock().create_jump_callback(
             JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1)),
-            post_callback=self._on_time_jump)
+            post_callback=self._locked(self._on_time_jump))
         use_sim = bool(self.get_parameter('use_sim_time').value)
         if b.clock == 'sim' and not use_sim:
             self.get_logger().warning(f'binding {name!r} runs on /clock (clock: sim) but '
@@ -455,8 +536,8 @@ class PolicyNode(VddNode):
                 self.obs_timeout = self._timeout(p.value)
             elif p.name == 'model_diagnostics':
                 self.model_diagnostics = bool(p.value)
-                if hasattr(self.policy, 'diagnostics'):
-                    self.policy.diagnostics = self.model_diagnostics and self._is_moe()
+                if not self.model_diagnostics:
+                    self._info = {k: v for k, v in self._info.items() if k == 'expert'}
 
     # -- policy facts -------------------------------------------------------------------------
     def _is_moe(self) -> bool:
@@ -472,56 +553,89 @@ class PolicyNode(VddNode):
 
     # -- callbacks ----------------------------------------------------------------------------
     def _on_observation(self, data: bytes) -> None:
-        """A serialized observation: size-checked, decoded, validated, kept as the latest."""
+        """A serialized observation: size-checked, decoded, validated, kept as the latest;
+        in act_on complete, answered at once."""
         now = time.perf_counter()
         self.stats.received += 1
-        meta: dict[str, int] = {}
         try:
-            msg = decode_labelled_array(data, self.max_bytes)
-            meta = msg_meta(msg)
-            if 'seq' in meta and self._accepted == (meta['seq'], meta.get('episode')):
-                self.stats.resends += 1
-                return  # a resend of the observation already accepted
-            obs = msg_to_array(msg, self.fields if msg.layout.dim else None,
-                               self.policy.spec.obs_dim)
+            obs, meta = self._reader.read(data)
         except InvalidMessage as exc:
+            meta = exc.meta
+            if self._resend(meta):
+                return
             self.stats.rejected += 1
-            self._latest = _Observation(None, meta, now, str(exc))
-            self._fresh = True
+            self._received_serial += 1
+            self._latest = _Observation(None, meta, now, str(exc), self._received_serial)
             self._throttled('warning', f'observation rejected: {exc}; holding')
+        else:
+            if self._resend(meta):
+                return
+            self._accepted = (meta['seq'], meta.get('episode')) if 'seq' in meta else None
+            self._last_valid = now
+            self._received_serial += 1
+            # one assignment hands it to the control thread (act_on tick: no lock taken)
+            self._latest = _Observation(obs, meta, now, serial=self._received_serial)
+        self.stats.decode_ms.append((time.perf_counter() - now) * 1e3)
+        if self.act_on == 'tick':
             return
-        self._accepted = (meta['seq'], meta.get('episode')) if 'seq' in meta else None
-        self._latest = _Observation(obs, meta, now)
-        self._fresh = True
-        self._last_valid = now
+        self._taken = self._latest.serial
+        action, meta = self._answer(self._latest, now)
+        self._last = (action, meta)
+        self._publish(action, meta)
+        self._answered(now)
 
-    def _on_tick(self) -> None:
+    def _resend(self, meta: dict[str, int]) -> bool:
+        """Whether `meta` is that of the observation last accepted (a resend: dropped)."""
+        if 'seq' in meta and self._accepted == (meta['seq'], meta.get('episode')):
+            self.stats.resends += 1
+            return True
+        return False
+
+    def _on_tick(self) -> float | None:
+        """act_on tick: answer a new observation, else republish the last answer (the hold
+        before the first); act_on complete: only the watchdog (returns the seconds until it
+        can expire, at most 10 periods: the control thread sleeps until then). Both: no valid
+        observation for obs_timeout_s, the hold at every tick."""
         if not self.context.ok():
-            return  # shutting down
+            return None  # shutting down
         start = time.perf_counter()
+        latest = self._latest   # read once: the observation callback replaces it whole
         expired = start - self._last_valid > self.obs_timeout
+        fresh = latest is not None and latest.serial != self._taken
+        if latest is not None:
+            self._taken = latest.serial
         if expired:
-            action, meta = self._hold(), {}
-            self._fresh = False
             if not self._tripped:
                 self._tripped = True
                 self.stats.watchdog_trips += 1
                 self.get_logger().warning(f'no valid observation for {self.obs_timeout:g} s: '
                                           'publishing the hold action')
                 self._publish_status()
-        elif self._fresh:
-            self._fresh = False
-            action, meta = self._answer(self._latest, start)
-            self._last = (action, meta)
-        elif self._last is not None:
-            action, meta = self._last
-        else:
-            action, meta = self._hold(), {}
-        if self._tripped and not expired:
+        elif self._tripped:
             self._tripped = False
             self.get_logger().info('observations resumed')
-        self._publish(action, meta)
-        self.deadlines.record(start, time.perf_counter())
+        if expired:
+            self._publish(self._hold(), {})
+        elif self.act_on == 'complete':   # answers go out on arrival; nothing is republished
+            return min(self._last_valid + self.obs_timeout - start, 10.0 / self.rate)
+        elif fresh:
+            action, meta = self._answer(latest, start)
+            self._last = (action, meta)
+            self._publish(action, meta)
+            self._answered(latest.received)
+        else:
+            self._publish(*(self._last or (self._hold(), {})))
+        if self.act_on == 'tick':
+            self.deadlines.record(start, time.perf_counter())
+        return None
+
+    def _answered(self, arrived: float) -> None:
+        """An observation that arrived at `arrived` was answered just now: its latency in
+        the node, and in act_on complete its deadline (one period)."""
+        done = time.perf_counter()
+        self.stats.answer_ms.append((done - arrived) * 1e3)
+        if self.act_on == 'complete':
+            self.deadlines.record(arrived, done)
 
     def _publish(self, action: np.ndarray, meta: dict[str, int]) -> None:
         """The last gate: only `action_dim` finite values are ever published on `action`."""
@@ -538,7 +652,10 @@ class PolicyNode(VddNode):
             out = np.zeros(self.action_dim, dtype=np.float32)
             out[-1] = self._gripper
             meta = {k: v for k, v in meta.items() if k in ('seq', 'episode')}
-        self.action_pub.publish(action_to_msg(out, meta))
+        msg = action_to_msg(out, meta)
+        t0 = time.perf_counter()
+        self.action_pub.publish(msg)
+        self.stats.publish_ms.append((time.perf_counter() - t0) * 1e3)
 
     def _answer(self, latest: _Observation, start: float) -> tuple[np.ndarray, dict[str, int]]:
         """Act on a new observation (or hold when it was rejected)."""
@@ -558,10 +675,15 @@ class PolicyNode(VddNode):
         """(action, inference seconds) of the policy for `obs` (after a reset when `episode`
         is a new one), or None when the policy failed (logged, counted: hold)."""
         t0 = time.perf_counter()
+        # the MoE's diagnostics (a few tens of microseconds) for one action per diagnostics
+        # period: /diagnostics reports a recent action's, no action waits for them
+        want = self._want_info and self.model_diagnostics
         try:
             if episode is not None and episode != self._episode:
                 self.policy.reset(int(episode))
                 self._episode = int(episode)
+            if self._moe_diagnostics:
+                self.policy.diagnostics = want
             t0 = time.perf_counter()
             action = np.asarray(self.policy.act(obs), dtype=np.float32).reshape(-1)
             if action.shape[0] != self.action_dim or not np.all(np.isfinite(action)):
@@ -573,6 +695,11 @@ class PolicyNode(VddNode):
             return None
         infer = time.perf_counter() - t0
         self._error = ''
+        info = getattr(self.policy, 'info', None)
+        if info:         # (the expert of every action; the rest when asked)
+            self._info.update(info)
+        if want:
+            self._want_info = False
         self.stats.computed += 1
         self.stats.inference_ms.append(infer * 1e3)
         self.stats.obs_age_ms.append((start - received) * 1e3)
@@ -639,6 +766,7 @@ class PolicyNode(VddNode):
                             'older than the latest one: dropped', key=reader.topic)
             return
         self._arrived = arrived
+        self.stats.decode_ms.append((time.perf_counter() - arrived) * 1e3)
         if self.act_on == 'tick':
             self._fresh = True
             return
@@ -685,11 +813,14 @@ class PolicyNode(VddNode):
             self._last_valid_ns = self._now_ns()
             self.get_logger().warning('the clock went back: source values cleared')
 
-    def _on_binding_tick(self) -> None:
+    def _on_binding_tick(self) -> float | None:
         """In act_on tick, act on the latest sources when any is new; then the watchdog (both
-        modes): no valid observation for obs_timeout_s, the hold at every tick."""
+        modes): no valid observation for obs_timeout_s, the hold at every tick. In act_on
+        complete, returns how long the control thread may sleep (until the watchdog can
+        expire, at most 10 periods: the node clock may be a simulation's, faster than real
+        time)."""
         if not self.context.ok():
-            return  # shutting down
+            return None  # shutting down
         start = time.perf_counter()
         now_ns = self._now_ns()
         acted = self._fresh
@@ -714,7 +845,12 @@ class PolicyNode(VddNode):
         elif self._tripped:
             self._tripped = False
             self.get_logger().info('observations resumed')
-        self.deadlines.record(start, time.perf_counter())
+        if self.act_on == 'tick':
+            self.deadlines.record(start, time.perf_counter())
+        elif not expired:
+            left = (self._last_valid_ns + self.obs_timeout * NS - now_ns) / NS
+            return min(left, 10.0 / self.rate)
+        return None
 
     def _act(self, stamp_ns: int, start: float, now_ns: int) -> None:
         """Answer the observation of time `stamp_ns`: the policy's action when every source
@@ -731,14 +867,16 @@ class PolicyNode(VddNode):
             done = self._compute(self.book.observation(), start, self._arrived)
         if done is None:
             self._publish_sinks(self._hold(), None, stamp_ns, hold=True)
-            return
-        chunk = None
-        if self._chunked:
-            try:
-                chunk = np.concatenate([done[0][None], self.policy.pending()])
-            except (TypeError, ValueError):   # a chunk of another shape: the gate holds
-                chunk = np.full((1, 1), np.nan)
-        self._publish_sinks(done[0], chunk, stamp_ns)
+        else:
+            chunk = None
+            if self._chunked:
+                try:
+                    chunk = np.concatenate([done[0][None], self.policy.pending()])
+                except (TypeError, ValueError):   # a chunk of another shape: the gate holds
+                    chunk = np.full((1, 1), np.nan)
+            self._publish_sinks(done[0], chunk, stamp_ns)
+        # (act_on complete calls with start = the arrival of the completing message)
+        self._answered(self._arrived if self.act_on == 'tick' else start)
 
     def _sink_values(self, action: Any, chunk: Any) -> list[np.ndarray] | None:
         """Every sink's numbers for `action` (and its chunk), or None unless all are finite
@@ -777,9 +915,13 @@ class PolicyNode(VddNode):
                 action[-1] = self._gripper
             values = [self._hold_values(w, action) for w in self.writers]
         period = 1.0 / self.rate
-        for pub, writer, v in zip(self.sink_pubs, self.writers, values):
-            if v is not None:
-                pub.publish(writer.message(v, stamp_ns, period))
+        messages = [writer.message(v, stamp_ns, period) if v is not None else None
+                    for writer, v in zip(self.writers, values)]
+        t0 = time.perf_counter()
+        for pub, msg in zip(self.sink_pubs, messages):
+            if msg is not None:
+                pub.publish(msg)
+        self.stats.publish_ms.append((time.perf_counter() - t0) * 1e3)
 
     @staticmethod
     def _hold_values(writer: SinkWriter, action: np.ndarray) -> np.ndarray | None:
@@ -795,6 +937,7 @@ class PolicyNode(VddNode):
         self._episode = None
         self._last = None
         self._fresh = False
+        self._taken = self._received_serial
         self._accepted = None
         if self.binding is not None:
             self._acted_serial = self.book.serial
@@ -815,6 +958,7 @@ class PolicyNode(VddNode):
             'checkpoint': self.checkpoint, 'policy': self._kind(),
             'expert_mode': self._expert_mode(), 'control_rate_hz': self.rate,
             'obs_timeout_s': self.obs_timeout,
+            'control_loop': self.loop_kind, 'act_on': self.act_on,
             'inference_ms_p50': inf50, 'inference_ms_p99': inf99,
             'obs_age_ms_p50': age50, 'obs_age_ms_p99': age99,
             'ticks': self.deadlines.ticks, 'deadline_misses': self.deadlines.misses,
@@ -829,7 +973,10 @@ class PolicyNode(VddNode):
             'unsafe_actions_replaced': s.unsafe,
             'last_observation_age_s': time.perf_counter() - self._last_valid,
         }
-        for key, value in getattr(self.policy, 'info', {}).items():
+        for name, window in (('decode_ms', s.decode_ms), ('publish_ms', s.publish_ms),
+                             ('answer_ms', s.answer_ms), ('wake_late_ms', self.loop.late_ms)):
+            values[f'{name}_p50'], values[f'{name}_p99'] = percentiles(window)
+        for key, value in self._info.items():
             values[key] = int(value) if key in ('expert', 'mode', 'phase') else value
         sources, wrong_type = self._source_status(values) if self.binding else ([], '')
         if s.unsafe > unsafe:
@@ -889,11 +1036,13 @@ class PolicyNode(VddNode):
         return 'no message yet'
 
     def _publish_status(self) -> None:
+        self._want_info = True
         level, message, values = self.status()
         self.publish_diagnostics(level, message, values)
         self._period_counts = (self.stats.rejected, self.deadlines.misses, self.stats.unsafe)
 
     def shutdown(self) -> None:
+        self.stop_loop()
         if self.stats_file:
             from vdd_ros.core.io import write_json
             level, message, values = self.status()

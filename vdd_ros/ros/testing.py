@@ -1,9 +1,11 @@
-"""Helpers shared by the ROS tests and the latency benchmark: private contexts, a probe node
-that plays the simulator's side of the topics, and a tiny MoE checkpoint."""
+"""Helpers shared by the ROS tests and the latency benchmark: private contexts, probe nodes
+that play the simulator's side of the topics, the benchmark's observation sources, and a tiny
+MoE checkpoint."""
 from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -17,9 +19,11 @@ from rclpy.context import Context
 from rclpy.qos import qos_profile_sensor_data
 from std_msgs.msg import Float32MultiArray
 
-from vdd_ros.ros.conversions import (array_to_msg, level_name, msg_meta, msg_to_array,
-                                     observation_to_msg, status_values)
+from vdd_ros.ros.conversions import (array_to_msg, decode_labelled_array, level_name,
+                                     msg_meta, msg_to_array, observation_to_msg, status_values)
 from vdd_ros.ros.policy_node import ACTION_QOS
+
+SEQ_MARK = 0x7A6B5C4D   # a @seq value whose bytes occur nowhere else in an observation
 
 
 def domain_id() -> int:
@@ -56,7 +60,24 @@ def spin_for(executor: Any, seconds: float) -> None:
         executor.spin_once(timeout_sec=min(0.02, max(end - time.monotonic(), 0.0)))
 
 
-class Probe:
+class DiagnosticsLog:
+    """Keeps every status received on /diagnostics (subscribe `_on_diag`)."""
+
+    diagnostics: list[tuple[str, str, str, dict[str, str]]]
+
+    def _on_diag(self, msg: DiagnosticArray) -> None:
+        for s in msg.status:
+            self.diagnostics.append((s.name, level_name(s.level), s.message, status_values(s)))
+
+    def last_status(self, node_name: str) -> tuple[str, str, dict[str, str]] | None:
+        """The latest status named `node_name` (a full name without the leading slash)."""
+        for name, level, message, values in reversed(self.diagnostics):
+            if name == node_name.lstrip('/'):
+                return level, message, values
+        return None
+
+
+class Probe(DiagnosticsLog):
     """Publishes observations and records actions and diagnostics, like a simulator would."""
 
     def __init__(self, context: Context, namespace: str = '', name: str = 'probe') -> None:
@@ -73,10 +94,6 @@ class Probe:
     def _on_action(self, msg: Float32MultiArray) -> None:
         self.actions.append((time.perf_counter(), msg_to_array(msg), msg_meta(msg)))
 
-    def _on_diag(self, msg: DiagnosticArray) -> None:
-        for s in msg.status:
-            self.diagnostics.append((s.name, level_name(s.level), s.message, status_values(s)))
-
     def send(self, obs: np.ndarray, fields: list[tuple[str, int]] | None, episode: int = 1,
              step: int = 0, raw: bool = False) -> int:
         """Publish one observation (fields labelled unless `raw`); returns its `@seq`."""
@@ -92,18 +109,11 @@ class Probe:
     def answers(self, seq: int) -> list[np.ndarray]:
         return [a for _, a, m in self.actions if m.get('seq') == seq]
 
-    def last_status(self, node_name: str) -> tuple[str, str, dict[str, str]] | None:
-        """The latest status named `node_name` (a full name without the leading slash)."""
-        for name, level, message, values in reversed(self.diagnostics):
-            if name == node_name.lstrip('/'):
-                return level, message, values
-        return None
-
     def destroy(self) -> None:
         self.node.destroy_node()
 
 
-class BindingProbe:
+class BindingProbe(DiagnosticsLog):
     """Plays a robot (or sim_node) through a binding: publishes its source topics, episode
     markers and optionally /clock, and records every sink message (arrival time, header stamp
     in ns or None, the action slice `Sink.decode` reads, the message) and diagnostics."""
@@ -142,10 +152,6 @@ class BindingProbe:
         except ValueError:
             values = None
         self.received[sink.topic].append((time.perf_counter(), stamp, values, msg))
-
-    def _on_diag(self, msg: DiagnosticArray) -> None:
-        for s in msg.status:
-            self.diagnostics.append((s.name, level_name(s.level), s.message, status_values(s)))
 
     def marker(self, event: str, episode: int | None = None, **kw: Any) -> None:
         from std_msgs.msg import String
@@ -197,12 +203,6 @@ class BindingProbe:
 
     def answered(self, stamp_ns: int) -> bool:
         return bool(self.answers(stamp_ns))
-
-    def last_status(self, node_name: str) -> tuple[str, str, dict[str, str]] | None:
-        for name, level, message, values in reversed(self.diagnostics):
-            if name == node_name.lstrip('/'):
-                return level, message, values
-        return None
 
     def destroy(self) -> None:
         self.node.destroy_node()
@@ -289,3 +289,108 @@ TINY_TRAINING = ['obs_horizon=1', 'action_horizon=2', 'action_exec=2', 'teacher.
                  'teacher.num_layers=1', 'teacher.batch_size=32', 'moe.num_experts=2',
                  'moe.hidden_dim=32', 'moe.num_layers=1', 'moe.gating_hidden_dim=16',
                  'vdd.batch_size=16']
+
+
+class LabelledSource(DiagnosticsLog):
+    """Labelled observations, one per tick, and the actions that answer them (recorded raw,
+    with their arrival time, and decoded after the run); answers matched by `@seq`."""
+
+    def __init__(self, context: Any, namespace: str, observations: np.ndarray, fields: list,
+                 raw: bool = True) -> None:
+        from rclpy.serialization import serialize_message
+        self.node = rclpy.create_node('bench_source', namespace=namespace, context=context)
+        self.pub = self.node.create_publisher(Float32MultiArray, 'observation',
+                                              qos_profile_sensor_data)
+        self.observations, self.fields, self.raw = observations, fields, raw
+        self.count = 0
+        self.sent = np.zeros(1 << 22)          # perf_counter of each @seq sent (seq = i + 1)
+        self.received: list[tuple[float, bytes]] = []
+        self.diagnostics: list[tuple[str, str, str, dict[str, str]]] = []
+        self.blobs = [serialize_message(observation_to_msg(obs, fields, SEQ_MARK, 1, 0))
+                      for obs in observations]
+        self.at = [blob.index(SEQ_MARK.to_bytes(4, 'little')) for blob in self.blobs]
+        self.node.create_subscription(Float32MultiArray, 'action', self._on_action, ACTION_QOS,
+                                      raw=True)
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 50)
+
+    def _on_action(self, raw: bytes) -> None:
+        self.received.append((time.perf_counter(), raw))
+
+    def tick(self) -> None:
+        i = self.count
+        seq = i + 1
+        k = i % len(self.blobs)
+        if self.raw:
+            blob = bytearray(self.blobs[k])
+            struct.pack_into('<I', blob, self.at[k], seq)
+            self.sent[seq % self.sent.size] = time.perf_counter()
+            self.pub.publish(bytes(blob))
+        else:
+            msg = observation_to_msg(self.observations[k], self.fields, seq, 1, i)
+            self.sent[seq % self.sent.size] = time.perf_counter()
+            self.pub.publish(msg)
+        self.count = i + 1
+
+    def answered_any(self) -> bool:
+        return bool(self.received)
+
+    def latencies_ms(self, first: int, last: int) -> list[float]:
+        """Observation to first answer of the observations sent [first, last) (seq = i + 1)."""
+        answered: dict[int, float] = {}
+        for t, raw in self.received:
+            s = msg_meta(decode_labelled_array(raw, 1 << 20)).get('seq')
+            if s is not None and first < s <= last and s not in answered:
+                answered[s] = (t - self.sent[s % self.sent.size]) * 1e3
+        return list(answered.values())
+
+    def destroy(self) -> None:
+        self.node.destroy_node()
+
+
+class BindingSource:
+    """Every source topic of a binding, one stamp per tick (the system time); answers
+    matched by the stamp of their stamped sink, complete when every sink has arrived."""
+
+    def __init__(self, probe: Any, observations: np.ndarray, raw: bool = True) -> None:
+        from rclpy.serialization import serialize_message
+        self.probe, self.count, self.raw = probe, 0, raw
+        self.stamps: list[int] = []
+        clock = probe.node.get_clock()
+        self.now = lambda: clock.now().nanoseconds
+        self.messages = [probe.messages(obs, 0) for obs in observations]
+        # raw: every message serialized once; only its header stamp bytes change per tick
+        self.blobs = [{t: (serialize_message(m), hasattr(m, 'header')) for t, m in msgs.items()}
+                      for msgs in self.messages] if raw else []
+
+    def tick(self) -> None:
+        from vdd_ros.ros.binding_io import to_time
+        k = self.count % len(self.messages)
+        stamp = self.now()
+        if self.raw:
+            self.probe.sent[stamp] = time.perf_counter()
+            sec, nsec = divmod(stamp, 1_000_000_000)
+            for topic, (blob, stamped) in self.blobs[k].items():
+                if stamped:
+                    blob = bytearray(blob)
+                    struct.pack_into('<iI', blob, 4, sec, nsec)
+                self.probe.pubs[topic].publish(bytes(blob))
+        else:
+            msgs = self.messages[k]
+            for msg in msgs.values():
+                if hasattr(msg, 'header'):
+                    msg.header.stamp = to_time(stamp)
+            self.probe.send(None, stamp, msgs)
+        self.stamps.append(stamp)
+        self.count += 1
+
+    def answered_any(self) -> bool:
+        sent = self.probe.sent
+        return any(s in sent for s, _, _ in self.probe.actions())
+
+    def latencies_ms(self, first: int, last: int) -> list[float]:
+        wanted = set(self.stamps[first:last])
+        answered: dict[int, float] = {}
+        for stamp, t, _ in self.probe.actions():
+            if stamp in wanted and stamp not in answered:
+                answered[stamp] = (t - self.probe.sent[stamp]) * 1e3
+        return list(answered.values())

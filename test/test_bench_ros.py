@@ -1,0 +1,63 @@
+"""`vdd-ros bench --ros`: its summary (median and worst run), table, and argument checks; one
+short event-driven run through a real policy_node process."""
+import pytest
+
+from vdd_ros.cli import main
+from vdd_ros.errors import UserError
+from vdd_ros.ros.bench import STAGES, format_table, run_suite, summarise
+
+
+def fake_run(mode, miss, p50, p99, answered, rate=500.0):
+    r = {'rate_hz': rate, 'mode': mode, 'deadline_miss_rate': miss,
+         'obs_to_action_ms_p50': p50, 'obs_to_action_ms_p99': p99,
+         'obs_to_action_ms_max': 3 * p99, 'answered_fraction': answered}
+    r.update({f'{k}_{q}': 0.1 for k in STAGES for q in ('p50', 'p99')})
+    return r
+
+
+def test_the_summary_gives_the_median_and_the_worst_run():
+    runs = [fake_run('event', m, p, 2 * p, a) for m, p, a in
+            [(0.001, 1.0, 1.0), (0.02, 1.5, 0.98), (0.0, 0.9, 1.0), (0.005, 1.1, 0.99),
+             (0.003, 1.2, 0.995)]]
+    s = summarise(runs)
+    assert s['deadline_miss_rate_median'] == 0.003 and s['deadline_miss_rate_worst'] == 0.02
+    assert s['obs_to_action_ms_p99_median'] == 2.2 and s['obs_to_action_ms_p99_worst'] == 3.0
+    assert s['answered_fraction_median'] == 0.995 and s['answered_fraction_worst'] == 0.98
+    assert s['runs_under_1pct_misses'] == 4 and s['runs'] == 5
+    assert s['outside_node_ms_p50'] == pytest.approx(1.0)      # 1.1 - the node's 0.1
+    tick = summarise([fake_run('thread', 0.0, 1.0, 2.0, 1.0)] * 5)
+    assert tick['outside_node_ms_p50'] is None
+    table = format_table({'policy': 'default', 'runs': 5, 'duration_s': 5.0, 'load': 1,
+                          'summary': [s, tick]})
+    assert '    500 event     0.30% [ 2.00%]   1.10 [ 1.50]   2.20 [ 3.00]' in table, table
+    assert '    500 event    0.100      -  0.100' in table    # wake-up lateness: thread only
+    assert '1 busy process(es)' in table
+
+
+@pytest.mark.parametrize('kwargs, problem', [
+    (dict(runs=4), 'at least 5 runs per rate and mode, got 4'),
+    (dict(modes=['thread', 'spin']), "unknown ['spin']"),
+    (dict(rates=[0.0]), 'must be > 0'),
+])
+def test_bad_suite_arguments_are_one_error_before_any_run(kwargs, problem):
+    args = dict(policy='tiny', rates=[500.0], modes=['event'], runs=5) | kwargs
+    with pytest.raises(UserError, match=problem.replace('[', r'\[').replace(']', r'\]')):
+        run_suite(**args)
+
+
+def test_the_cli_names_a_bad_run_count_in_one_line(capsys):
+    assert main(['bench', '--ros', '--runs', '2', '--json', '/tmp/never_written.json']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['vdd-ros bench: error: --runs: at least 5 runs per rate and mode, got 2']
+
+
+def test_an_event_driven_run_answers_on_arrival_and_times_each_answer(checkpoint):
+    from vdd_ros.ros.bench import benchmark_latency
+    from vdd_ros.ros.testing import domain_id
+    r = benchmark_latency(checkpoint, 200.0, duration_s=1.5, domain_id=domain_id(),
+                          act_on='complete')
+    assert r['policy_exit_status'] == 0 and r['act_on'] == 'complete'
+    assert r['answered_fraction'] >= 0.9, r
+    # acting on arrival: no tick wait, and one deadline per answered observation
+    assert r['obs_age_ms_p50'] == 0.0 and r['answer_ms_p50'] > 0.0
+    assert abs(r['policy_ticks'] - r['observations_answered']) <= 0.1 * r['policy_ticks'], r
