@@ -139,3 +139,29 @@ def test_backbone_lr_scale_zero_trains_only_heads_and_gating():
     distill(moe, problem.score(), obs, actions, vcfg, show_bar=False)
     assert all(torch.equal(a, b) for a, b in zip(backbone, moe.backbone.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(heads, moe.mean_head.parameters()))
+
+
+@pytest.mark.parametrize('scale', [0.0, 0.5])
+def test_the_clipped_gradient_is_that_of_the_trained_parameters_of_this_step(monkeypatch,
+                                                                             scale):
+    """At backbone_lr_scale 0 the frozen backbone's gradient is not clipped with the heads (left
+    out of the optimizer, it was never zeroed, summed over the steps and inflated every head's
+    clipped norm); otherwise it is clipped with them."""
+    cfg = ToyConfig()
+    gen = torch.Generator().manual_seed(0)
+    problem = RingProblem(cfg)
+    obs, actions = problem.sample(256, gen)
+    moe = ring_moe(cfg, actions, gen)
+    backbone = {id(p) for p in moe.backbone.parameters()}
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        params = list(params)
+        clipped.append({id(p) for p in params})
+        return clip(params, max_norm)
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', spy)
+    vcfg = VDDConfig(iterations=30, batch_size=32, backbone_lr_scale=scale)
+    distill(moe, problem.score(), obs, actions, vcfg, show_bar=False)
+    assert len(clipped) == 30 * vcfg.expert_steps
+    assert all(bool(ids & backbone) == (scale > 0) for ids in clipped)

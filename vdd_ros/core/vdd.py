@@ -81,11 +81,6 @@ def gating_loss(moe: MixtureOfExperts, obs: torch.Tensor,
     return -(resp * log_gate).sum(-1).mean()
 
 
-def expert_parameters(moe: MixtureOfExperts) -> list[nn.Parameter]:
-    return [*moe.backbone.parameters(), *moe.mean_head.parameters(),
-            *moe.scale_head.parameters()]
-
-
 def expert_param_groups(moe: MixtureOfExperts, backbone_lr_scale: float) -> list[dict]:
     """Optimizer groups: the expert heads, and the backbone at `backbone_lr_scale` (if > 0)."""
     groups = [{'params': [*moe.mean_head.parameters(), *moe.scale_head.parameters()],
@@ -135,7 +130,10 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
         return []
     start, history = resumed
     dp.broadcast_(moe)
-    experts, gate = expert_parameters(moe), list(moe.gate.parameters())
+    # the parameters the expert step trains (without the backbone at backbone_lr_scale 0):
+    # only these are synchronised and clipped
+    experts = [p for group in opt.param_groups for p in group['params']]
+    gate = list(moe.gate.parameters())
     tracker = ProgressTracker(stage, cfg.iterations, progress if dp.is_main else None, stop,
                               show_bar and dp.is_main, initial=start, history=history)
     moe.train()
@@ -149,7 +147,7 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
                 eps, sigma = expert_draws(moe, batch, cfg, device, gen)
                 loss, stats = expert_loss(moe, obs[idx], score_fn, cfg, uniform,
                                           draws=(eps[rows], sigma[rows]))
-                opt.zero_grad(set_to_none=True)
+                moe.zero_grad(set_to_none=True)   # (a frozen backbone's too: never summed)
                 loss.backward()
                 value, *logged = dp.sync(experts, share, [loss, *stats.values()],
                                          tracker.should_stop)
