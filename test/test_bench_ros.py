@@ -1,10 +1,14 @@
 """`vdd-ros bench --ros`: its summary (median and worst run), table, and argument checks; one
 short event-driven run through a real policy_node process."""
+from types import SimpleNamespace
+
 import pytest
 
+from vdd_ros.binding import binding_for_task, load_binding
 from vdd_ros.cli import main
 from vdd_ros.errors import UserError
-from vdd_ros.ros.bench import STAGES, format_table, run_suite, summarise
+from vdd_ros.ros.bench import (STAGES, format_table, run_suite, summarise, trajectory_binding,
+                               trajectory_stats)
 
 
 def fake_run(mode, miss, p50, p99, answered, rate=500.0):
@@ -61,3 +65,51 @@ def test_an_event_driven_run_answers_on_arrival_and_times_each_answer(checkpoint
     # acting on arrival: no tick wait, and one deadline per answered observation
     assert r['obs_age_ms_p50'] == 0.0 and r['answer_ms_p50'] > 0.0
     assert abs(r['policy_ticks'] - r['observations_answered']) <= 0.1 * r['policy_ticks'], r
+
+
+class FakeTime:
+    def __init__(self, s):
+        self.sec, self.nanosec = int(s), round((s - int(s)) * 1e9)
+
+
+class FakePoint:
+    def __init__(self, s):
+        self.time_from_start = FakeTime(s)
+
+
+class FakeTrajectory:
+    def __init__(self, n, period):
+        self.points = [FakePoint((k + 1) * period) for k in range(n)]
+
+
+def test_trajectory_stats_say_how_far_each_chunk_reaches_past_the_next_message(tmp_path):
+    binding = load_binding(trajectory_binding(tmp_path / 'b.yaml', 'lift_carry'))
+    assert binding.action[0].type == 'trajectory_msgs/msg/JointTrajectory'
+    assert binding.action[1] == binding_for_task('lift_carry').action[1]
+    topic = binding.action[0].topic
+    # 4 points 10 ms apart, one message every 10 ms; the 4th arrives 45 ms late
+    arrivals = [0.0, 0.01, 0.02, 0.065]
+    received = {topic: [(t, k, None, FakeTrajectory(4 - k % 4, 0.01))
+                        for k, t in enumerate(arrivals)]}
+    probe = SimpleNamespace(binding=binding, received=received)
+    s = trajectory_stats(probe, [0, 1, 2, 3])
+    assert s['trajectory_messages'] == 4 and s['trajectory_points_min'] == 1
+    assert s['trajectory_points_mean'] == 2.5
+    # reaches: 40, 30, 20 ms after arrival; margins 30, 20, -25 ms
+    assert s['trajectory_margin_ms_min'] == pytest.approx(-25.0)
+    assert s['trajectory_covered_fraction'] == pytest.approx(2 / 3)
+    assert s['trajectory_points_per_s'] == pytest.approx(9 / 0.065)
+
+
+def test_a_chunked_policy_sends_the_rest_of_its_chunk_as_one_trajectory():
+    from vdd_ros.ros.bench import benchmark_latency
+    from vdd_ros.ros.testing import domain_id
+    r = benchmark_latency('tiny', 50.0, duration_s=2.0, domain_id=domain_id(), chunk=4,
+                          raw_source=True)
+    assert r['policy_exit_status'] == 0 and r['path'].startswith('binding')
+    assert r['answered_fraction'] >= 0.8, r
+    # 4 actions per pass, 2 acted out: each message carries the action and the rest of the
+    # chunk, 4 then 3 points, reaching 3 periods past the next message at the least
+    assert r['trajectory_points_min'] == 3 and 3.0 <= r['trajectory_points_mean'] <= 4.0, r
+    assert r['trajectory_messages_per_s'] == pytest.approx(50.0, rel=0.2), r
+    assert r['trajectory_margin_ms_p50'] > 0, r

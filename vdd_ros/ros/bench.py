@@ -61,14 +61,18 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
                       seed: int = 0, sweep_phase: bool = True,
                       realtime_priority: int = 0, binding: str = '',
                       act_on: str = 'tick', raw_source: bool = True,
-                      control_loop: str = 'timer') -> dict[str, Any]:
+                      control_loop: str = 'timer', chunk: int = 1) -> dict[str, Any]:
     """One run: policy_node at `rate_hz` for `duration_s` seconds after its first answer.
 
     Returns observations sent and answered, obs-to-action latency percentiles (ms), and from
     the node's diagnostics its ticks, deadline misses (and their rate over the ticks and
     skipped periods), and the p50/p99 of each stage in STAGES. `policy` is a checkpoint
     folder or .onnx file, or an untrained MoE named in SIZES. With `binding` (a file or
-    `task:<name>`) the observations travel on the binding's topics.
+    `task:<name>`) the observations travel on the binding's topics. With `chunk` > 1 an
+    untrained policy predicts `chunk` actions per network pass (and acts out half), and the arm's
+    command goes out as a JointTrajectory of the whole remaining chunk (the task's binding with
+    its arm sink replaced, unless `binding` is given); the result adds what a trajectory
+    controller receives (`trajectory_stats`).
     """
     from vdd_ros.ros.evaluation import NodeProcess, free_domain_id
     from vdd_ros.ros.runtime import make_executor
@@ -85,8 +89,12 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
     observations = observations.astype(np.float32)
     with tempfile.TemporaryDirectory(prefix='vdd_ros_bench_') as tmp:
         folder = Path(tmp)
-        checkpoint = (str(tiny_moe_checkpoint(folder / policy, task, **SIZES[policy]))
+        # a receding horizon, as diffusion policies act: half the chunk executed per pass
+        checkpoint = (str(tiny_moe_checkpoint(folder / policy, task, **SIZES[policy],
+                                              chunk=chunk, execute=max(1, chunk // 2)))
                       if policy in SIZES else policy)
+        if chunk > 1 and not binding:
+            binding = str(trajectory_binding(folder / 'trajectory.yaml', task))
         params: dict[str, Any] = {'checkpoint': checkpoint, 'task': spec.name,
                                   'control_rate_hz': float(rate_hz),
                                   'diagnostics_period_s': 0.5, 'act_on': act_on,
@@ -132,6 +140,8 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
                     spin_until(executor, lambda: len(probe.diagnostics) > n_diag + 1, 2.0)
                     after = _diag_numbers(probe, name)
                 answered = source.latencies_ms(first, last)
+                trajectory = (trajectory_stats(probe, source.stamps[first:last])
+                              if binding else {})
                 probe.destroy()
                 executor.shutdown()
         finally:
@@ -163,7 +173,53 @@ def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
     for stage in STAGES:
         for q in ('p50', 'p99'):
             result[f'{stage}_{q}'] = after.get(f'{stage}_{q}', 0.0)
+    result['chunk'] = int(chunk)
+    result.update(trajectory)
     return result
+
+
+def trajectory_binding(path: Path, task: str) -> Path:
+    """The task's shipped binding with its arm command (a[0:6]) sent as a JointTrajectory of
+    the whole predicted chunk instead (the gripper keeps its own sink); written to `path`."""
+    import yaml
+
+    from vdd_ros.binding import binding_for_task
+    data = binding_for_task(task).to_dict()
+    first = data['action'][0]
+    n = first['slice'][1] - first['slice'][0]
+    data['action'][0] = {'topic': '/arm/joint_trajectory',
+                         'type': 'trajectory_msgs/JointTrajectory', 'slice': first['slice'],
+                         'joints': [f'axis{i}' for i in range(n)]}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def trajectory_stats(probe: Any, stamps: list[int]) -> dict[str, Any]:
+    """What a trajectory controller receives on the binding's JointTrajectory sink, over the
+    answers to the observations stamped `stamps`: messages per second, points per message,
+    and how far each message's last point reaches beyond the arrival of the next message
+    (the margin: negative means the controller ran out of points)."""
+    sink = next((s for s in probe.binding.action if s.type.endswith('JointTrajectory')), None)
+    if sink is None:
+        return {}
+    wanted = set(stamps)
+    got = [(t, msg) for t, stamp, _, msg in probe.received[sink.topic] if stamp in wanted]
+    if len(got) < 2:
+        return {'trajectory_messages': len(got)}
+    times = np.array([t for t, _ in got])
+    points = np.array([len(m.points) for _, m in got])
+    reach = np.array([m.points[-1].time_from_start.sec + m.points[-1].time_from_start.nanosec
+                      * 1e-9 for _, m in got])
+    margin_ms = (times[:-1] + reach[:-1] - times[1:]) * 1e3
+    span = times[-1] - times[0]
+    return {'trajectory_messages': len(got),
+            'trajectory_messages_per_s': float((len(got) - 1) / span) if span else 0.0,
+            'trajectory_points_per_s': float(points[:-1].sum() / span) if span else 0.0,
+            'trajectory_points_mean': float(points.mean()),
+            'trajectory_points_min': int(points.min()),
+            'trajectory_margin_ms_min': float(margin_ms.min()),
+            'trajectory_margin_ms_p50': float(np.median(margin_ms)),
+            'trajectory_covered_fraction': float((margin_ms > 0).mean())}
 
 
 @contextlib.contextmanager
@@ -203,6 +259,10 @@ def run_suite(policy: str, rates: list[float], modes: list[str], runs: int = MIN
         raise UserError(f'--modes: unknown {unknown}; choose from {list(MODES)}')
     if any(r <= 0 for r in rates) or duration_s <= 0:
         raise UserError('--rates and --duration must be > 0')
+    chunk = int(kwargs.get('chunk', 1))
+    if chunk < 1 or (chunk > 1 and policy not in SIZES):
+        raise UserError(f'--chunk: a whole number >= 1 for an untrained policy ({", ".join(SIZES)}'
+                        f'), got {chunk} with --policy {policy}')
     from tqdm import tqdm
     results: list[dict[str, Any]] = []
     total = len(rates) * len(modes) * runs
@@ -241,6 +301,13 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for stage in STAGES:
         for q in ('p50', 'p99'):
             out[f'{stage}_{q}'] = float(np.median(col(f'{stage}_{q}')))
+    if 'trajectory_points_per_s' in runs[0]:
+        for key in ('trajectory_messages_per_s', 'trajectory_points_per_s',
+                    'trajectory_points_mean'):
+            out[f'{key}_median'] = float(np.median(col(key)))
+        out['trajectory_margin_ms_min_worst'] = float(col('trajectory_margin_ms_min').min())
+        out['trajectory_covered_fraction_worst'] = float(
+            col('trajectory_covered_fraction').min())
     # acting on arrival, what the node does not see: the wire both ways and the dispatch in
     # each process (a tick-driven answer's tick wait varies too much for a difference of
     # medians to mean anything)
@@ -285,6 +352,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='SCHED_FIFO priority of the control loop (0: normal scheduler)')
     g.add_argument('--binding', default='', help='observations and actions on a binding\'s '
                    'standard topics (a file, or task:<name>) instead of the labelled arrays')
+    g.add_argument('--chunk', type=int, default=1, help='an untrained policy predicting CHUNK '
+                   'actions per network pass, its arm command sent as a JointTrajectory of the '
+                   'remaining chunk (default: %(default)s: one action, the labelled path)')
     g.add_argument('--python-source', action='store_true',
                    help='build each observation message in rclpy (default: pre-serialized, '
                    'what a C++ driver costs)')
@@ -299,7 +369,7 @@ def run(args: argparse.Namespace, json_path: Path | None) -> int:
                       args.load, task=args.task, expert_mode=getattr(args, 'expert_mode', None),
                       sweep_phase=not args.fixed_phase,
                       realtime_priority=args.realtime_priority, binding=args.binding,
-                      raw_source=not args.python_source)
+                      raw_source=not args.python_source, chunk=args.chunk)
     print(format_table(suite))
     if json_path is not None:
         write_json(json_path, {'generated': time.strftime('%Y-%m-%d %H:%M:%S'), **suite})
@@ -330,6 +400,17 @@ def format_table(suite: dict[str, Any]) -> str:
         outside = s['outside_node_ms_p50']
         lines.append(f'{s["rate_hz"]:>7g} {s["mode"]:<7} {stages} | '
                      + ('-' if outside is None else f'{outside:.3f}'))
+    chunked = [s for s in suite['summary'] if 'trajectory_points_per_s_median' in s]
+    if chunked:
+        lines.append('JointTrajectory of the chunk (median run; margin: how far the last point '
+                     'reaches past the next message, worst run)')
+        for s in chunked:
+            lines.append(f'{s["rate_hz"]:>7g} {s["mode"]:<7} '
+                         f'{s["trajectory_messages_per_s_median"]:7.1f} msg/s '
+                         f'{s["trajectory_points_mean_median"]:5.2f} points/msg '
+                         f'{s["trajectory_points_per_s_median"]:8.1f} points/s, margin min '
+                         f'{s["trajectory_margin_ms_min_worst"]:7.2f} ms, covered '
+                         f'{s["trajectory_covered_fraction_worst"]:.1%}')
     return '\n'.join(lines)
 
 

@@ -243,11 +243,12 @@ def flood_observations(namespace: str, blobs: list[bytes], period_s: float,
 
 def tiny_moe_checkpoint(path: str | os.PathLike, task: str = 'lift_carry',
                         num_experts: int = 3, hidden_dim: int = 32, num_layers: int = 1,
-                        seed: int = 0) -> Path:
+                        seed: int = 0, chunk: int = 1, execute: int | None = None) -> Path:
     """An untrained VDD-MoE checkpoint for `task`'s observation (for tests and benches).
 
-    It queries its network on every step (no action chunk). The experts' means are spread
-    apart so that each expert gives a different action.
+    It predicts `chunk` actions per query and executes the first `execute` (default: all) of
+    them (chunk 1: it queries its network on every step). The experts' means are spread apart
+    so that each expert gives a different action.
     """
     import torch
 
@@ -260,12 +261,15 @@ def tiny_moe_checkpoint(path: str | os.PathLike, task: str = 'lift_carry',
     spec = get_task(task)
     torch.manual_seed(seed)
     model = MixtureOfExperts(MoEConfig(num_experts=num_experts, hidden_dim=hidden_dim,
-                                       num_layers=num_layers), spec.obs_dim, spec.action_dim)
+                                       num_layers=num_layers), spec.obs_dim, spec.action_dim,
+                             action_horizon=chunk)
     with torch.no_grad():
         model.mean_head.bias.copy_(torch.linspace(-0.9, 0.9, num_experts)
-                                   .repeat_interleave(spec.action_dim))
+                                   .repeat_interleave(spec.action_dim * chunk))
     return save_checkpoint(path, model, PolicySpec(obs_fields=list(spec.obs_fields),
-                                                   action_dim=spec.action_dim, task=spec.name),
+                                                   action_dim=spec.action_dim, task=spec.name,
+                                                   action_horizon=chunk,
+                                                   action_exec=execute or chunk),
                            'vdd_moe')
 
 
