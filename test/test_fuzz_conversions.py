@@ -174,6 +174,7 @@ READER_FIELDS = [('eef', 3), ('cube', 2)]
                 min_size=1, max_size=4),
        st.lists(st.tuples(st.integers(0, 160), st.integers(0, 255)), max_size=6),
        st.booleans())
+@example(values=[(np.zeros(5, np.float32), {})], flips=[(3, 1)], relabel=False)  # CDR options
 def test_the_labelled_fast_reader_reads_exactly_what_the_full_path_reads(values, flips, relabel):
     """LabelledReader (policy_node's labelled path) against rclpy and msg_to_array: valid
     messages teach it layouts, then any of them with bytes changed anywhere (or a renamed

@@ -105,12 +105,13 @@ def _align(off: int, n: int) -> int:
 
 class _Cursor:
     """Walks one little-endian CDR message, noting the byte ranges that must be equal in
-    every message of the same layout (string lengths and texts, sequence counts; never the
-    alignment padding, which serializers leave uninitialised)."""
+    every message of the same layout (the encapsulation header with its options, string
+    lengths and texts, sequence counts; never the alignment padding, which serializers leave
+    uninitialised)."""
 
     def __init__(self, raw: bytes, off: int) -> None:
         self.raw, self.off = raw, off
-        self.checks: list[tuple[int, int]] = [(0, 2)]
+        self.checks: list[tuple[int, int]] = [(0, 4)]
 
     def uint(self, check: bool = True) -> int:
         self.off = _align(self.off, 4)
