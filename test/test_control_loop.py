@@ -38,8 +38,10 @@ def test_a_stalled_tick_skips_the_periods_it_overran_instead_of_bursting():
     # before: after the stall no late period was run
     lateness = list(loop.late_ms)[:len(starts)]
     deadlines = [t - late / 1e3 for t, late in zip(starts, lateness)]
+    # (a period that was run twice would give a step of 0; the margin is for the moment
+    # between the loop's clock reading and the tick's)
     steps = [(b - a) / PERIOD for a, b in zip(deadlines, deadlines[1:])]
-    assert min(steps) > 0.9, steps
+    assert min(steps) > 0.5, steps
     assert max(steps) > 8, steps              # the stall's periods were skipped
     # and it never ran more ticks than periods passed
     assert len(starts) + loop.skipped <= (starts[-1] - starts[0]) / PERIOD + 2
