@@ -23,11 +23,11 @@ period (decode, the thread's wake-up lateness, tick wait, inference, publish, ar
 sent), and the MoE's gating entropy and log-likelihood for one action per diagnostics period.
 
 Invariants (what is published when):
-- Labelled path: every tick publishes one action of `action_dim` finite float32 values: the
-  policy's
-  answer to a new valid observation, the last answer again, or the hold action. A last gate
-  before each publish replaces anything else (non-finite, wrong length) by the safe hold,
-  zero motion with the last finite gripper command, counts it and reports ERROR.
+- Labelled path: every action is `action_dim` finite float32 values: the policy's answer to a
+  new valid observation, the last answer again (act_on tick: every tick publishes one), or
+  the hold action. A last gate before each publish replaces anything else (non-finite, wrong
+  length) by the safe hold, zero motion with the last finite gripper command, counts it and
+  reports ERROR.
 - The hold action is `hold_action` (checked at start: finite, `action_dim` values), or zero
   motion keeping the last commanded gripper value (the action's last entry). It answers a
   rejected observation (NaN, Inf, wrong length or fields, too large, undecodable; a throttled
