@@ -62,9 +62,12 @@ def test_an_event_driven_run_answers_on_arrival_and_times_each_answer(checkpoint
                           act_on='complete')
     assert r['policy_exit_status'] == 0 and r['act_on'] == 'complete'
     assert r['answered_fraction'] >= 0.9, r
-    # acting on arrival: no tick wait, and one deadline per answered observation
+    # acting on arrival: no tick wait, and one deadline per answer: no periods to skip, a
+    # miss is an answer later than one period (the node's counts cover whole diagnostics
+    # periods, the source's its own window: they are compared loosely)
     assert r['obs_age_ms_p50'] == 0.0 and r['answer_ms_p50'] > 0.0
-    assert abs(r['policy_ticks'] - r['observations_answered']) <= 0.1 * r['policy_ticks'], r
+    assert r['skipped_periods'] == 0 and r['deadline_misses'] == r['overruns'], r
+    assert r['policy_ticks'] >= 0.5 * r['observations_answered'], r
 
 
 class FakeTime:
