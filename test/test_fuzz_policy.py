@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from rclpy.parameter import Parameter
-from rclpy.serialization import serialize_message
+from rclpy.serialization import deserialize_message, serialize_message
 from std_msgs.msg import Float32MultiArray, MultiArrayDimension
 
 from vdd_ros.errors import UserError
@@ -42,8 +42,9 @@ class Recorder:
     def __init__(self) -> None:
         self.msgs: list[Float32MultiArray] = []
 
-    def publish(self, msg: Float32MultiArray) -> None:
-        self.msgs.append(msg)
+    def publish(self, msg: Float32MultiArray | bytes) -> None:
+        self.msgs.append(deserialize_message(msg, Float32MultiArray)
+                         if isinstance(msg, bytes) else msg)
 
 
 def published(node: PolicyNode) -> list[np.ndarray]:

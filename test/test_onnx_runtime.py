@@ -71,6 +71,10 @@ class Recorder:
         self.actions = []
 
     def publish(self, msg):
+        if isinstance(msg, bytes):
+            from rclpy.serialization import deserialize_message
+            from std_msgs.msg import Float32MultiArray
+            msg = deserialize_message(msg, Float32MultiArray)
         self.actions.append([float(v) for v in msg.data])
 
 with ros_context() as context:

@@ -7,7 +7,7 @@ import pytest
 import rclpy
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
-from rclpy.serialization import serialize_message
+from rclpy.serialization import deserialize_message, serialize_message
 from std_msgs.msg import Float32MultiArray, MultiArrayDimension
 from std_srvs.srv import Trigger
 
@@ -247,6 +247,8 @@ class Recorder:
         self.actions = []
 
     def publish(self, msg):
+        if isinstance(msg, bytes):       # (the node publishes serialized actions)
+            msg = deserialize_message(msg, Float32MultiArray)
         self.actions.append((np.asarray(msg.data, dtype=np.float64), msg_meta(msg)))
 
 

@@ -32,14 +32,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from builtin_interfaces.msg import Duration, Time
-from rclpy.serialization import deserialize_message
+from rclpy.serialization import deserialize_message, serialize_message
 
 from vdd_ros.binding import (FLOAT32_ARRAY, FLOAT64_ARRAY, HAS_HEADER, JOINT_STATE,
                              JOINT_TRAJECTORY, POSE_STAMPED, TWIST_STAMPED, Binding,
                              Sink, Source, binding_for_task, load_binding,
                              trajectory_times)
 from vdd_ros.errors import UserError
-from vdd_ros.ros.conversions import (META_PREFIX, InvalidMessage, array_to_msg,
+from vdd_ros.ros.conversions import (META_PREFIX, InvalidMessage, action_to_msg, array_to_msg,
                                      decode_labelled_array, msg_meta, msg_to_array)
 
 NS = 1_000_000_000
@@ -247,6 +247,34 @@ class LabelledReader:
                 self.layouts.pop(0)
             self.layouts.append(layout)
         return obs, meta
+
+
+class LabelledWriter:
+    """Serialized labelled actions (`action_to_msg`): rclpy serializes one message per set of
+    metadata keys, and each later action is that template with its values and metadata
+    written in (publishing bytes skips rclpy's message conversion)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self.templates: dict[tuple[str, ...], _Labelled] = {}
+
+    def serialize(self, values: np.ndarray, meta: Mapping[str, int]) -> bytes:
+        """`size` float32 values and uint32 metadata as the bytes of `action_to_msg`."""
+        keys = tuple(meta)
+        layout = self.templates.get(keys)
+        if layout is None:
+            zero = np.zeros(self.size, dtype=np.float32)
+            layout = _Labelled.learn(serialize_message(action_to_msg(zero, dict.fromkeys(keys,
+                                                                                      0))))
+            if layout is None or layout.count != self.size:
+                raise ValueError(f'no template for an action of {self.size} values')
+            self.templates[keys] = layout
+        blob = bytearray(layout.template)
+        blob[layout.data_at:layout.data_at + 4 * self.size] = \
+            np.asarray(values, dtype='<f4').reshape(self.size).tobytes()
+        for key, at in layout.meta_at:
+            struct.pack_into('<I', blob, at, meta[key])
+        return bytes(blob)
 
 
 @dataclass

@@ -111,11 +111,11 @@ from vdd_ros.binding import JOINT_TRAJECTORY, BindingMismatch, parse_marker
 from vdd_ros.core.config import check_expert_mode
 from vdd_ros.core.policy import Policy
 from vdd_ros.errors import UserError
-from vdd_ros.ros.binding_io import (LabelledReader, SinkWriter, SourceBook, TopicReader,
-                                    check_against_policy, header_stamp_ns, resolve_binding)
+from vdd_ros.ros.binding_io import (LabelledReader, LabelledWriter, SinkWriter, SourceBook,
+                                    TopicReader, check_against_policy, header_stamp_ns,
+                                    resolve_binding)
 from vdd_ros.ros.control_loop import LOOPS, ControlThread, TimerLoop, set_realtime_priority
-from vdd_ros.ros.conversions import (UINT32_MAX, InvalidMessage, action_to_msg,
-                                     percentiles)
+from vdd_ros.ros.conversions import (UINT32_MAX, InvalidMessage, percentiles)
 from vdd_ros.ros.runtime import VddNode, run_node
 
 ORACLES = ('scripted', 'averaged')
@@ -366,6 +366,7 @@ class PolicyNode(VddNode):
         if self.binding is None:
             self.action_pub = self.create_publisher(Float32MultiArray, 'action', ACTION_QOS)
             self._reader = LabelledReader(self.fields, self.policy.spec.obs_dim, self.max_bytes)
+            self._writer = LabelledWriter(self.action_dim)
             # acting on arrival takes the node's lock; in act_on tick the callback only
             # hands the observation over (see _on_observation), so the control thread never
             # waits for it
@@ -652,7 +653,7 @@ class PolicyNode(VddNode):
             out = np.zeros(self.action_dim, dtype=np.float32)
             out[-1] = self._gripper
             meta = {k: v for k, v in meta.items() if k in ('seq', 'episode')}
-        msg = action_to_msg(out, meta)
+        msg = self._writer.serialize(out, meta)
         t0 = time.perf_counter()
         self.action_pub.publish(msg)
         self.stats.publish_ms.append((time.perf_counter() - t0) * 1e3)
