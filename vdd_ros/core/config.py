@@ -114,6 +114,9 @@ def check_expert_mode(mode: str | int, num_experts: int, name: str = 'expert_mod
            f'pinned expert {index} out of range [0, {num_experts - 1}]')
 
 
+VDD_OBJECTIVES = ('plain', 'smoothed')
+
+
 @dataclass
 class VDDConfig:
     """Variational Diffusion Distillation (per-expert upper bound, EM-style gating)."""
@@ -139,8 +142,14 @@ class VDDConfig:
     # experts of one mode from dragging the shared features (and the other mode's experts)
     # along, at some cost in precision (0 freezes the backbone of the warm start)
     backbone_lr_scale: float = 1.0
+    # 'plain': the teacher's score at sigma on the student's own samples, taken as if already
+    # noised (the paper's reference code); the student then matches the sigma-smoothed teacher
+    # and comes out too wide. 'smoothed': the student smoothed by N(0, sigma^2 I) is matched to
+    # the teacher at the same sigma, whose optimum is the unsmoothed teacher (vdd.py)
+    objective: str = 'plain'
 
     def validate(self) -> None:
+        one_of(self.objective, VDD_OBJECTIVES, 'objective')
         for name in ('iterations', 'batch_size', 'samples_per_expert', 'expert_steps'):
             at_least(getattr(self, name), 1, name)
         at_least(self.init_em_iterations, 0, 'init_em_iterations')

@@ -3,50 +3,104 @@
 Upper bound per expert z (Zhou et al., 2024):
     U_z(s) = E_{a ~ q(a|s,z)} [ -log pi_T(a|s) - log q~(z|a,s) ] - H[q(.|s,z)]
 with q~ the responsibilities of the current model (parameters detached, gradient through a) and
-grad_a log pi_T replaced by the teacher's score at a noise level sigma, treating a as a noisy
-sample (no noise is added). The gating is fitted to responsibilities of dataset actions.
+grad_a log pi_T replaced by the teacher's score at a noise level sigma ~ U[min, max]. Objective
+'plain' (the reference code) treats the student's sample a as already noised, so the student
+matches the sigma-smoothed teacher pi_T * N(0, sigma^2 I) and is wider than the teacher.
+Objective 'smoothed' bounds the smoothed divergence instead: it scores a_sigma = a + sigma * eps'
+and takes q~ and H from the smoothed student, a Gaussian mixture with covariances
+Sigma_z + sigma^2 I. Smoothing both sides by the same kernel, its optimum is the unsmoothed
+teacher. The gating is fitted to responsibilities of dataset actions (unsmoothed) either way.
 """
 from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from vdd_ros.core.config import VDDConfig
 from vdd_ros.core.distributed import DataParallel
-from vdd_ros.core.moe import MixtureOfExperts
+from vdd_ros.core.moe import LOG_2PI, MixtureOfExperts
 from vdd_ros.core.progress import ProgressCallback, ProgressTracker
 from vdd_ros.core.scores import ScoreFunction
 from vdd_ros.core.train_state import TrainingState
 
 
+class ExpertDraws(NamedTuple):
+    """The random draws of one expert step, `(B, Z, V, ...)`: standard normal `eps` for the
+    reparameterised samples, the teacher's noise levels `sigma`, and (objective 'smoothed') the
+    standard normal smoothing noise `noise`."""
+
+    eps: torch.Tensor
+    sigma: torch.Tensor
+    noise: torch.Tensor | None = None
+
+    def take(self, rows: slice) -> 'ExpertDraws':
+        """The draws of these rows of the batch (a data-parallel rank's share)."""
+        return ExpertDraws(*(None if d is None else d[rows] for d in self))
+
+
 def expert_draws(moe: MixtureOfExperts, batch: int, cfg: VDDConfig,
                  device: torch.device | str = 'cpu', generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The random draws of one expert step: standard normal `(B, Z, V, D)` for the
-    reparameterised samples and the teacher's noise levels `(B, Z, V)` (data-parallel ranks
-    draw a global batch and take their rows)."""
+                 ) -> ExpertDraws:
+    """The draws of one expert step for `batch` states (data-parallel ranks draw a global batch
+    and take their rows). The smoothing noise is drawn last, so the 'plain' objective's random
+    stream does not depend on it."""
     z, v = moe.num_experts, cfg.samples_per_expert
     eps = torch.randn(batch, z, v, moe.dim, device=device, generator=generator)
     sigma = torch.empty(batch, z, v, device=device).uniform_(
         cfg.score_sigma_min, cfg.score_sigma_max, generator=generator)
-    return eps, sigma
+    noise = None
+    if cfg.objective == 'smoothed':
+        noise = torch.randn(batch, z, v, moe.dim, device=device, generator=generator)
+    return ExpertDraws(eps, sigma, noise)
+
+
+def smoothed_terms(moe: MixtureOfExperts, a: torch.Tensor, sigma: torch.Tensor,
+                   log_gate: torch.Tensor, means: torch.Tensor, scales: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Terms of the bound for the student smoothed by N(0, sigma^2 I), with a sigma per sample.
+
+    For samples `a (B, Z, V, D)` of expert z at levels `sigma (B, Z, V)`: log q~_sigma(z|a,s),
+    the responsibility of the sample's own expert under the mixture whose covariances are
+    Sigma_z' + sigma^2 I (parameters detached, gradient through `a`), and the entropy of
+    N(mu_z, Sigma_z + sigma^2 I) (gradient through the scales); both `(B, Z, V)`. A full
+    covariance is diagonalised once, Sigma = U diag(lambda) U^T, so that Sigma + sigma^2 I =
+    U diag(lambda + sigma^2) U^T for every sigma (only the eigenvalues carry gradient, which is
+    defined even where they coincide).
+    """
+    if moe.full:
+        var, basis = torch.linalg.eigh(scales @ scales.transpose(-1, -2))   # (B, Z, D, D)
+        var, basis = var.clamp_min(0.0), basis.detach()
+    else:
+        var, basis = scales ** 2, None                                      # (B, Z, D)
+    s2 = sigma[..., None] ** 2                                              # (B, Z, V, 1)
+    entropy = 0.5 * (var[:, :, None] + s2).log().sum(-1) + 0.5 * moe.dim * (1 + LOG_2PI)
+    diff = a[:, :, :, None] - means.detach()[:, None, None]                # (B, Z, V, Z', D)
+    if basis is not None:
+        diff = torch.einsum('bkde,bzvkd->bzvke', basis, diff)              # U^T (a - mu)
+    total = var.detach()[:, None, None] + s2[..., None]                     # (B, Z, V, Z', D)
+    joint = log_gate[:, None, None] - 0.5 * (diff.pow(2) / total + total.log()).sum(-1)
+    log_resp = joint - torch.logsumexp(joint, dim=-1, keepdim=True)         # (B, Z, V, Z')
+    return log_resp.diagonal(dim1=1, dim2=3).transpose(1, 2), entropy
 
 
 def expert_loss(moe: MixtureOfExperts, obs: torch.Tensor, score_fn: ScoreFunction,
                 cfg: VDDConfig, uniform_gating: bool = False,
                 generator: torch.Generator | None = None,
-                draws: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+                draws: ExpertDraws | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Surrogate of sum_z q(z|s) U_z(s), averaged over the batch of states `obs (B, F)`.
 
     `draws` are `expert_draws` for these states; without them they are drawn from `generator`.
+    Objective 'plain' scores the samples a = mu_z + L_z eps at sigma as they are; 'smoothed'
+    scores a_sigma = a + sigma * noise and takes q~ and the entropy from the smoothed student
+    (`smoothed_terms`). Either way <stopgrad(score), a> has the gradient of E[log pi_T(a)].
     """
     b, z, v = obs.shape[0], moe.num_experts, cfg.samples_per_expert
-    eps, sigma = expert_draws(moe, b, cfg, obs.device, generator) if draws is None else draws
+    eps, sigma, noise = expert_draws(moe, b, cfg, obs.device, generator) if draws is None \
+        else draws
     h = moe.features(obs)
     if uniform_gating:
         log_gate = torch.full((b, z), -math.log(z), device=obs.device)
@@ -58,12 +112,18 @@ def expert_loss(moe: MixtureOfExperts, obs: torch.Tensor, score_fn: ScoreFunctio
         a = means[:, :, None] + (scales[:, :, None] @ eps[..., None])[..., 0]
     else:
         a = means[:, :, None] + scales[:, :, None] * eps
+    if cfg.objective == 'smoothed':
+        a = a + sigma[..., None] * noise
     with torch.no_grad():
         score = score_fn(a.detach(), obs[:, None, None], sigma)
-    log_resp = moe.responsibilities(a.reshape(b, z * v, -1), log_gate, means.detach(),
-                                    scales.detach())                          # (B, Z*V, Z)
-    own = log_resp.view(b, z, v, z).diagonal(dim1=1, dim2=3).transpose(1, 2)  # (B, Z, V)
-    entropy = moe.entropy(scales)                                             # (B, Z)
+    if cfg.objective == 'smoothed':
+        own, entropy = smoothed_terms(moe, a, sigma, log_gate, means.detach(), scales)
+        entropy = entropy.mean(-1)                                            # (B, Z)
+    else:
+        log_resp = moe.responsibilities(a.reshape(b, z * v, -1), log_gate, means.detach(),
+                                        scales.detach())                      # (B, Z*V, Z)
+        own = log_resp.view(b, z, v, z).diagonal(dim1=1, dim2=3).transpose(1, 2)  # (B, Z, V)
+        entropy = moe.entropy(scales)                                         # (B, Z)
     per_expert = ((score * a).sum(-1) + own).mean(-1) + entropy
     loss = -(log_gate.exp() * per_expert).sum(-1).mean()
     stats = {'entropy': float(entropy.detach().mean()), 'log_resp': float(own.detach().mean())}
@@ -144,9 +204,8 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
             set_lr(gate_opt, cfg.gating_lr * decay(it))
             for _ in range(cfg.expert_steps):
                 idx = torch.randint(n, (batch,), device=device, generator=gen)[rows]
-                eps, sigma = expert_draws(moe, batch, cfg, device, gen)
-                loss, stats = expert_loss(moe, obs[idx], score_fn, cfg, uniform,
-                                          draws=(eps[rows], sigma[rows]))
+                draws = expert_draws(moe, batch, cfg, device, gen).take(rows)
+                loss, stats = expert_loss(moe, obs[idx], score_fn, cfg, uniform, draws=draws)
                 moe.zero_grad(set_to_none=True)   # (a frozen backbone's too: never summed)
                 loss.backward()
                 value, *logged = dp.sync(experts, share, [loss, *stats.values()],
