@@ -199,6 +199,50 @@ class SimEnv:
         """The flattened MuJoCo state (time, qpos, qvel), as robomimic stores it."""
         return np.asarray(self._env.sim.get_state().flatten(), dtype=np.float64)
 
+    # -- perturbations (out-of-distribution studies) -----------------------------------------
+    def displace_object(self, name: str, offset: np.ndarray) -> np.ndarray:
+        """Move cube `name` by `offset` (x, y, z metres), at rest; the new flat observation."""
+        joint = self._cubes[name][0].joints[0]
+        data = self._env.sim.data
+        qpos = np.array(data.get_joint_qpos(joint), dtype=np.float64)
+        qpos[:3] += np.asarray(offset, dtype=np.float64)
+        data.set_joint_qpos(joint, qpos)
+        data.set_joint_qvel(joint, np.zeros(6))
+        self._env.sim.forward()
+        self._raw = self._env._get_observations(force_update=True)
+        return self._flatten(self._raw)
+
+    def object_physics(self, name: str, friction: float | None = None,
+                       mass: float | None = None) -> tuple[np.ndarray, float]:
+        """Scale the sliding friction of cube `name`'s contacts with the gripper (its geoms'
+        and the fingers': MuJoCo takes the larger of the two) by `friction`, and set its
+        mass (None keeps each). Returns the previous (friction rows, mass) for
+        `restore_physics`; the model keeps changes across soft resets."""
+        model = self._env.sim.model
+        geoms, body = self._contact_geoms(name), self._cubes[name][1]
+        before = (np.array(model.geom_friction[geoms]), float(model.body_mass[body]))
+        if friction is not None:
+            model.geom_friction[geoms, 0] = before[0][:, 0] * float(friction)
+        if mass is not None:
+            model.body_mass[body] = float(mass)
+        return before
+
+    def restore_physics(self, name: str, before: tuple[np.ndarray, float]) -> None:
+        model = self._env.sim.model
+        model.geom_friction[self._contact_geoms(name)] = before[0]
+        model.body_mass[self._cubes[name][1]] = before[1]
+
+    def _contact_geoms(self, name: str) -> list[int]:
+        gripper = self._gripper[self._env.robots[0].arms[0]] \
+            if isinstance(self._gripper, dict) else self._gripper
+        names = [*self._cubes[name][0].contact_geoms, *gripper.contact_geoms]
+        return [self._env.sim.model.geom_name2id(g) for g in names]
+
+    @property
+    def objects(self) -> list[str]:
+        """The cubes' names."""
+        return list(self._cubes)
+
     def env_args(self) -> dict[str, Any]:
         """robomimic-style `env_args` (env name, type 1 = robosuite, make kwargs) plus the
         vdd_ros `task` name."""

@@ -23,8 +23,10 @@ from vdd_ros.core.policy import Policy
 from vdd_ros.errors import UserError
 from vdd_ros.sim.tasks import get_task
 
-# Evaluation seeds start here; collection seeds must stay below it.
+# Evaluation (test) seeds start here; collection seeds must stay below it. Validation seeds,
+# on which settings and thresholds are chosen, start at VALID_SEED_BASE, above both.
 EVAL_SEED_BASE = 1_000_000
+VALID_SEED_BASE = 2_000_000
 ORACLE_NAMES = ('scripted', 'averaged')
 
 PolicyRef = Union[str, os.PathLike, Callable[[], Policy]]
@@ -33,6 +35,11 @@ PolicyRef = Union[str, os.PathLike, Callable[[], Policy]]
 def evaluation_seeds(n: int) -> list[int]:
     """The first `n` evaluation seeds (disjoint from every collection seed)."""
     return [EVAL_SEED_BASE + i for i in range(int(n))]
+
+
+def validation_seeds(n: int) -> list[int]:
+    """The first `n` validation seeds (disjoint from collection and evaluation seeds)."""
+    return [VALID_SEED_BASE + i for i in range(int(n))]
 
 
 def describe_policy(policy: PolicyRef) -> str:
