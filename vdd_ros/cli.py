@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     'distill': ('distill', 'distil a teacher checkpoint into a VDD Mixture of Experts'),
     'collect': ('collect', 'collect scripted demonstrations of a task into an HDF5 file'),
     'evaluate': ('evaluate', 'roll a policy out on a task: success, modes, latency'),
+    'confidence': ('confidence', 'fit, calibrate and test out-of-distribution signals of an '
+                   'MoE (stored with the checkpoint for policy_node)'),
     'pipeline': ('pipeline', 'the whole job on one task: collect, train, distil, baselines, '
                  'evaluate, report'),
     'report': ('report', 'redraw task reports and write the cross-task summary'),
