@@ -42,6 +42,9 @@ ARGUMENTS = {
                             'complete (complete)', CONFIG, 'policy_node', 'act_on')),
     'control_loop': ('', describe('policy_node tick driver: thread or timer', CONFIG,
                                   'policy_node', 'control_loop')),
+    'on_out_of_distribution': ('', describe('policy_node: warn, or hold while the confidence '
+                                            'level is ERROR', CONFIG, 'policy_node',
+                                            'on_out_of_distribution')),
     'use_sim_time': ('', 'true: both nodes run on /clock (sim_node publishes it in lockstep '
                          'with a binding); empty: false'),
     'namespace': ('', 'namespace of both nodes'),
@@ -57,6 +60,7 @@ PARAMETERS = {
                     'control_rate_hz': ('control_rate_hz', float),
                     'expert_mode': ('expert_mode', str), 'binding': ('binding', str),
                     'act_on': ('act_on', str), 'control_loop': ('control_loop', str),
+                    'on_out_of_distribution': ('on_out_of_distribution', str),
                     'use_sim_time': ('use_sim_time', bool)},
 }
 

@@ -490,3 +490,78 @@ def test_a_rejected_observation_then_a_failing_policy_both_log_without_raising(c
         assert len(node.action_pub.actions) == 2
     finally:
         node.destroy_node()
+
+
+# -- out-of-distribution levels (a checkpoint calibrated by vdd-ros confidence) --------------
+@pytest.fixture
+def calibrated(checkpoint, tmp_path):
+    """A copy of the checkpoint with a confidence file fitted on N(0, 1) observations:
+    WARN and ERROR after 2 actions above the thresholds."""
+    import shutil
+
+    from vdd_ros.core.confidence import Calibration, ObservationDensity, save_confidence
+    folder = tmp_path / 'moe'
+    shutil.copytree(checkpoint, folder)
+    density = ObservationDensity.fit(IN_DIST, components=1)
+    scores = density.score_batch(IN_DIST)
+    save_confidence(folder, density, Calibration(
+        'density', warn=float(np.percentile(scores, 99.9)), error=2 * float(scores.max()),
+        sustain=2))
+    return str(folder)
+
+
+IN_DIST = np.random.default_rng(1).normal(size=(3000, SPEC.obs_dim))
+
+
+@pytest.mark.parametrize('on_ood', ['hold', 'warn'])
+def test_an_out_of_distribution_observation_is_reported_and_optionally_held(
+        context, calibrated, on_ood):
+    node = bare_node(context, calibrated, on_out_of_distribution=on_ood, obs_timeout_s=5.0)
+    try:
+        near, far = IN_DIST[:3].astype(np.float32), (20 * IN_DIST[3:6]).astype(np.float32)
+        for i, obs in enumerate([*near, *far, *near]):
+            node._on_observation(serialized(obs, seq=i + 1))
+            node._on_tick()
+            if i == 4:                   # the second far one: ERROR, sustained for 2
+                level, message, values = node.status()
+        metas = [m for _, m in node.action_pub.actions]
+        actions = [a for a, _ in node.action_pub.actions]
+        held = [i for i, m in enumerate(metas) if m.get('hold') == 1]
+        assert level == 'ERROR' and 'out of distribution: density score above' in message
+        assert values['confidence_level'] == 'ERROR' and values['confidence_signal'] == \
+            'density'
+        assert values['confidence_score'] > values['confidence_error']
+        assert values['confidence_ms_p50'] > 0
+        if on_ood == 'hold':
+            assert held == [4, 5] and node.stats.ood_holds == 2 and '(holding)' in message
+            for i in held:              # zero motion, the last gripper command
+                assert np.all(actions[i][:-1] == 0) and actions[i][-1] == actions[3][-1]
+            assert 'infer_us' in metas[4]
+        else:
+            assert held == [] and node.stats.ood_holds == 0 and 'holding' not in message
+        assert metas[6].get('hold') is None        # back among the data: the policy acts
+        node._publish_status()
+        assert node.status()[0] == 'OK' and node.status()[2]['confidence_level'] == 'OK'
+    finally:
+        node.destroy_node()
+
+
+def test_confidence_parameters_are_checked_before_the_node_starts(context, checkpoint,
+                                                                  calibrated, tmp_path):
+    with pytest.raises(UserError, match='on_out_of_distribution: must be one of'):
+        bare_node(context, calibrated, on_out_of_distribution='stop')
+    with pytest.raises(UserError, match='hold needs a calibrated checkpoint'):
+        bare_node(context, checkpoint, on_out_of_distribution='hold')
+    with pytest.raises(UserError, match='confidence_file: .*no such confidence file'):
+        bare_node(context, checkpoint, confidence_file=str(tmp_path / 'none.safetensors'))
+    from vdd_ros.core.confidence import Calibration, ObservationDensity, save_confidence
+    save_confidence(tmp_path, ObservationDensity.fit(IN_DIST[:, :5], 1),
+                    Calibration('density', 1.0, 2.0))
+    with pytest.raises(UserError, match='confidence density of 5 features, the policy reads'):
+        bare_node(context, checkpoint,
+                  confidence_file=str(tmp_path / 'confidence.safetensors'))
+    node = bare_node(context, checkpoint)        # no calibration: reported as such
+    try:
+        assert node.status()[2]['confidence_level'] == 'not calibrated'
+    finally:
+        node.destroy_node()

@@ -36,6 +36,13 @@ Invariants (what is published when):
 - Observations arrive serialized: one larger than `max_observation_bytes`, or with more than
   MAX_LAYOUT_DIMS layout dimensions, is rejected before it is decoded, so no message can
   stall the control timer for more than a fraction of a period.
+- Out of distribution: a checkpoint calibrated by `vdd-ros confidence` (its
+  confidence.safetensors, or `confidence_file`) has every observation scored by an
+  observation density (core/confidence.py, some tens of microseconds) before the policy acts;
+  the level (OK, WARN, ERROR against the calibrated thresholds, sustained for a few actions)
+  is on /diagnostics. `on_out_of_distribution:=hold` publishes the hold action instead of the
+  policy's while the level is ERROR: labelled actions then carry `@hold` = 1, and the
+  diagnostics count the holds and say so.
 - Parameters are checked before anything starts (one FATAL line, exit status 2) and runtime
   sets are validated before any is applied (rejected with the reason): `control_rate_hz` in
   (0, 2000], `obs_timeout_s` in [2 control periods, 3600], `diagnostics_period_s` in
@@ -109,6 +116,7 @@ from std_srvs.srv import Trigger
 
 from vdd_ros.binding import JOINT_TRAJECTORY, BindingMismatch, parse_marker
 from vdd_ros.core.config import check_expert_mode
+from vdd_ros.core.confidence import LEVELS, ConfidenceMonitor, load_confidence
 from vdd_ros.core.policy import Policy
 from vdd_ros.errors import UserError
 from vdd_ros.ros.binding_io import (LabelledReader, LabelledWriter, SinkWriter, SourceBook,
@@ -122,6 +130,8 @@ ORACLES = ('scripted', 'averaged')
 ACTION_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 MARKER_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 ACT_ON = ('tick', 'complete')
+OOD_ACTIONS = ('warn', 'hold')     # on_out_of_distribution
+LEVEL_INDEX = {name: i for i, name in enumerate(LEVELS)}
 NS = 1_000_000_000
 WINDOW = 2000          # latency samples kept for the percentiles
 THROTTLE_S = 2.0       # minimum seconds between two repeated warnings
@@ -225,6 +235,7 @@ class _Stats:
     decode_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))   # callback: read
     publish_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # publish calls
     answer_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))   # arrival -> sent
+    confidence_ms: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # scoring
     received: int = 0
     rejected: int = 0
     resends: int = 0
@@ -234,6 +245,7 @@ class _Stats:
     watchdog_trips: int = 0
     errors: int = 0
     unsafe: int = 0        # actions the last gate replaced by the safe hold
+    ood_holds: int = 0     # actions held because the observation was out of distribution
 
 
 class PolicyNode(VddNode):
@@ -292,6 +304,13 @@ class PolicyNode(VddNode):
                                      'soon as an observation is complete (on arrival; with a '
                                      'binding, once every source has a message of one new '
                                      'stamp)', read_only=True))
+        self.on_ood = str(self.param('on_out_of_distribution', 'warn', 'what an ERROR '
+                                     'confidence level does: warn (reported on /diagnostics) '
+                                     'or hold (the hold action is published while it lasts)',
+                                     read_only=True))
+        confidence = str(self.param('confidence_file', '', 'calibrated confidence file '
+                                    '(vdd-ros confidence); empty: the checkpoint folder\'s '
+                                    'own, when it has one', read_only=True))
         self.loop_kind = str(self.param('control_loop', 'timer', 'what drives the control '
                                         'tick in act_on tick: timer (an executor timer, between '
                                         'callbacks) or thread (a dedicated thread sleeping to '
@@ -312,6 +331,9 @@ class PolicyNode(VddNode):
         if self.act_on not in ACT_ON:
             raise UserError(f'parameter act_on: must be one of {list(ACT_ON)}, got '
                             f'{self.act_on!r}')
+        if self.on_ood not in OOD_ACTIONS:
+            raise UserError(f'parameter on_out_of_distribution: must be one of '
+                            f'{list(OOD_ACTIONS)}, got {self.on_ood!r}')
         if self.loop_kind not in LOOPS:
             raise UserError(f'parameter control_loop: must be one of {list(LOOPS)}, got '
                             f'{self.loop_kind!r}')
@@ -331,6 +353,7 @@ class PolicyNode(VddNode):
         self.action_dim = int(self.policy.spec.action_dim)
         self.model = getattr(self.policy, 'model', None)
         self.hold_action = self._check_hold(hold)
+        self.monitor = self._load_monitor(confidence)
         # (an MoE computes its diagnostics only when asked: see _compute)
         self._moe_diagnostics = hasattr(self.policy, 'diagnostics') and self._is_moe()
         self._own_mode = self.model.expert_mode if self._is_moe() else None
@@ -359,6 +382,8 @@ class PolicyNode(VddNode):
         self.deadlines = DeadlineMonitor(1.0 / self.rate, periodic=self.act_on == 'tick')
         self._info: dict[str, float] = {}  # the policy's info of recent actions
         self._want_info = True       # compute them for the next action (one per diagnostics)
+        self._held = False           # the latest answer is an out-of-distribution hold
+        self._worst_level = 0        # worst confidence level since the last diagnostics
         # the control loop thread and the executor's callbacks share the node's state
         self._lock = threading.RLock()
         self._period_counts = (0, 0, 0)  # rejected, misses, unsafe at the last diagnostics
@@ -493,6 +518,23 @@ class PolicyNode(VddNode):
             raise UserError('parameter hold_action: every value must be finite as float32, '
                             f'got {list(hold)}')
         return action
+
+    def _load_monitor(self, confidence: str) -> ConfidenceMonitor | None:
+        """The calibrated confidence monitor (`confidence_file`, else the checkpoint
+        folder's), or None; UserError when it does not fit the policy or `hold` lacks one."""
+        from pathlib import Path
+        source = confidence or (self.checkpoint if Path(self.checkpoint).is_dir() else '')
+        monitor = load_confidence(source) if source else None
+        if confidence and monitor is None:
+            raise UserError(f'parameter confidence_file: {confidence}: no such confidence '
+                            'file')
+        if monitor is not None and monitor.density.dim != self.policy.spec.obs_dim:
+            raise UserError(f'{source}: confidence density of {monitor.density.dim} '
+                            f'features, the policy reads {self.policy.spec.obs_dim}')
+        if monitor is None and self.on_ood == 'hold':
+            raise UserError('parameter on_out_of_distribution: hold needs a calibrated '
+                            'checkpoint (run vdd-ros confidence) or confidence_file')
+        return monitor
 
     def _expert_mode_value(self, mode: Any) -> str | int:
         """The expert mode `mode` names ('' : the checkpoint's own); UserError when invalid."""
@@ -669,6 +711,8 @@ class PolicyNode(VddNode):
             return self._hold(), meta
         action, infer = done
         meta['infer_us'] = min(int(infer * 1e6), UINT32_MAX)
+        if self._held:
+            meta['hold'] = 1
         return action, meta
 
     def _compute(self, obs: np.ndarray, start: float, received: float,
@@ -679,10 +723,14 @@ class PolicyNode(VddNode):
         # the MoE's diagnostics (a few tens of microseconds) for one action per diagnostics
         # period: /diagnostics reports a recent action's, no action waits for them
         want = self._want_info and self.model_diagnostics
+        self._held = False
         try:
             if episode is not None and episode != self._episode:
                 self.policy.reset(int(episode))
                 self._episode = int(episode)
+                if self.monitor is not None:
+                    self.monitor.reset()
+            level = self._assess(obs) if self.monitor is not None else 0
             if self._moe_diagnostics:
                 self.policy.diagnostics = want
             t0 = time.perf_counter()
@@ -704,8 +752,20 @@ class PolicyNode(VddNode):
         self.stats.computed += 1
         self.stats.inference_ms.append(infer * 1e3)
         self.stats.obs_age_ms.append((start - received) * 1e3)
+        if level == 2 and self.on_ood == 'hold':
+            self._held = True
+            self.stats.ood_holds += 1
+            return self._hold(), infer
         self._gripper = float(action[-1])
         return action, infer
+
+    def _assess(self, obs: np.ndarray) -> int:
+        """The confidence level of `obs` (0 OK, 1 WARN, 2 ERROR), kept for diagnostics."""
+        t0 = time.perf_counter()
+        level = LEVEL_INDEX[self.monitor.update(obs)]
+        self.stats.confidence_ms.append((time.perf_counter() - t0) * 1e3)
+        self._worst_level = max(self._worst_level, level)
+        return level
 
     def _throttled(self, level: str, text: str, key: str = '') -> None:
         """Log `text` unless this level (and `key`, e.g. a topic) logged within THROTTLE_S
@@ -866,7 +926,7 @@ class PolicyNode(VddNode):
         else:
             self._last_valid_ns = now_ns
             done = self._compute(self.book.observation(), start, self._arrived)
-        if done is None:
+        if done is None or self._held:
             self._publish_sinks(self._hold(), None, stamp_ns, hold=True)
         else:
             chunk = None
@@ -935,6 +995,8 @@ class PolicyNode(VddNode):
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response
                   ) -> Trigger.Response:
         self.policy.reset(None)
+        if self.monitor is not None:
+            self.monitor.reset()
         self._episode = None
         self._last = None
         self._fresh = False
@@ -979,6 +1041,7 @@ class PolicyNode(VddNode):
             values[f'{name}_p50'], values[f'{name}_p99'] = percentiles(window)
         for key, value in self._info.items():
             values[key] = int(value) if key in ('expert', 'mode', 'phase') else value
+        ood = self._confidence_status(values)
         sources, wrong_type = self._source_status(values) if self.binding else ([], '')
         if s.unsafe > unsafe:
             return 'ERROR', (f'{s.unsafe - unsafe} unsafe action(s) replaced by the safe '
@@ -993,11 +1056,34 @@ class PolicyNode(VddNode):
                 values
         if sources:
             return 'WARN', f'source problem: {"; ".join(sources)}', values
+        if ood:
+            return LEVELS[self._worst_level], ood, values
         if s.rejected > rejected:
             return 'WARN', f'{s.rejected - rejected} invalid observation(s) rejected', values
         if self.deadlines.misses > misses:
             return 'WARN', f'{self.deadlines.misses - misses} deadline miss(es)', values
         return 'OK', 'acting', values
+
+    def _confidence_status(self, values: dict[str, Any]) -> str:
+        """Adds the confidence values; the message of a WARN or ERROR level since the last
+        diagnostics ('' when OK or not calibrated)."""
+        values['on_out_of_distribution'] = self.on_ood
+        values['ood_holds'] = self.stats.ood_holds
+        if self.monitor is None:
+            values['confidence_level'] = 'not calibrated'
+            return ''
+        cal = self.monitor.calibration
+        values.update(confidence_signal=cal.signal, confidence_score=self.monitor.score,
+                      confidence_level=LEVELS[self._worst_level],
+                      confidence_warn=cal.warn, confidence_error=cal.error)
+        values['confidence_ms_p50'], values['confidence_ms_p99'] = \
+            percentiles(self.stats.confidence_ms)
+        if not self._worst_level:
+            return ''
+        limit = cal.error if self._worst_level == 2 else cal.warn
+        held = ' (holding)' if self._worst_level == 2 and self.on_ood == 'hold' else ''
+        return (f'out of distribution: {cal.signal} score above {limit:.3g} for '
+                f'{cal.sustain}+ actions (latest {self.monitor.score:.3g}){held}')
 
     def _source_status(self, values: dict[str, Any]) -> tuple[list[str], str]:
         """Add each source topic's state and age to `values`; (the problems, one per topic,
@@ -1041,6 +1127,7 @@ class PolicyNode(VddNode):
         level, message, values = self.status()
         self.publish_diagnostics(level, message, values)
         self._period_counts = (self.stats.rejected, self.deadlines.misses, self.stats.unsafe)
+        self._worst_level = 0
 
     def shutdown(self) -> None:
         self.stop_loop()
