@@ -627,3 +627,31 @@ def test_the_latency_bench_runs_the_binding_path(checkpoint):
     assert result['policy_exit_status'] == 0 and result['path'].startswith('binding')
     assert result['answered_fraction'] >= 0.5, result
     assert 0 < result['obs_to_action_ms_p50'] < 50.0, result
+
+
+def test_an_out_of_distribution_observation_holds_every_sink(context, checkpoint, tmp_path):
+    """on_out_of_distribution:=hold on the binding path: zero motion, the last gripper
+    command, an ERROR level naming the signal; the policy acts again once back in range."""
+    import shutil
+
+    from vdd_ros.core.confidence import Calibration, ObservationDensity, save_confidence
+    folder = tmp_path / 'moe'
+    shutil.copytree(checkpoint, folder)
+    data = np.random.default_rng(3).normal(size=(3000, BINDING.obs_dim))
+    density = ObservationDensity.fit(data, components=1)
+    top = float(density.score_batch(data).max())
+    save_confidence(folder, density, Calibration('density', top, 2 * top, sustain=1))
+    node = bare(context, str(folder), act_on='complete', on_out_of_distribution='hold')
+    try:
+        t0 = node._now_ns()
+        for k, obs in enumerate([OBS[0], 30 * OBS[1], OBS[2]]):
+            deliver(node, messages(obs, t0 + k * 1_000_000))
+            if k == 1:
+                level, message, values = node.status()
+        (_, first), (_, held), (_, after) = published(node)
+        assert np.all(held[:6] == 0.0) and held[6] == first[6]
+        assert np.any(after[:6] != 0.0) and node.stats.ood_holds == 1
+        assert level == 'ERROR' and '(holding)' in message
+        assert values['confidence_level'] == 'ERROR' and values['ood_holds'] == 1
+    finally:
+        node.destroy_node()
