@@ -41,7 +41,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                      'the global batch stays the configured one.')
 
 
-def run_job(job: Callable[..., Path], args: argparse.Namespace, *positional: Any) -> int:
+def run_job(job: Callable[..., Path], args: argparse.Namespace, *positional: Any,
+            **options: Any) -> int:
     """Run a training job; the first Ctrl-C stops it early (it still saves), the second aborts.
 
     Under torchrun only rank 0 prints, and SIGTERM is handled like Ctrl-C.
@@ -69,7 +70,7 @@ def run_job(job: Callable[..., Path], args: argparse.Namespace, *positional: Any
     try:
         path = job(*positional, args.out, args.config, overrides=parse_overrides(args.set),
                    device=args.device, stop=stop, show_bar=not args.quiet,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume)
+                   checkpoint_every=args.checkpoint_every, resume=args.resume, **options)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -80,8 +81,13 @@ def run_job(job: Callable[..., Path], args: argparse.Namespace, *positional: Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
+    parser.add_argument('--obs-keys', nargs='+', default=None, metavar='KEY',
+                        help="observation keys in order, as robomimic configs choose their "
+                             "low-dimensional keys (default: the dataset's recorded "
+                             'obs_fields, else every low-dimensional key, sorted); the '
+                             'distilled and evaluated policies keep them')
 
 
 def run(args: argparse.Namespace) -> int:
     from vdd_ros.core.jobs import train_teacher_job
-    return run_job(train_teacher_job, args, args.dataset)
+    return run_job(train_teacher_job, args, args.dataset, obs_keys=args.obs_keys)

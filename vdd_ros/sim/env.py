@@ -91,7 +91,44 @@ class _CubePlacement:
         return out
 
 
-class SimEnv:
+class RobosuiteHolder:
+    """Owns one robosuite environment (`_env`): `close()` releases it, also as a context
+    manager; `seed_episode` re-seeds the generator its placement samplers draw from."""
+
+    _env: Any
+    _done: bool
+    action_dim: int
+    t: int
+
+    def seed_episode(self, seed: int | None) -> None:
+        fresh = np.random.default_rng(None if seed is None else int(seed))
+        self._env.rng.bit_generator.state = fresh.bit_generator.state
+
+    def _step_robosuite(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool]:
+        """One control step of `action_dim` finite values (clipped to [-1, 1]): robosuite's
+        (observation, reward, done); counts `t`."""
+        if self._done:
+            raise RuntimeError('the episode is over: call reset() before step()')
+        action = np.asarray(action, dtype=np.float64).reshape(-1)
+        if action.shape[0] != self.action_dim or not np.all(np.isfinite(action)):
+            raise ValueError(f'action must be {self.action_dim} finite values, got {action}')
+        raw, reward, done, _ = self._env.step(np.clip(action, -1.0, 1.0))
+        self.t += 1
+        return raw, float(reward), bool(done)
+
+    def close(self) -> None:
+        env, self._env = getattr(self, '_env', None), None
+        if env is not None:
+            env.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SimEnv(RobosuiteHolder):
     """One task's robosuite environment with a flat observation and success/mode classifiers.
 
     `reset(seed)` re-seeds the episode (placement and goals), so the same seed gives the same
@@ -136,11 +173,8 @@ class SimEnv:
         the environment's random stream (fresh entropy if it was never seeded)."""
         if seed is None:
             seed, self._next_seed = self._next_seed, None
-        if seed is not None:
-            fresh = np.random.default_rng(int(seed))
-            self._env.rng.bit_generator.state = fresh.bit_generator.state
-        elif not self._seeded:  # never seeded: start from fresh entropy, not MAKE_SEED's stream
-            self._env.rng.bit_generator.state = np.random.default_rng().bit_generator.state
+        if seed is not None or not self._seeded:  # (never seeded: fresh entropy, not the
+            self.seed_episode(seed)               # stream of MAKE_SEED)
         self._seeded = True
         self._raw = self._env.reset()
         self.goals = self._sample_goals(self._env.rng)
@@ -151,13 +185,7 @@ class SimEnv:
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
         """Apply one 7-d action for one control step."""
-        if self._done:
-            raise RuntimeError('the episode is over: call reset() before step()')
-        action = np.asarray(action, dtype=np.float64).reshape(-1)
-        if action.shape[0] != self.action_dim or not np.all(np.isfinite(action)):
-            raise ValueError(f'action must be {self.action_dim} finite values, got {action}')
-        self._raw, _, env_done, _ = self._env.step(np.clip(action, -1.0, 1.0))
-        self.t += 1
+        self._raw, _, env_done = self._step_robosuite(action)
         self._success = self._check_success()
         self._done = bool(self._success or env_done or self.t >= self.horizon)
         return self._flatten(self._raw), float(self._success), self._done
@@ -284,17 +312,6 @@ class SimEnv:
         if 0 <= row < self.height and 0 <= col < self.width:
             return row, col
         return None
-
-    def close(self) -> None:
-        env, self._env = getattr(self, '_env', None), None
-        if env is not None:
-            env.close()
-
-    def __enter__(self) -> 'SimEnv':
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- observation -------------------------------------------------------------------------
     def _sample_goals(self, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -2,11 +2,15 @@
 
 `evaluate` runs a policy (a checkpoint folder, an oracle name, or a picklable factory) on a
 fixed list of evaluation seeds, in worker processes that each build one environment and one
-policy and reuse them across episodes, and returns a metrics dict.
+policy and reuse them across episodes, and returns a metrics dict. Episodes run in a
+registered task (a name) or in the robosuite environment a dataset was recorded in
+(`DatasetEnvRef`: rebuilt from its `env_args`, the policy's observation keys, no modes).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import multiprocessing as mp
 import os
@@ -14,6 +18,7 @@ import pickle
 import time
 import uuid
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Union
 
 import numpy as np
@@ -21,7 +26,7 @@ from tqdm import tqdm
 
 from vdd_ros.core.policy import Policy
 from vdd_ros.errors import UserError
-from vdd_ros.sim.tasks import get_task
+from vdd_ros.sim.tasks import TaskSpec, get_task
 
 # Evaluation (test) seeds start here; collection seeds must stay below it. Validation seeds,
 # on which settings and thresholds are chosen, start at VALID_SEED_BASE, above both.
@@ -30,6 +35,55 @@ VALID_SEED_BASE = 2_000_000
 ORACLE_NAMES = ('scripted', 'averaged')
 
 PolicyRef = Union[str, os.PathLike, Callable[[], Policy]]
+
+
+@dataclass(frozen=True)
+class DatasetEnvRef:
+    """The environment a dataset was recorded in: its `env_args`, an episode horizon, and the
+    observation keys to flatten (set from the policy by `for_policy`)."""
+
+    path: str
+    env_args_json: str
+    horizon: int
+    action_dim: int
+    obs_keys: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f'{json.loads(self.env_args_json).get("env_name")} ({Path(self.path).name})'
+
+    def for_policy(self, spec: Any) -> 'DatasetEnvRef':
+        return dataclasses.replace(self, obs_keys=tuple(k for k, _ in spec.obs_fields))
+
+    def make(self, render: bool = False) -> Any:
+        from vdd_ros.sim.robosuite_env import DatasetEnv
+        return DatasetEnv(json.loads(self.env_args_json), list(self.obs_keys), self.horizon,
+                          where=self.path, render=render)
+
+
+def dataset_env(path: str | os.PathLike, horizon: int | None = None) -> DatasetEnvRef:
+    """The environment of dataset `path` (checked now: one line when it cannot be rebuilt);
+    the horizon defaults to the longest demonstration."""
+    from vdd_ros.core.data import load_dataset
+    from vdd_ros.sim.robosuite_env import check_env_args
+    data = load_dataset(path)
+    check_env_args(data.env_args, str(path))
+    if horizon is not None and int(horizon) < 1:
+        raise UserError(f'horizon: must be >= 1, got {horizon}')
+    longest = max(len(d) for d in data.demos)
+    return DatasetEnvRef(str(path), json.dumps(data.env_args, sort_keys=True),
+                         int(horizon or longest), int(data.action_dim))
+
+
+EnvRef = Union[str, DatasetEnvRef]
+
+
+def env_info(env: EnvRef) -> tuple[str, list[str], TaskSpec | None]:
+    """(name, behaviour modes, task spec or None) of an environment reference."""
+    if isinstance(env, DatasetEnvRef):
+        return env.name, [], None
+    spec = get_task(env)
+    return spec.name, list(spec.modes), spec
 
 
 def evaluation_seeds(n: int) -> list[int]:
@@ -50,10 +104,13 @@ def describe_policy(policy: PolicyRef) -> str:
         type(policy).__name__
 
 
-def build_policy(policy: PolicyRef, task: str, device: str = 'cpu') -> Policy:
-    """Instantiate a policy reference and check that it fits the task's observation."""
-    spec = get_task(task)
+def build_policy(policy: PolicyRef, task: EnvRef, device: str = 'cpu') -> Policy:
+    """Instantiate a policy reference and check that it fits the task's observation (a
+    dataset's environment: its action size; its keys are checked when it is built)."""
     if isinstance(policy, (str, os.PathLike)) and os.fspath(policy) in ORACLE_NAMES:
+        if isinstance(task, DatasetEnvRef):
+            raise UserError(f'the {os.fspath(policy)!r} oracle exists for the registered '
+                            f'tasks only, not for {task.name}')
         from vdd_ros.sim.demonstrators import make_oracle
         built = make_oracle(task, kind=os.fspath(policy))
     elif isinstance(policy, (str, os.PathLike)):
@@ -68,6 +125,12 @@ def build_policy(policy: PolicyRef, task: str, device: str = 'cpu') -> Policy:
     else:
         raise UserError(f'cannot make a policy from {policy!r}')
     pspec = getattr(built, 'spec', None)
+    if isinstance(task, DatasetEnvRef):
+        if pspec is not None and int(pspec.action_dim) != task.action_dim:
+            raise UserError(f'policy {describe_policy(policy)} outputs {pspec.action_dim} '
+                            f'actions, {task.name} takes {task.action_dim}')
+        return built
+    spec = get_task(task)
     if pspec is not None:
         if getattr(pspec, 'task', None) not in (None, spec.name):
             raise UserError(f'policy {describe_policy(policy)} was made for task '
@@ -140,27 +203,30 @@ def worker_init(owner: int | None = None) -> None:
     torch.set_num_threads(1)
 
 
-def cached_env(task: str) -> Any:
+def cached_env(task: EnvRef) -> Any:
     """This process's environment for `task`, built on first use and then reused."""
     env = _WORKER.get('env')
-    if env is None or env.task != task:
+    if env is None or _WORKER.get('env_ref') != task:
         from vdd_ros.sim.env import SimEnv
         if env is not None:
             env.close()
-        env = _WORKER['env'] = SimEnv(task)
+        env = _WORKER['env'] = task.make() if isinstance(task, DatasetEnvRef) else SimEnv(task)
+        _WORKER['env_ref'] = task
     return env
 
 
 def release_cached_env() -> None:
     """Close this process's cached environment (the in-process runner keeps one for reuse)."""
     env = _WORKER.pop('env', None)
+    _WORKER.pop('env_ref', None)
     _WORKER.pop('policy', None)
     _WORKER.pop('token', None)
     if env is not None:
         env.close()
 
 
-def worker_objects(task: str, policy: PolicyRef, device: str, token: str) -> tuple[Any, Policy]:
+def worker_objects(task: EnvRef, policy: PolicyRef, device: str,
+                   token: str) -> tuple[Any, Policy]:
     """This process's environment and policy; the policy is rebuilt once per `token` (one
     evaluation), so a checkpoint rewritten between evaluations is never served stale."""
     env = cached_env(task)
@@ -170,7 +236,7 @@ def worker_objects(task: str, policy: PolicyRef, device: str, token: str) -> tup
     return env, _WORKER['policy']
 
 
-def _eval_job(job: tuple[int, int, str, PolicyRef, str, str]) -> tuple[int, dict[str, Any]]:
+def _eval_job(job: tuple[int, int, EnvRef, PolicyRef, str, str]) -> tuple[int, dict[str, Any]]:
     index, seed, task, policy, device, token = job
     env, pol = worker_objects(task, policy, device, token)
     return index, run_episode(env, pol, seed)
@@ -242,7 +308,7 @@ def summarize(records: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]
 
 
 # -- evaluation -------------------------------------------------------------------------------
-def evaluate(policy: PolicyRef, task: str, episodes: int, workers: int = 1,
+def evaluate(policy: PolicyRef, task: EnvRef, episodes: int, workers: int = 1,
              seeds: list[int] | None = None, video: str | None = None,
              show_progress: bool = True, device: str = 'cpu') -> dict:
     """Roll `policy` out on `task` for `episodes` seeded episodes and return the metrics.
@@ -252,9 +318,10 @@ def evaluate(policy: PolicyRef, task: str, episodes: int, workers: int = 1,
     success_rate, mode_counts and mode_entropy (over successful rollouts), mean_length,
     latency_ms_p50/p99/mean, episodes_detail (seed, success, mode, length per episode), plus
     task, policy, workers and wall_s. With `video` (a .gif path), the first seed is replayed
-    with offscreen rendering and written as a GIF.
+    with offscreen rendering and written as a GIF. In a dataset's environment (`task` a
+    DatasetEnvRef) `modes` is empty: no mode metrics (`modes_defined` False).
     """
-    spec = get_task(task)
+    name, modes, _ = env_info(task)
     episodes = int(episodes)
     if episodes < 1:
         raise UserError(f'episodes must be at least 1, got {episodes}')
@@ -268,6 +335,9 @@ def evaluate(policy: PolicyRef, task: str, episodes: int, workers: int = 1,
     if video is not None and not str(video).lower().endswith('.gif'):
         raise UserError(f'--video must name a .gif file, got {video}')
     local = build_policy(policy, task, device)  # fails early, here, on a bad policy
+    if isinstance(task, DatasetEnvRef):
+        task = task.for_policy(local.spec)
+        cached_env(task)                          # here too: the keys it cannot provide
     workers = min(int(workers), episodes)
     records: list[dict[str, Any] | None] = [None] * episodes
     start = time.perf_counter()
@@ -296,24 +366,30 @@ def evaluate(policy: PolicyRef, task: str, episodes: int, workers: int = 1,
                 bar.set_postfix(success=f'{wins}/{bar.n}', refresh=False)
     finally:
         bar.close()
-    metrics = summarize([r for r in records if r is not None], spec.modes)
-    metrics.update(task=spec.name, policy=describe_policy(policy), workers=workers,
-                   wall_s=time.perf_counter() - start)
+    metrics = summarize([r for r in records if r is not None], modes)
+    metrics.update(task=name, policy=describe_policy(policy), workers=workers,
+                   wall_s=time.perf_counter() - start, modes_defined=bool(modes))
     if video is not None:
         metrics['video'] = record_video(policy, task, seeds[0], video, device=device)
     return metrics
 
 
-def record_video(policy: PolicyRef, task: str, seed: int, path: str | os.PathLike,
+def record_video(policy: PolicyRef, task: EnvRef, seed: int, path: str | os.PathLike,
                  device: str = 'cpu', fps: int | None = None) -> str:
     """Render one seeded episode offscreen and write it as a GIF (atomically). Returns path."""
     from PIL import Image
     from vdd_ros.sim.env import SimEnv
-    spec = get_task(task)
-    fps = fps or spec.control_freq
     pol = build_policy(policy, task, device)
     frames: list[np.ndarray] = []
-    with SimEnv(task, render=True) as env:
+    if isinstance(task, DatasetEnvRef):
+        task = task.for_policy(pol.spec)
+        fps = fps or int(json.loads(task.env_args_json).get('env_kwargs', {})
+                         .get('control_freq', 20))
+        env = task.make(render=True)
+    else:
+        fps = fps or get_task(task).control_freq
+        env = SimEnv(task, render=True)
+    with env:
         run_episode(env, pol, seed, frames=frames)
     path = Path(path)
     if path.parent and not path.parent.exists():
