@@ -206,14 +206,7 @@ class TrainConfig:
                f'must be <= action_horizon ({self.action_horizon}), got {self.action_exec}')
 
 
-def _resolve_type(tp: Any) -> Any:
-    if isinstance(tp, str):
-        tp = eval(tp, vars(typing), globals())  # annotations are strings (PEP 563)
-    return tp
-
-
 def _coerce(value: Any, tp: Any, name: str) -> Any:
-    tp = _resolve_type(tp)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -278,7 +271,8 @@ def _build(cls: type[C], data: Mapping[str, Any], prefix: str) -> C:
     if unknown:
         raise ConfigError(f'{prefix}{key_text(unknown[0])}: unknown key (known: '
                           f'{", ".join(known)})')
-    kwargs = {k: _coerce(v, known[k].type, f'{prefix}{k}') for k, v in data.items()}
+    hints = typing.get_type_hints(cls)   # string annotations, resolved where cls is defined
+    kwargs = {k: _coerce(v, hints[k], f'{prefix}{k}') for k, v in data.items()}
     obj = cls(**kwargs)
     if hasattr(obj, 'validate'):
         try:

@@ -1,9 +1,16 @@
-"""Conditional 8-mode ring: a 2-D action problem where averaging the modes fails.
+"""Toy problems with a closed-form score: conditional rings of 2-D Gaussians.
 
-Given a 1-D observation s in [-1, 1], actions come from K equally weighted isotropic Gaussians
-on a circle of radius `radius + radius_slope * s`, rotated by `rotation * s`. The exact score
-of this mixture is known, so VDD can be checked against it before a diffusion teacher is
-involved.
+Given a 1-D observation s in [-1, 1], actions come from K isotropic Gaussians (standard
+deviation `std`) on a circle of radius `radius + radius_slope * s`, rotated by `rotation * s`,
+with equal weights or the given `weights`. The exact score of such a mixture smoothed by any
+sigma is known, so VDD can be checked against it before a diffusion teacher is involved.
+
+`run_toy` distils the 8-mode equal-weight ring from its exact score and from a trained teacher
+(mode recovery, mode masses, distances to the data), and the unequal-weight mixture
+(`ToyConfig.unequal`) from its exact score with each VDD objective, judged on what acting with
+expert means hides: mode masses of sampled actions, each expert's spread against the true
+components', and off-mode mass (samples farther than `OFF_MODE_STDS` component standard
+deviations from every mode).
 """
 from __future__ import annotations
 
@@ -16,26 +23,73 @@ import numpy as np
 import torch
 
 from vdd_ros.core.baselines import train_em
-from vdd_ros.core.config import (BaselineConfig, MoEConfig, TeacherConfig, VDDConfig, at_least,
-                                 positive)
+from vdd_ros.core.config import (VDD_OBJECTIVES, BaselineConfig, MoEConfig, TeacherConfig,
+                                 VDDConfig, at_least, one_of, positive)
 from vdd_ros.core.moe import MixtureOfExperts
 from vdd_ros.core.scores import GaussianMixtureScore, TeacherScore
 from vdd_ros.core.teacher import DiffusionTeacher, train_teacher
 from vdd_ros.core.vdd import distill
+from vdd_ros.errors import ConfigError
 
 COVER_RADIUS = 0.25   # an expert mean within this distance of a mode centre covers the mode
 MASS_FLOOR = 0.25     # a mode "has mass" when it gets at least this fraction of 1/K of samples
+OFF_MODE_STDS = 3.0   # a sample is off-mode when farther than this many stds from every mode
 
 
 @dataclass
-class ToyConfig:
-    """The toy problem and the training budget of each model on it."""
+class RingConfig:
+    """A conditional ring mixture (see the module docstring); no weights means equal ones."""
 
     num_modes: int = 8
     radius: float = 2.0
     radius_slope: float = 0.5
     std: float = 0.3
     rotation: float = 0.0
+    weights: list[float] = field(default_factory=list)
+
+    def validate(self) -> None:
+        at_least(self.num_modes, 2, 'num_modes')
+        for name in ('radius', 'std'):
+            positive(getattr(self, name), name)
+        if self.weights:
+            if len(self.weights) != self.num_modes:
+                raise ConfigError(f'weights: expected num_modes ({self.num_modes}) entries, got '
+                                  f'{len(self.weights)}')
+            for i, w in enumerate(self.weights):
+                positive(w, f'weights[{i}]')
+
+
+@dataclass
+class UnequalConfig(RingConfig):
+    """The unequal-weight mixture, distilled from its exact score by `vdd` (whose objective is
+    held to the toy's targets) and by each objective in `compare` (reported alongside).
+
+    One expert per mode, so that each expert's spread has a true component to match. The modes
+    do not rotate with s: with `rotation` 0.5 no farthest-point start (of 20 seeds) put one
+    expert nearest each mode at every state, and seed 0 lost a mode with either objective.
+    """
+
+    num_modes: int = 5
+    std: float = 0.25
+    weights: list[float] = field(default_factory=lambda: [0.35, 0.25, 0.2, 0.12, 0.08])
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(
+        num_experts=5, hidden_dim=64, num_layers=2, covariance='full', init_std=0.5))
+    vdd: VDDConfig = field(default_factory=lambda: VDDConfig(
+        iterations=2000, batch_size=256, lr=3e-3, gating_lr=3e-3, final_lr_fraction=0.05,
+        uniform_gating_fraction=0.5, init_em_iterations=0, backbone_lr_scale=1.0,
+        objective='smoothed'))
+    compare: list[str] = field(default_factory=lambda: ['plain'])
+
+    def validate(self) -> None:
+        super().validate()
+        for i, name in enumerate(self.compare):
+            one_of(name, VDD_OBJECTIVES, f'compare[{i}]')
+
+
+@dataclass
+class ToyConfig(RingConfig):
+    """The toy problems and the training budget of each model on them."""
+
     data_size: int = 20000
     eval_states: int = 9
     eval_samples: int = 1000
@@ -51,21 +105,22 @@ class ToyConfig:
         uniform_gating_fraction=0.5, init_em_iterations=0, backbone_lr_scale=1.0))
     gaussian_bc: BaselineConfig = field(default_factory=lambda: BaselineConfig(iterations=1500))
     em_moe: BaselineConfig = field(default_factory=lambda: BaselineConfig(iterations=1500))
+    unequal: UnequalConfig = field(default_factory=UnequalConfig)
 
     def validate(self) -> None:
-        at_least(self.num_modes, 2, 'num_modes')
-        for name in ('radius', 'std'):
-            positive(getattr(self, name), name)
+        super().validate()
         for name in ('data_size', 'eval_states', 'eval_samples'):
             at_least(getattr(self, name), 1, name)
 
 
 class RingProblem:
-    """The conditional ring mixture: component means, data sampling, mode classification."""
+    """A conditional ring mixture: component means, data sampling, mode classification."""
 
-    def __init__(self, cfg: ToyConfig) -> None:
+    def __init__(self, cfg: RingConfig) -> None:
         self.cfg = cfg
         self.base = 2 * math.pi * torch.arange(cfg.num_modes) / cfg.num_modes
+        weights = torch.tensor(cfg.weights or [1.0] * cfg.num_modes)
+        self.probs = weights / weights.sum()
 
     def modes(self, obs: torch.Tensor) -> torch.Tensor:
         """Mode centres `(..., K, 2)` for observations `(..., 1)`."""
@@ -75,8 +130,7 @@ class RingProblem:
 
     def components(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means = self.modes(obs)
-        log_w = torch.full(means.shape[:-1], -math.log(self.cfg.num_modes), device=obs.device)
-        return means, log_w
+        return means, self.probs.log().to(means).expand(means.shape[:-1])
 
     def score(self) -> GaussianMixtureScore:
         return GaussianMixtureScore(self.components, self.cfg.std)
@@ -86,7 +140,10 @@ class RingProblem:
         """`n` pairs (obs `(n, 1)`, action `(n, 2)`); obs uniform in [-1, 1] unless given."""
         if obs is None:
             obs = torch.rand(n, 1, generator=generator) * 2 - 1
-        k = torch.randint(self.cfg.num_modes, (n,), generator=generator)
+        if self.cfg.weights:
+            k = torch.multinomial(self.probs, n, replacement=True, generator=generator)
+        else:
+            k = torch.randint(self.cfg.num_modes, (n,), generator=generator)
         centre = self.modes(obs)[torch.arange(n), k]
         return obs, centre + self.cfg.std * torch.randn(n, 2, generator=generator)
 
@@ -135,6 +192,70 @@ def mode_mass(problem: RingProblem, samples: torch.Tensor, states: torch.Tensor)
     return (counts / counts.sum()).numpy()
 
 
+def sample_metrics(problem: RingProblem, samples: torch.Tensor,
+                   states: torch.Tensor) -> dict[str, Any]:
+    """Mode masses of `samples (S, n, 2)` against the true weights, and their off-mode mass."""
+    mass = mode_mass(problem, samples, states)
+    nearest = (samples[:, :, None] - problem.modes(states)[:, None]).norm(dim=-1).min(-1).values
+    return {'off_mode_mass': float((nearest > OFF_MODE_STDS * problem.cfg.std).float().mean()),
+            'mode_mass': [round(float(m), 4) for m in mass],
+            'max_mass_error': float(np.abs(mass - problem.probs.numpy()).max())}
+
+
+def expert_stds(moe: MixtureOfExperts, states: torch.Tensor) -> torch.Tensor:
+    """`(S, Z, D)` standard deviations of each expert along its principal axes, raw units."""
+    with torch.no_grad():
+        scales = moe.scales(moe.features(moe.obs_normalizer.normalize(states)))
+        unit = moe.action_normalizer.scale
+        if not moe.full:
+            return scales * unit
+        chol = unit[:, None] * scales
+        return torch.linalg.eigvalsh(chol @ chol.transpose(-1, -2)).clamp_min(0).sqrt()
+
+
+def spread_metrics(problem: RingProblem, moe: MixtureOfExperts, samples: torch.Tensor,
+                   states: torch.Tensor) -> dict[str, Any]:
+    """`sample_metrics` of the MoE's `samples`, each expert's standard deviations (range over
+    states and axes) against the true components', and `mean_errors`."""
+    stds = expert_stds(moe, states)                                     # (S, Z, D)
+    covered, worst, distinct = mean_errors(problem, moe, states)
+    return {**sample_metrics(problem, samples, states),
+            'expert_std_range': [[round(float(x.min()), 4), round(float(x.max()), 4)]
+                                 for x in stds.transpose(0, 1)],
+            'max_std_error': float((stds / problem.cfg.std - 1).abs().max()),
+            'modes_covered': covered, 'max_mean_error': worst, 'distinct': distinct}
+
+
+def run_unequal(cfg: ToyConfig, seed: int = 0, show_bar: bool = True) -> dict[str, Any]:
+    """VDD from the exact score of the unequal-weight mixture, once per objective (the same
+    data and initial model for each): metrics by objective, and of fresh data as a floor."""
+    ucfg = cfg.unequal
+    problem = RingProblem(ucfg)
+    gen = torch.Generator().manual_seed(seed)
+    obs, actions = problem.sample(cfg.data_size, gen)
+    states = torch.linspace(-1, 1, cfg.eval_states)[:, None]
+    n = cfg.eval_samples
+    samples = {'data': torch.stack([problem.sample(n, gen, s.expand(n, 1))[1] for s in states])}
+    by_objective: dict[str, Any] = {}
+    metrics = {'weights': [round(float(p), 4) for p in problem.probs], 'std': ucfg.std,
+               'objective': ucfg.vdd.objective,
+               'data': sample_metrics(problem, samples['data'], states),
+               'objectives': by_objective}
+    for objective in dict.fromkeys([ucfg.vdd.objective, *ucfg.compare]):
+        t0 = time.monotonic()
+        torch.manual_seed(seed)
+        moe = _new_moe(ucfg.moe, actions, torch.Generator().manual_seed(seed))
+        vcfg = VDDConfig(**{**ucfg.vdd.__dict__, 'objective': objective})
+        distill(moe, problem.score(), obs, actions, vcfg, seed=seed, show_bar=show_bar,
+                stage=f'vdd_{objective}')
+        seconds = time.monotonic() - t0
+        samples[objective] = policy_samples(moe, lambda o: moe.sample(o, gen), states, n)
+        by_objective[objective] = {**spread_metrics(problem, moe, samples[objective], states),
+                                   'seconds': seconds}
+    return {'metrics': metrics, 'plot': {'problem': problem, 'states': states,
+                                         'samples': samples}}
+
+
 def _new_moe(cfg: MoEConfig, actions: torch.Tensor, gen: torch.Generator) -> MixtureOfExperts:
     moe = MixtureOfExperts(cfg, 1, 2)
     moe.init_means(actions, gen)
@@ -142,7 +263,7 @@ def _new_moe(cfg: MoEConfig, actions: torch.Tensor, gen: torch.Generator) -> Mix
 
 
 def run_toy(cfg: ToyConfig, seed: int = 0, show_bar: bool = True) -> dict[str, Any]:
-    """Train every model on the toy and measure mode recovery; returns metrics and samples."""
+    """Train every model on the toys and measure them; returns metrics and samples."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     problem = RingProblem(cfg)
@@ -217,11 +338,17 @@ def run_toy(cfg: ToyConfig, seed: int = 0, show_bar: bool = True) -> dict[str, A
     result['gaussian_bc_distance'] = distances['gaussian_bc']
     result['distances'] = distances
     result['modes_with_mass'] = {k: int((m >= floor).sum()) for k, m in masses.items()}
+
+    # 4. The unequal-weight mixture from its exact score, with each VDD objective.
+    t0 = time.monotonic()
+    unequal = run_unequal(cfg, seed, show_bar)
+    result['unequal'] = unequal['metrics']
+    timings['vdd_unequal'] = time.monotonic() - t0
     result['seconds'] = timings
     plot = {'states': states, 'samples': samples, 'problem': problem,
             'analytic_means': _raw_means(analytic, states),
             'moe_means': _raw_means(student, states),
-            'moe_gate': _gates(student, states)}
+            'moe_gate': _gates(student, states), 'unequal': unequal['plot']}
     return {'metrics': result, 'plot': plot}
 
 
