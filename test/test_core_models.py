@@ -1,4 +1,5 @@
-"""MoE densities against closed forms, the analytic score against finite differences, shapes."""
+"""MoE densities against closed forms, scores against finite differences and the exact score of
+Gaussian data, shapes."""
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ from torch.distributions import MultivariateNormal, Normal
 from vdd_ros.core.config import MoEConfig, TeacherConfig
 from vdd_ros.core.moe import MixtureOfExperts
 from vdd_ros.core.policy import ModelPolicy, PolicySpec
+from vdd_ros.core.scores import GaussianMixtureScore, TeacherScore
 from vdd_ros.core.teacher import DiffusionTeacher
 from vdd_ros.core.toy import RingProblem, ToyConfig
 
@@ -90,12 +92,31 @@ def test_teacher_shapes_and_sampler_steps():
     assert (sig[1:] < sig[:-1]).all()
     a = torch.randn(5, 8)
     s = teacher.score(a, obs, torch.tensor(0.3))
-    d = teacher.denoise(a, obs, torch.tensor(0.3))
-    assert torch.allclose(s, (d - a) / 0.09, atol=1e-5)
     # broadcast as the VDD objective calls it: (B, Z, V, D) actions with (B, 1, 1, F) obs
     s4 = teacher.score(a.view(5, 1, 1, 8).expand(5, 3, 2, 8), obs[:, None, None],
                        torch.full((5, 3, 2), 0.3))
     assert torch.allclose(s4[:, 1, 1], s, atol=1e-5)
+
+
+def test_teacher_with_the_ideal_denoiser_has_the_exact_score_of_gaussian_data():
+    """With its network's output zeroed, the EDM denoiser is c_skip * a = E[a0 | a] for data
+    a0 ~ N(0, sigma_data^2 I): its score must be that of N(0, (sigma_data^2 + sigma^2) I)."""
+    torch.manual_seed(0)
+    teacher = DiffusionTeacher(TeacherConfig(hidden_dim=16, num_layers=2, sigma_data=0.7), 3,
+                               2).double()
+    with torch.no_grad():
+        teacher.net.out[-1].weight.zero_()
+        teacher.net.out[-1].bias.zero_()
+    obs = torch.randn(4, 1, 1, 3, dtype=torch.float64)
+    a = 2 * torch.randn(4, 3, 5, 2, dtype=torch.float64)
+    sigma = torch.rand(4, 3, 5, dtype=torch.float64) * 0.9 + 0.05
+    exact = -a / (0.7 ** 2 + sigma[..., None] ** 2)
+    assert torch.allclose(teacher.score(a, obs, sigma), exact, atol=1e-10)
+    assert torch.allclose(TeacherScore(teacher)(a, obs, sigma), exact, atol=1e-10)
+    # the analytic mixture score helper, one component at 0, agrees
+    one = GaussianMixtureScore(lambda o: (o.new_zeros(*o.shape[:-1], 1, 2),
+                                          o.new_zeros(*o.shape[:-1], 1)), 0.7)
+    assert torch.allclose(one(a, obs, sigma), exact, atol=1e-10)
 
 
 def test_teacher_learns_a_point_mass():
