@@ -7,6 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from vdd_ros.core.data import (Demo, load_dataset, make_windows, split_indices,
                                write_dataset)
@@ -256,3 +257,120 @@ def test_integer_and_bool_arrays_load_as_float32(tmp_path: Path) -> None:
     demo = load_dataset(path).demos[0]
     assert demo.obs.dtype == demo.actions.dtype == np.float32
     assert demo.obs[:, 3:5].tolist() == [[1.0, 1.0]] * 4 and demo.actions.sum() == 28
+
+
+# -- next_obs, explicit masks, filter keys ----------------------------------------------------
+@st.composite
+def _demos_and_masks(draw):
+    """Demos (some with next_obs given) and masks: filter keys with any subsets, and train
+    and/or valid given or left to their defaults."""
+    n = draw(st.integers(1, 6))
+    lengths = draw(st.lists(st.integers(1, 5), min_size=n, max_size=n))
+    given = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    demos = [Demo(obs=rng.normal(size=(T, 8)).astype(np.float32),
+                  actions=rng.normal(size=(T, 2)).astype(np.float32),
+                  next_obs=rng.normal(size=(T, 8)).astype(np.float32) if g else None)
+             for T, g in zip(lengths, given)]
+    subset = st.lists(st.integers(0, n - 1), unique=True)
+    masks = draw(st.dictionaries(st.sampled_from(['train', 'valid', 'half', '20_percent']),
+                                 subset, max_size=3))
+    return demos, masks
+
+
+@settings(max_examples=40, deadline=None)
+@given(_demos_and_masks(), st.sampled_from([0.0, 0.3]))
+def test_next_obs_and_masks_round_trip(tmp_path_factory, case, fraction: float) -> None:
+    demos, masks = case
+    path = tmp_path_factory.mktemp('rt') / 'd.hdf5'
+    write_dataset(path, demos, FIELDS, ENV_ARGS, valid_fraction=fraction, masks=masks)
+    n = len(demos)
+    if 'train' in masks or 'valid' in masks:
+        valid = sorted(masks.get('valid', set(range(n)) - set(masks.get('train', []))))
+        train = sorted(masks.get('train', set(range(n)) - set(valid)))
+    else:
+        train, valid = split_indices(n, fraction)
+    with h5py.File(path, 'r') as f:
+        written = {k: [n.decode() for n in v[()]] for k, v in f['mask'].items()}
+    expected = {k: [f'demo_{i}' for i in sorted(v)] for k, v in masks.items()}
+    expected.update(train=[f'demo_{i}' for i in train], valid=[f'demo_{i}' for i in valid])
+    assert written == expected
+    ds = load_dataset(path, load_next_obs=True)
+    assert ds.valid_idx == valid and ds.train_idx == train
+    for d, back in zip(demos, ds.demos):
+        following = d.next_obs if d.next_obs is not None else np.r_[d.obs[1:], d.obs[-1:]]
+        np.testing.assert_array_equal(back.next_obs, following)
+    assert load_dataset(path).demos[0].next_obs is None  # only on request
+    for key in masks:  # every filter key trains on its demos outside mask/valid
+        kept = set(masks[key]) - set(valid)
+        if not kept:
+            with pytest.raises(UserError, match=f'mask/{key}'):
+                load_dataset(path, filter_key=key)
+            continue
+        sub = load_dataset(path, filter_key=key)
+        names = [d.name for d in sub.demos]
+        assert names == [f'demo_{i}' for i in sorted(kept | set(valid))]
+        assert sorted(names[i] for i in sub.train_idx) == [f'demo_{i}' for i in sorted(kept)]
+        assert [names[i] for i in sub.valid_idx] == [f'demo_{i}' for i in valid]
+
+
+def test_next_obs_selects_keys_and_old_files_have_none(tmp_path: Path) -> None:
+    path = tmp_path / 'd.hdf5'
+    demos = _demos(3)
+    demos[1].next_obs = demos[1].obs + 1
+    write_dataset(path, demos, FIELDS, ENV_ARGS)
+    sub = load_dataset(path, obs_keys=['cube_pos', 'robot0_eef_pos'], load_next_obs=True)
+    np.testing.assert_array_equal(sub.demos[1].next_obs,
+                                  np.c_[demos[1].obs[:, 5:8], demos[1].obs[:, :3]] + 1)
+    np.testing.assert_array_equal(sub.demos[0].next_obs[:-1], sub.demos[0].obs[1:])
+    with h5py.File(path, 'a') as f:  # a file written before next_obs existed
+        del f['data/demo_0/next_obs']
+        del f['data/demo_2/next_obs/cube_pos']
+    ds = load_dataset(path, obs_keys=['robot0_eef_pos'], load_next_obs=True)
+    assert ds.demos[0].next_obs is None and ds.demos[2].next_obs is not None
+    with pytest.raises(UserError, match="demo_2 has no next_obs key 'cube_pos'"):
+        load_dataset(path, load_next_obs=True)
+
+
+def test_filter_key_errors_name_the_file_and_its_keys(tmp_path: Path) -> None:
+    path = tmp_path / 'd.hdf5'
+    write_dataset(path, _demos(4), FIELDS, ENV_ARGS, masks={'valid': [3], 'half': [0, 1]})
+    with pytest.raises(UserError) as err:
+        load_dataset(path, filter_key='20_percent')
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and "'20_percent'" in msg and '\n' not in msg
+    assert 'half, train, valid' in msg
+    with pytest.raises(UserError, match='none is left to train on'):
+        load_dataset(path, filter_key='valid')
+    with h5py.File(path, 'a') as f:
+        f['mask/ghost'] = np.array([b'demo_9'])
+        del f['mask']['train']
+        f['mask'].create_group('train')
+    with pytest.raises(UserError, match='mask/train: expected a list of demo names'):
+        load_dataset(path)
+    with h5py.File(path, 'a') as f:
+        del f['mask/train']
+    with pytest.raises(UserError, match='mask/ghost lists none of the demos'):
+        load_dataset(path, filter_key='ghost')
+    ds = load_dataset(path, filter_key='half')
+    assert [d.name for d in ds.demos] == ['demo_0', 'demo_1', 'demo_3']
+    assert ds.train_idx == [0, 1] and ds.valid_idx == [2]
+    with h5py.File(path, 'a') as f:
+        del f['mask']
+    with pytest.raises(UserError, match=r'filter keys: none \(no mask group\)'):
+        load_dataset(path, filter_key='half')
+
+
+def test_write_checks_masks_and_next_obs(tmp_path: Path) -> None:
+    path = tmp_path / 'd.hdf5'
+    with pytest.raises(ValueError, match="mask 'valid'"):
+        write_dataset(path, _demos(3), FIELDS, ENV_ARGS, masks={'valid': [3]})
+    with pytest.raises(ValueError, match="mask 'train'"):
+        write_dataset(path, _demos(3), FIELDS, ENV_ARGS, masks={'train': [1, 1]})
+    with pytest.raises(ValueError, match='filter key'):
+        write_dataset(path, _demos(3), FIELDS, ENV_ARGS, masks={'a/b': [1]})
+    bad = _demos(2)
+    bad[1].next_obs = bad[1].obs[:-1]
+    with pytest.raises(ValueError, match='demo 1: next_obs shape'):
+        write_dataset(path, bad, FIELDS, ENV_ARGS)
+    assert list(tmp_path.iterdir()) == []

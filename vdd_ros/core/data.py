@@ -2,23 +2,34 @@
 
 Layout written and read (robomimic's low-dim convention)::
 
-    data                      attrs: total (samples), env_args (JSON), obs_fields (JSON)
-    data/demo_<i>/obs/<key>   (T, n) per observation field
-    data/demo_<i>/actions     (T, A)    rewards (T,)  dones (T,)  states (T, S) when known
-    data/demo_<i>             attrs: num_samples, mode (when labelled), seed (when known)
-    mask/train, mask/valid    demo names as byte strings
+    data                        attrs: total (samples), env_args (JSON), obs_fields (JSON)
+    data/demo_<i>/obs/<key>     (T, n) per observation field
+    data/demo_<i>/next_obs/<key>  (T, n): the observation after each step
+    data/demo_<i>/actions       (T, A)    rewards (T,)  dones (T,)  states (T, S) when known
+    data/demo_<i>               attrs: num_samples, mode (when labelled), seed (when known)
+    mask/<filter key>           demo names as byte strings (always mask/train, mask/valid)
 
-obs[t] and states[t] are observed before actions[t]. Genuine robomimic low-dim files load too
-(pick their observation keys by name). torch/numpy/h5py only.
+obs[t] and states[t] are observed before actions[t]; next_obs[t] after it (obs[t + 1] unless
+given, the last observation repeated at the end). Genuine robomimic low-dim files load too
+(pick their observation keys by name).
+
+Filter keys (robomimic's `mask/<key>`): `load_dataset(filter_key=K)` trains on the demos of
+mask/K and validates on mask/valid, as robomimic trains on `train_filter_key` and validates on
+`valid`: the loaded demos are mask/K together with mask/valid, `train_idx` those of mask/K not
+in mask/valid (never a validation demo), `valid_idx` those of mask/valid. Without a filter key
+every demo is loaded, mask/train (else everything outside mask/valid) is trained on.
+`dataset_info` describes a file (robomimic or raw robosuite layout) from shapes and
+attributes, reading only the actions. torch/numpy/h5py only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -30,7 +41,8 @@ _DEMO_RE = re.compile(r'^demo_(\d+)$')
 
 @dataclass
 class Demo:
-    """One demonstration: observations (T, obs_dim) float32 and actions (T, A)."""
+    """One demonstration: observations (T, obs_dim) float32 and actions (T, A); `next_obs`
+    (T, obs_dim), when known, is the observation after each action."""
 
     obs: np.ndarray
     actions: np.ndarray
@@ -40,6 +52,7 @@ class Demo:
     states: np.ndarray | None = None
     seed: int | None = None
     name: str | None = None
+    next_obs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.obs.shape[0])
@@ -114,17 +127,47 @@ def _check_demos(demos: Sequence[Demo], obs_fields: list[tuple[str, int]]) -> in
             raise ValueError(f'demo {i}: action dim {d.actions.shape[1]} != {action_dim}')
         if len(d) == 0:
             raise ValueError(f'demo {i} is empty')
+        if d.next_obs is not None and np.shape(d.next_obs) != d.obs.shape:
+            raise ValueError(f'demo {i}: next_obs shape {np.shape(d.next_obs)} does not match '
+                             f'obs {d.obs.shape}')
     return int(action_dim)
+
+
+def _masks(n: int, valid_fraction: float,
+           masks: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
+    """Filter key -> demo indices: `masks` as given; a missing train (valid) is the complement
+    of the valid (train) one; both missing, the `valid_fraction` split."""
+    out: dict[str, list[int]] = {}
+    for key, idx in (masks or {}).items():
+        idx = [int(i) for i in idx]
+        if not key or '/' in str(key):
+            raise ValueError(f'filter key {key!r}: expected a non-empty name without "/"')
+        if any(not 0 <= i < n for i in idx) or len(set(idx)) != len(idx):
+            raise ValueError(f'mask {key!r}: indices must be distinct and in [0, {n}), '
+                             f'got {idx}')
+        out[str(key)] = sorted(idx)
+    if 'train' not in out and 'valid' not in out:
+        out['train'], out['valid'] = split_indices(n, valid_fraction)
+    for key, other in (('train', 'valid'), ('valid', 'train')):
+        if key not in out:
+            held = set(out[other])
+            out[key] = [i for i in range(n) if i not in held]
+    return out
 
 
 def write_dataset(path: str | os.PathLike, demos: Sequence[Demo],
                   obs_fields: list[tuple[str, int]], env_args: dict[str, Any],
-                  valid_fraction: float = 0.1) -> None:
-    """Write demos in the robomimic layout, atomically (temporary file, then rename)."""
+                  valid_fraction: float = 0.1,
+                  masks: Mapping[str, Sequence[int]] | None = None) -> None:
+    """Write demos in the robomimic layout, atomically (temporary file, then rename).
+
+    `masks` maps filter keys to demo indices (written as mask/<key>); mask/train and
+    mask/valid default as `_masks` says, from `valid_fraction` when neither is given.
+    """
     path = Path(path)
     obs_fields = [(str(k), int(n)) for k, n in obs_fields]
     _check_demos(demos, obs_fields)
-    train, valid = split_indices(len(demos), valid_fraction)
+    split = _masks(len(demos), valid_fraction, masks)
     if not path.parent.is_dir():
         raise UserError(f'cannot write {path}: folder {path.parent} does not exist')
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
@@ -134,41 +177,45 @@ def write_dataset(path: str | os.PathLike, demos: Sequence[Demo],
             data.attrs['total'] = int(sum(len(d) for d in demos))
             data.attrs['env_args'] = json.dumps(env_args)
             data.attrs['obs_fields'] = json.dumps(obs_fields)
-            names = []
-            for i, d in enumerate(demos):
-                name = f'demo_{i}'
-                names.append(name)
-                g = data.create_group(name)
-                T = len(d)
-                g.attrs['num_samples'] = T
-                if d.mode is not None:
-                    g.attrs['mode'] = str(d.mode)
-                if d.seed is not None:
-                    g.attrs['seed'] = int(d.seed)
-                obs = np.asarray(d.obs, dtype=np.float32)
-                start = 0
-                og = g.create_group('obs')
-                for key, size in obs_fields:
-                    og.create_dataset(key, data=obs[:, start:start + size])
-                    start += size
-                g.create_dataset('actions', data=np.asarray(d.actions, dtype=np.float32))
-                rewards = np.zeros(T) if d.rewards is None else np.asarray(d.rewards, float)
-                if d.dones is None:
-                    dones = np.zeros(T, dtype=np.int64)
-                    dones[-1] = 1
-                else:
-                    dones = np.asarray(d.dones, dtype=np.int64)
-                g.create_dataset('rewards', data=rewards)
-                g.create_dataset('dones', data=dones)
-                if d.states is not None:
-                    g.create_dataset('states', data=np.asarray(d.states, dtype=np.float64))
+            names = [f'demo_{i}' for i in range(len(demos))]
+            for name, d in zip(names, demos):
+                _write_demo(data.create_group(name), d, obs_fields)
             mask = f.create_group('mask')
-            mask.create_dataset('train', data=np.array([names[i] for i in train], dtype='S'))
-            mask.create_dataset('valid', data=np.array([names[i] for i in valid], dtype='S'))
+            for key, idx in split.items():
+                mask.create_dataset(key, data=np.array([names[i] for i in idx], dtype='S'))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_demo(g: h5py.Group, d: Demo, obs_fields: list[tuple[str, int]]) -> None:
+    T = len(d)
+    g.attrs['num_samples'] = T
+    if d.mode is not None:
+        g.attrs['mode'] = str(d.mode)
+    if d.seed is not None:
+        g.attrs['seed'] = int(d.seed)
+    obs = np.asarray(d.obs, dtype=np.float32)
+    following = (np.concatenate([obs[1:], obs[-1:]]) if d.next_obs is None
+                 else np.asarray(d.next_obs, dtype=np.float32))
+    for group, values in (('obs', obs), ('next_obs', following)):
+        og = g.create_group(group)
+        start = 0
+        for key, size in obs_fields:
+            og.create_dataset(key, data=values[:, start:start + size])
+            start += size
+    g.create_dataset('actions', data=np.asarray(d.actions, dtype=np.float32))
+    rewards = np.zeros(T) if d.rewards is None else np.asarray(d.rewards, float)
+    if d.dones is None:
+        dones = np.zeros(T, dtype=np.int64)
+        dones[-1] = 1
+    else:
+        dones = np.asarray(d.dones, dtype=np.int64)
+    g.create_dataset('rewards', data=rewards)
+    g.create_dataset('dones', data=dones)
+    if d.states is not None:
+        g.create_dataset('states', data=np.asarray(d.states, dtype=np.float64))
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -178,7 +225,8 @@ MAX_ABS_VALUE = 1e12
 _READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError)
 
 
-def _demo_names(group: h5py.Group) -> list[str]:
+def demo_names(group: h5py.Group) -> list[str]:
+    """The demo_<i> names in `group`, by number."""
     found = [(int(m.group(1)), k) for k in group.keys() if (m := _DEMO_RE.match(k))]
     return [k for _, k in sorted(found)]
 
@@ -199,8 +247,8 @@ def _text(value: Any) -> str:
     return value.decode(errors='replace') if isinstance(value, bytes) else str(value)
 
 
-def read_array(path: Path, node: Any, where: str) -> np.ndarray:
-    """A numeric HDF5 dataset as finite float32 `(steps, size)`; anything else (a group, text,
+def read_array(path: Path, node: Any, where: str, dtype: Any = np.float32) -> np.ndarray:
+    """A numeric HDF5 dataset as finite `(steps, size)` of `dtype`; anything else (a group, text,
     another shape, NaN/Inf, a magnitude above MAX_ABS_VALUE) is a UserError naming
     `where` (`demo_3/obs/key`), the step and the value."""
     if not isinstance(node, h5py.Dataset):
@@ -223,18 +271,29 @@ def read_array(path: Path, node: Any, where: str) -> np.ndarray:
             raise UserError(f'{path}: {where}: non-finite value {value:g} {at}')
         raise UserError(f'{path}: {where}: value {value:g} {at} is beyond +-{MAX_ABS_VALUE:g} '
                         f'(too large to normalise in float32)')
-    return wide.astype(np.float32)
+    return wide.astype(dtype)
 
 
 def load_dataset(path: str | os.PathLike, obs_keys: list[str] | None = None,
-                 load_states: bool = False) -> DemoDataset:
+                 load_states: bool = False, filter_key: str | None = None,
+                 load_next_obs: bool = False) -> DemoDataset:
     """Load a robomimic-style HDF5 file.
 
     `obs_keys` picks observation keys by name and order; without it, the file's recorded
-    `obs_fields` are used, else every low-dimensional key in sorted order. A missing or
-    malformed file, a missing key, an empty demo, and observations or actions that are not
-    finite numbers within +-MAX_ABS_VALUE raise UserError naming the file, the demo and the key.
+    `obs_fields` are used, else every low-dimensional key in sorted order. `filter_key` trains
+    on the demos of mask/<filter_key> and validates on mask/valid (see the module docstring).
+    States and next observations are read on request (None where a demo has none). A missing
+    or malformed file, a missing key or filter key, an empty demo, and observations or actions
+    that are not finite numbers within +-MAX_ABS_VALUE raise UserError naming the file, the
+    demo and the key.
     """
+    with open_dataset(path) as (f, path):
+        return _read(f, path, obs_keys, load_states, filter_key, load_next_obs)
+
+
+@contextlib.contextmanager
+def open_dataset(path: str | os.PathLike) -> Iterator[tuple[h5py.File, Path]]:
+    """The file open for reading; read errors inside become one-line UserErrors."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f'{path}: no such dataset file')
@@ -244,7 +303,7 @@ def load_dataset(path: str | os.PathLike, obs_keys: list[str] | None = None,
         raise UserError(f'{path}: not a readable HDF5 file ({exc})') from None
     try:
         with f:
-            return _read(f, path, obs_keys, load_states)
+            yield f, path
     except UserError:
         raise
     except _READ_ERRORS as exc:
@@ -264,21 +323,24 @@ def _recorded_keys(data: h5py.Group, path: Path) -> list[str] | None:
     return keys
 
 
-def _read(f: h5py.File, path: Path, obs_keys: list[str] | None,
-          load_states: bool) -> DemoDataset:
-    data = f.get('data')
-    if not isinstance(data, h5py.Group):
-        raise UserError(f'{path}: no "data" group (not a robomimic-style dataset)')
-    names = _demo_names(data)
-    if not names:
-        raise UserError(f'{path}: "data" holds no demo_<i> groups')
-    try:
-        env_args = json.loads(data.attrs.get('env_args', '{}'))
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise UserError(f'{path}: data attribute env_args is not JSON ({exc})') from None
-    if not isinstance(env_args, dict):
-        raise UserError(f'{path}: data attribute env_args: expected a JSON object')
-    first_obs = _demo_group(data, names[0], path).get('obs')
+def _read(f: h5py.File, path: Path, obs_keys: list[str] | None, load_states: bool,
+          filter_key: str | None, load_next_obs: bool) -> DemoDataset:
+    data = data_group(f, path)
+    names = demo_names(data)
+    masks = _mask_names(f, path)
+    valid_names = set(masks.get('valid', []))
+    train_names = set(masks['train']) if 'train' in masks else None
+    if filter_key is not None:
+        chosen = set(_filter_names(masks, filter_key, path))
+        if not chosen & set(names):
+            raise UserError(f'{path}: mask/{filter_key} lists none of the demos in "data"')
+        train_names = chosen - valid_names
+        if not train_names & set(names):
+            raise UserError(f'{path}: every demo of mask/{filter_key} is also in mask/valid '
+                            '(held out for validation): none is left to train on')
+        names = [n for n in names if n in chosen or n in valid_names]
+    env_args = _env_args(data, path)
+    first_obs = demo_group(data, names[0], path).get('obs')
     if not isinstance(first_obs, h5py.Group):
         raise UserError(f'{path}: {names[0]} has no "obs" group')
     if obs_keys is None:
@@ -296,8 +358,8 @@ def _read(f: h5py.File, path: Path, obs_keys: list[str] | None,
     action_dim: int | None = None
     for name in names:
         try:
-            demo = _read_demo(_demo_group(data, name, path), name, path, obs_keys, sizes,
-                              load_states)
+            demo = _read_demo(demo_group(data, name, path), name, path, obs_keys, sizes,
+                              load_states, load_next_obs)
         except UserError:
             raise
         except _READ_ERRORS as exc:
@@ -309,27 +371,57 @@ def _read(f: h5py.File, path: Path, obs_keys: list[str] | None,
             raise UserError(f'{path}: {name}/actions: {demo.actions.shape[1]}-d actions, '
                             f'{action_dim}-d before')
         demos.append(demo)
-    index = {n: i for i, n in enumerate(names)}
-    mask = f.get('mask')
-    valid_idx: list[int] = []
-    train_idx: list[int] | None = None
-    if isinstance(mask, h5py.Group):
-        for key in ('valid', 'train'):
-            if key in mask and not isinstance(mask[key], h5py.Dataset):
-                raise UserError(f'{path}: mask/{key}: expected a list of demo names')
-        if 'valid' in mask:
-            valid_idx = sorted({index[n] for n in _decode(mask['valid'][()]) if n in index})
-        if 'train' in mask:
-            train_idx = sorted({index[n] for n in _decode(mask['train'][()]) if n in index})
-    if train_idx is None:
-        held = set(valid_idx)
-        train_idx = [i for i in range(len(demos)) if i not in held]
+    valid_idx = [i for i, n in enumerate(names) if n in valid_names]
+    train_idx = [i for i, n in enumerate(names)
+                 if (n not in valid_names if train_names is None else n in train_names)]
     return DemoDataset(demos=demos, obs_fields=[(k, sizes[k]) for k in obs_keys],
                        action_dim=int(action_dim or 0), env_args=env_args,
                        train_idx=train_idx, valid_idx=valid_idx, path=str(path))
 
 
-def _demo_group(data: h5py.Group, name: str, path: Path) -> h5py.Group:
+def data_group(f: h5py.File, path: Path) -> h5py.Group:
+    """The file's `data` group; a UserError unless it holds demo_<i> groups."""
+    data = f.get('data')
+    if not isinstance(data, h5py.Group):
+        raise UserError(f'{path}: no "data" group (not a robomimic-style dataset)')
+    if not demo_names(data):
+        raise UserError(f'{path}: "data" holds no demo_<i> groups')
+    return data
+
+
+def _env_args(data: h5py.Group, path: Path) -> dict[str, Any]:
+    try:
+        env_args = json.loads(data.attrs.get('env_args', '{}'))
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise UserError(f'{path}: data attribute env_args is not JSON ({exc})') from None
+    if not isinstance(env_args, dict):
+        raise UserError(f'{path}: data attribute env_args: expected a JSON object')
+    return env_args
+
+
+def _mask_names(f: h5py.File, path: Path) -> dict[str, list[str]]:
+    """Filter key -> the demo names it lists (robomimic's mask/<key>)."""
+    mask = f.get('mask')
+    if not isinstance(mask, h5py.Group):
+        return {}
+    out = {}
+    for key, node in mask.items():
+        if not isinstance(node, h5py.Dataset):
+            raise UserError(f'{path}: mask/{key}: expected a list of demo names')
+        out[key] = _decode(node[()])
+    return out
+
+
+def _filter_names(masks: dict[str, list[str]], filter_key: str, path: Path) -> list[str]:
+    if filter_key not in masks:
+        have = ', '.join(sorted(masks)) or 'none (no mask group)'
+        raise UserError(f'{path}: no filter key {filter_key!r} (mask/{filter_key}); its '
+                        f'filter keys: {have}')
+    return masks[filter_key]
+
+
+def demo_group(data: h5py.Group, name: str, path: Path) -> h5py.Group:
+    """data/<name> as a group; a UserError naming the demo otherwise."""
     try:
         group = data[name]
     except _READ_ERRORS as exc:
@@ -340,7 +432,7 @@ def _demo_group(data: h5py.Group, name: str, path: Path) -> h5py.Group:
 
 
 def _read_demo(g: h5py.Group, name: str, path: Path, obs_keys: list[str],
-               sizes: dict[str, int], load_states: bool) -> Demo:
+               sizes: dict[str, int], load_states: bool, load_next_obs: bool = False) -> Demo:
     """One demo group; observation sizes are checked against (and recorded in) `sizes`."""
     og = g.get('obs')
     if not isinstance(og, h5py.Group):
@@ -375,10 +467,132 @@ def _read_demo(g: h5py.Group, name: str, path: Path, obs_keys: list[str],
     def optional(key: str) -> np.ndarray | None:
         node = g.get(key)
         return np.asarray(node[()]) if isinstance(node, h5py.Dataset) else None
-    return Demo(obs=np.concatenate(parts, axis=1), actions=actions,
+    obs = np.concatenate(parts, axis=1)
+    return Demo(obs=obs, actions=actions,
                 mode=None if mode is None else _text(mode), rewards=optional('rewards'),
                 dones=optional('dones'), states=optional('states') if load_states else None,
-                seed=seed, name=name)
+                seed=seed, name=name,
+                next_obs=_next_obs(g, name, path, obs_keys, obs.shape) if load_next_obs
+                else None)
+
+
+def _next_obs(g: h5py.Group, name: str, path: Path, obs_keys: list[str],
+              shape: tuple[int, ...]) -> np.ndarray | None:
+    """The demo's next_obs of `obs_keys` (same shape as its obs), None without a group."""
+    ng = g.get('next_obs')
+    if not isinstance(ng, h5py.Group):
+        return None
+    missing = [k for k in obs_keys if k not in ng]
+    if missing:
+        raise UserError(f'{path}: {name} has no next_obs key {missing[0]!r}')
+    out = np.concatenate([read_array(path, ng[k], f'{name}/next_obs/{k}') for k in obs_keys],
+                         axis=1)
+    if out.shape != shape:
+        raise UserError(f'{path}: {name}/next_obs: shape {out.shape}, obs has {shape}')
+    return out
+
+
+# -- description ------------------------------------------------------------------------------
+def dataset_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What a dataset holds, for `vdd-ros dataset-info` (JSON-serialisable).
+
+    Demonstrations, transitions, lengths, observation keys and shapes (of the first demo),
+    action dimension and per-dimension range, environment (robomimic `env_args`, or the `env` /
+    `env_info` attributes of a raw robosuite recording), filter keys with their demo counts,
+    and whether states and next observations are present. Reads shapes, attributes and the
+    actions only.
+    """
+    with open_dataset(path) as (f, path):
+        data = data_group(f, path)
+        names = demo_names(data)
+        lengths, low, high = [], None, None
+        for name in names:
+            g = demo_group(data, name, path)
+            if 'actions' not in g:
+                raise UserError(f'{path}: {name} has no key "actions"')
+            actions = read_array(path, g['actions'], f'{name}/actions', np.float64)
+            if low is not None and actions.shape[1] != low.size:
+                raise UserError(f'{path}: {name}/actions: {actions.shape[1]}-d actions, '
+                                f'{low.size}-d before')
+            lengths.append(actions.shape[0])
+            if actions.shape[0]:
+                low = actions.min(0) if low is None else np.minimum(low, actions.min(0))
+                high = actions.max(0) if high is None else np.maximum(high, actions.max(0))
+        first = demo_group(data, names[0], path)
+        obs = first.get('obs')
+        shapes = ({k: list(v.shape[1:]) for k, v in obs.items() if isinstance(v, h5py.Dataset)}
+                  if isinstance(obs, h5py.Group) else {})
+        with_states = [data[n]['states'].shape[1] for n in names
+                       if isinstance(data[n].get('states'), h5py.Dataset)]
+        env = _environment(data, path)
+        return {
+            'path': str(path),
+            'layout': 'robomimic' if isinstance(obs, h5py.Group) else 'robosuite (raw)',
+            'demos': len(names),
+            'transitions': int(sum(lengths)),
+            'length': {'mean': float(np.mean(lengths)), 'min': int(min(lengths)),
+                       'max': int(max(lengths))},
+            'obs': shapes,
+            'next_obs': isinstance(first.get('next_obs'), h5py.Group),
+            'action_dim': 0 if low is None else int(low.size),
+            'action_min': [] if low is None else [float(v) for v in low],
+            'action_max': [] if high is None else [float(v) for v in high],
+            **env,
+            'filter_keys': {k: len(v) for k, v in _mask_names(f, path).items()},
+            'states': len(with_states) == len(names),
+            'state_dim': with_states[0] if with_states else None,
+        }
+
+
+def recorded_env_args(data: h5py.Group, path: Path) -> dict[str, Any]:
+    """The robomimic `env_args` of a file: its env_args attribute, else built from a raw
+    robosuite recording's attributes (`env`, `env_info` JSON of env_name and make keyword
+    arguments, `repository_version`) as {env_name, type 1, env_kwargs, env_version}; {} when
+    the file has neither."""
+    env_args = _env_args(data, path)
+    if env_args or 'env_info' not in data.attrs:
+        return env_args
+    try:
+        info = json.loads(data.attrs['env_info'])
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise UserError(f'{path}: data attribute env_info is not JSON ({exc})') from None
+    if not isinstance(info, dict):
+        raise UserError(f'{path}: data attribute env_info: expected a JSON object')
+    name = data.attrs.get('env', info.get('env_name'))
+    out = {'env_name': None if name is None else _text(name), 'type': 1,
+           'env_kwargs': {k: v for k, v in info.items() if k != 'env_name'}}
+    if 'repository_version' in data.attrs:
+        out['env_version'] = _text(data.attrs['repository_version'])
+    return out
+
+
+def _environment(data: h5py.Group, path: Path) -> dict[str, Any]:
+    """env_name, robots, controller, env_version (robomimic's key, else robosuite_version)
+    and a task label, of a file's metadata."""
+    env_args = recorded_env_args(data, path)
+    kwargs = env_args.get('env_kwargs')
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    robots = kwargs.get('robots', [])
+    robots = [robots] if isinstance(robots, str) else [str(r) for r in robots]
+    version = env_args.get('env_version', env_args.get('robosuite_version'))
+    out = {'env_name': env_args.get('env_name'), 'robots': robots,
+           'controller': _controller(kwargs.get('controller_configs')),
+           'env_version': None if version is None else str(version)}
+    if env_args.get('task') is not None:
+        out['task'] = str(env_args['task'])
+    return out
+
+
+def _controller(cfg: Any) -> str | None:
+    """'OSC_POSE' (robosuite <= 1.4 part), 'BASIC (right: OSC_POSE)' (1.5 composite)."""
+    if not isinstance(cfg, dict):
+        return None
+    parts = cfg.get('body_parts')
+    if isinstance(parts, dict):
+        inner = ', '.join(f'{k}: {v.get("type")}' for k, v in parts.items()
+                          if isinstance(v, dict))
+        return f'{cfg.get("type")} ({inner})'
+    return None if cfg.get('type') is None else str(cfg['type'])
 
 
 # -- training windows -------------------------------------------------------------------------
