@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     'binding'),
     'record': ('record', 'record live topics of a binding into a rosbag2, or scripted '
                'demonstrations through sim_node and policy_node'),
+    'dataset-info': ('dataset_info', 'describe a dataset: demos, lengths, keys, actions, env'),
 }
 
 
