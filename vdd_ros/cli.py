@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     'binding'),
     'record': ('record', 'record live topics of a binding into a rosbag2, or scripted '
                'demonstrations through sim_node and policy_node'),
+    'convert-robosuite': ('convert_robosuite', 'raw robosuite demonstrations (states, actions) '
+                          'to the robomimic layout by state replay'),
     'dataset-info': ('dataset_info', 'describe a dataset: demos, lengths, keys, actions, env'),
 }
 
