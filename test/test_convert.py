@@ -83,13 +83,17 @@ def test_every_demo_reaches_success_by_its_states(converted) -> None:
     assert summary['transitions_per_s'] > summary['bare_steps_per_s'] > 0
 
 
-def test_default_keys_are_every_low_dim_observation_by_robomimic_name(converted) -> None:
+def test_every_low_dim_observation_is_written_and_robomimics_keys_are_the_default(
+        converted) -> None:
     out, summary = converted
-    data = load_dataset(out)
-    keys = data.obs_keys
-    assert set(LIFT_KEYS) <= set(keys) and 'object-state' not in keys
-    assert dict(data.obs_fields)['object'] == 10 and data.obs_dim == summary['obs_dim']
-    assert data.obs_fields == [tuple(f) for f in summary['obs_fields']]
+    written = [k for k, _ in summary['obs_fields']]
+    assert set(LIFT_KEYS) <= set(written) and 'object-state' not in written
+    assert 'robot0_proprio-state' in written and summary['obs_dim'] == 120
+    data = load_dataset(out)           # no keys: robomimic's usual four, 19 values
+    assert data.obs_keys == list(LIFT_KEYS) and data.obs_dim == 19
+    assert summary['default_keys'] == list(LIFT_KEYS)
+    every = load_dataset(out, obs_keys=written)     # the rest stays selectable by name
+    assert every.obs_fields == [tuple(f) for f in summary['obs_fields']]
 
 
 def test_converted_file_loads_and_human_actions_normalise_into_unit_range(converted) -> None:

@@ -39,6 +39,8 @@ def format_report(s: dict[str, Any]) -> str:
                  'states')
     lines.append(f"{s['transitions']} transitions -> {s['out']} (obs {s['obs_dim']}-d from "
                  f"{len(s['obs_fields'])} keys; {s['train']} train, {s['valid']} valid demos)")
+    lines.append(f"keys learners take by default: {', '.join(s['default_keys'])} "
+                 '(others by name: --obs-keys)')
     speed = f"replay {s['transitions_per_s']:.0f} transitions/s"
     if s['bare_steps_per_s']:
         speed += (f"; bare robosuite {s['env_name']} stepping (zero actions) "

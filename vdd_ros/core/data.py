@@ -158,11 +158,14 @@ def _masks(n: int, valid_fraction: float,
 def write_dataset(path: str | os.PathLike, demos: Sequence[Demo],
                   obs_fields: list[tuple[str, int]], env_args: dict[str, Any],
                   valid_fraction: float = 0.1,
-                  masks: Mapping[str, Sequence[int]] | None = None) -> None:
+                  masks: Mapping[str, Sequence[int]] | None = None,
+                  default_keys: Sequence[str] | None = None) -> None:
     """Write demos in the robomimic layout, atomically (temporary file, then rename).
 
     `masks` maps filter keys to demo indices (written as mask/<key>); mask/train and
     mask/valid default as `_masks` says, from `valid_fraction` when neither is given.
+    The `obs_fields` attribute (what `load_dataset` reads without keys) lists
+    `default_keys`, or every written field.
     """
     path = Path(path)
     obs_fields = [(str(k), int(n)) for k, n in obs_fields]
@@ -176,7 +179,10 @@ def write_dataset(path: str | os.PathLike, demos: Sequence[Demo],
             data = f.create_group('data')
             data.attrs['total'] = int(sum(len(d) for d in demos))
             data.attrs['env_args'] = json.dumps(env_args)
-            data.attrs['obs_fields'] = json.dumps(obs_fields)
+            sizes = dict(obs_fields)
+            chosen = obs_fields if default_keys is None else \
+                [(str(k), sizes[str(k)]) for k in default_keys]
+            data.attrs['obs_fields'] = json.dumps(chosen)
             names = [f'demo_{i}' for i in range(len(demos))]
             for name, d in zip(names, demos):
                 _write_demo(data.create_group(name), d, obs_fields)

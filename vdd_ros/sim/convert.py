@@ -16,7 +16,11 @@ where that next state succeeds (robomimic's sparse reward); dones is 1 at the la
 actions and states are copied; env_args = {env_name, type 1, env_kwargs, env_version (the
 recording's robosuite)}; mask/train and mask/valid split the demos by `valid_fraction`.
 Observation keys carry robomimic's names (`object` for robosuite's `object-state`); the
-default is every low-dimensional observation the environment gives, in its order.
+default is every low-dimensional observation the environment gives, in its order. The keys a
+learner takes by default (the `obs_fields` attribute) are robomimic's usual low-dimensional
+ones, LIFT_KEYS (robot0_eef_pos, robot0_eef_quat, robot0_gripper_qpos, object: 19 values on
+Lift), when they were written; every written key otherwise. Everything written stays
+selectable by name (`--obs-keys`).
 
 Every bad input (no env info, an unknown environment, an unmappable controller, a two-arm
 environment, missing observation keys, a state or action size that does not fit) is one
@@ -38,7 +42,7 @@ from vdd_ros.core.data import (Demo, data_group, demo_group, demo_names, open_da
 from vdd_ros.core.io import check_writable
 from vdd_ros.errors import UserError
 from vdd_ros.sim.env import import_robosuite
-from vdd_ros.sim.robosuite_env import ALIASES, DatasetEnv
+from vdd_ros.sim.robosuite_env import ALIASES, LIFT_KEYS, DatasetEnv
 
 ROBOMIMIC_NAMES = {v: k for k, v in ALIASES.items()}   # robosuite key -> robomimic key
 BENCH_STEPS = 200   # zero-action env.step calls timed for the bare stepping rate
@@ -88,10 +92,14 @@ def convert_robosuite(raw_path: str | Path, out_path: str | Path,
         bare = _bare_step_rate(env, bench_steps)
     transitions = sum(len(d) for d in demos)
     train, valid = split_indices(len(demos), valid_fraction)
-    write_dataset(out_path, demos, fields, env_args, masks={'train': train, 'valid': valid})
+    written = [k for k, _ in fields]
+    default = list(LIFT_KEYS) if set(LIFT_KEYS) <= set(written) else None
+    write_dataset(out_path, demos, fields, env_args, masks={'train': train, 'valid': valid},
+                  default_keys=default)
     return {'out': str(out_path), 'source': str(path), 'env_name': env_args['env_name'],
             'recorded_with': env_args.get('env_version'),
             'robosuite': import_robosuite().__version__, 'obs_fields': fields,
+            'default_keys': default or written,
             'obs_dim': sum(n for _, n in fields), 'demos': report,
             'transitions': transitions, 'replay_s': replay_s,
             'transitions_per_s': transitions / max(replay_s, 1e-9),
