@@ -9,8 +9,9 @@ in the last:
    each, whether the signal is monotone (farther out never scores as more familiar), and its
    cost per action at batch 1 on one thread.
 2. **Calibrate** each signal on validation data: WARN above the larger of the 99.5th
-   percentile of validation-demonstration scores and the highest score that clean closed-loop
-   episodes on validation seeds sustained for `sustain` actions; ERROR at twice WARN's margin
+   percentile of validation-demonstration scores and the highest score that clean, successful
+   closed-loop episodes on validation seeds sustained for `sustain` actions (a clean episode
+   that fails is no example of familiar states); ERROR at twice WARN's margin
    over the median validation score. The chosen signal (the best validation AUROC among those
    that can run in the policy node within the cost budget) is stored with the checkpoint.
 3. **Closed loop on test seeds**: clean and perturbed episodes (`sim/perturbations.py`); for
@@ -448,7 +449,8 @@ def run_study(policy: str, dataset: str, cfg: StudyConfig, teacher: str | None =
             signals, std, cfg.workers, 'validation episodes')
     calibrations = {
         name: calibrate(row['valid_scores'],
-                        [r['scores'][name] for r in records_valid], cfg.sustain, name)
+                        [r['scores'][name] for r in records_valid if r['success']],
+                        cfg.sustain, name)
         for name, row in offline['signals'].items()}
     if cfg.episodes:
         jobs = [(kind, None, s) for kind in ('clean', *cfg.conditions)
@@ -463,6 +465,7 @@ def run_study(policy: str, dataset: str, cfg: StudyConfig, teacher: str | None =
               'calibrations': {n: asdict(c) for n, c in calibrations.items()},
               'closed_loop': closed, 'wall_s': time.perf_counter() - start,
               'validation_seeds': [r['seed'] for r in records_valid],
+              'validation_successes': sum(r['success'] for r in records_valid),
               'test_seeds': sorted({r['seed'] for r in records_test})}
     if cfg.save:
         save_confidence(policy, densities[chosen], calibrations[chosen],
