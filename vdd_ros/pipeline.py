@@ -14,6 +14,13 @@ reruns (changed settings, lost output, `force`) makes everything downstream of i
 A run killed at any moment leaves no marker for the stage it was in, so the next run resumes
 there. Robosuite, ROS and matplotlib are imported only by the stages that need them.
 
+On the user's dataset (`dataset`, `vdd-ros pipeline --dataset F.hdf5`): under
+`<results>/<file stem>/`, a `dataset` stage imports the file (its observation keys and filter
+key applied, its train/valid split kept) in place of `collect`; every policy is evaluated in
+process in the robosuite environment the file's `env_args` describe (sim/robosuite_env.py),
+for `horizon` control steps (default: the longest demonstration), with success from the
+environment's own check and no behaviour modes.
+
 Via bags (`via_bags`, `vdd-ros pipeline --via-bags`): the same job with everything over
 standard ROS 2 messages, under `<results>/via_bags/<task>/` (its own summary.md there):
 
@@ -83,6 +90,7 @@ class PipelineConfig:
     expert_mode: str | int | None = None  # VDD-MoE expert choice (None: checkpoint's)
     video_episodes_per_mode: int = 1     # VDD-MoE episodes rendered per behaviour mode
     latency_queries: int = 300           # timed single-observation queries per policy
+    horizon: int | None = None           # --dataset runs: steps per episode (None: longest demo)
     train: dict[str, Any] = field(default_factory=dict)  # dotted TrainConfig overrides
 
     def validate(self) -> None:
@@ -91,6 +99,8 @@ class PipelineConfig:
             at_least(getattr(self, name), 1, name)
         at_least(self.collect_seed, 0, 'collect_seed')
         at_least(self.latency_queries, 10, 'latency_queries')
+        if self.horizon is not None:
+            at_least(self.horizon, 1, 'horizon')
         positive(self.ros_control_rate_hz, 'ros_control_rate_hz')
         if self.teacher_steps is not None:
             at_least(self.teacher_steps, 1, 'teacher_steps')
@@ -131,11 +141,13 @@ def default_config_path() -> Path | None:
 def load_pipeline_config(task: str, path: str | os.PathLike | None = None,
                          overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
     """`defaults`, then `tasks.<task>`, then `overrides` (dotted; `train.<key>` for training).
+    A `task` of None (a run on the user's dataset) takes no task section.
 
     Errors name the file, the section and the field.
     """
     from vdd_ros.sim.tasks import TASKS, get_task
-    get_task(task)
+    if task is not None:
+        get_task(task)
     path = Path(path) if path is not None else default_config_path()
     if path is None:
         raise UserError('config/pipeline.yaml not found (pass --config)')
@@ -152,14 +164,15 @@ def load_pipeline_config(task: str, path: str | os.PathLike | None = None,
             raise ConfigError(f'{path}: tasks.{key_text(name)}: unknown task (known: '
                               f'{", ".join(TASKS)})')
     merged: dict[str, Any] = {}
-    for section, part in (('defaults', data.get('defaults')), (f'tasks.{task}', tasks.get(task)),
+    for section, part in (('defaults', data.get('defaults')),
+                          (f'tasks.{task}', tasks.get(task) if task else None),
                           ('--set', overrides)):
         if part is None:
             continue
         if not isinstance(part, Mapping):
             raise ConfigError(f'{path}: {section}: expected a mapping')
         _merge(merged, part, section, path)
-    return from_dict(PipelineConfig, merged, f'{path} [{task}]')
+    return from_dict(PipelineConfig, merged, f'{path} [{task or "defaults"}]')
 
 
 def _merge(into: dict[str, Any], part: Mapping[str, Any], section: str, path: Path) -> None:
@@ -208,9 +221,32 @@ class Context:
     log: Callable[[str], None] = print
     via_bags: bool = False
     nproc: int = 1                  # training stages on this many torchrun ranks
+    dataset: dict[str, Any] | None = None   # a run on the user's dataset: `dataset_source`
 
     def path(self, relative: str) -> Path:
         return self.folder / relative
+
+    def env(self) -> Any:
+        """Where episodes run: the task, or the imported dataset's robosuite environment."""
+        if self.dataset is None:
+            return self.task
+        from vdd_ros.sim.rollout import dataset_env
+        return dataset_env(self.path('demos.hdf5'), self.cfg.horizon)
+
+
+def dataset_source(path: str | os.PathLike, obs_keys: list[str] | None = None,
+                   filter_key: str | None = None) -> dict[str, Any]:
+    """The `dataset` stage's settings for the user's file (checked now, before any stage:
+    readable, keys and filter key present, an environment robosuite can rebuild). Its size
+    and modification time are part of them, so an edited file is imported again."""
+    from vdd_ros.core.data import load_dataset
+    from vdd_ros.sim.robosuite_env import check_env_args
+    path = Path(path).resolve()
+    data = load_dataset(path, obs_keys, filter_key=filter_key)
+    check_env_args(data.env_args, str(path))
+    stat = path.stat()
+    return {'path': str(path), 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns,
+            'obs_keys': [k for k, _ in data.obs_fields], 'filter_key': filter_key}
 
 
 def _train_settings(train: TrainConfig, *sections: str) -> dict[str, Any]:
@@ -222,9 +258,12 @@ def _train_settings(train: TrainConfig, *sections: str) -> dict[str, Any]:
 def build_stages(ctx: Context) -> list[Stage]:
     """The stages of a run, in execution order."""
     cfg, train = ctx.cfg, ctx.train
-    data = 'bag2dataset' if ctx.via_bags else 'collect'
+    data = 'bag2dataset' if ctx.via_bags else 'dataset' if ctx.dataset else 'collect'
     collection = {'task': ctx.task, 'demos': cfg.demos, 'seed': cfg.collect_seed}
-    if ctx.via_bags:
+    if ctx.dataset is not None:
+        stages = [Stage('dataset', 'import the dataset', (), ['demos.hdf5'],
+                        {**ctx.dataset, 'horizon': cfg.horizon}, _import_dataset)]
+    elif ctx.via_bags:
         stages = [
             Stage('record', 'record scripted demonstrations through the ROS nodes', (),
                   ['bags'], {**collection, 'binding': _binding_text(ctx.task)}, _record),
@@ -246,6 +285,7 @@ def build_stages(ctx: Context) -> list[Stage]:
               _train_settings(train, 'moe', 'em_moe'), functools.partial(_train, 'em_moe')),
     ]
     for policy, (source, label) in POLICIES.items():
+        label = 'VDD-MoE' if ctx.dataset and policy == 'vdd_moe' else label
         settings: dict[str, Any] = {'episodes': cfg.eval_episodes,
                                     'latency_queries': cfg.latency_queries}
         if policy == 'teacher':
@@ -253,15 +293,17 @@ def build_stages(ctx: Context) -> list[Stage]:
         elif policy == 'teacher_1step':
             settings['steps'] = 1
         if policy == 'vdd_moe':
-            settings.update(via_ros=True, control_rate_hz=cfg.ros_control_rate_hz,
-                            expert_mode=cfg.expert_mode)
+            settings['expert_mode'] = cfg.expert_mode
+            if ctx.dataset is None:
+                settings.update(via_ros=True, control_rate_hz=cfg.ros_control_rate_hz)
         if ctx.via_bags and policy in VIA_BINDING:
             settings.update(via_ros=True, control_rate_hz=cfg.ros_control_rate_hz,
                             binding=f'task:{ctx.task}')
         stages.append(Stage(f'eval_{policy}', f'evaluate: {label}', (data, source),
                             [f'eval/{policy}.json'], settings,
                             functools.partial(_evaluate, policy)))
-    stages.append(Stage('video', 'render VDD-MoE rollouts of each mode', ('eval_vdd_moe',),
+    stages.append(Stage('video', 'render VDD-MoE rollouts' + ('' if ctx.dataset else
+                                                              ' of each mode'), ('eval_vdd_moe',),
                         [GIF_NAME], {'per_mode': cfg.video_episodes_per_mode,
                                      'expert_mode': cfg.expert_mode}, _video))
     from vdd_ros.report import REPORT_OUTPUTS
@@ -390,6 +432,26 @@ def compare_with_native(ctx: Context) -> dict[str, Any]:
             'binding': f'config/bindings/{ctx.task}.yaml'}
 
 
+def _import_dataset(ctx: Context) -> dict[str, Any]:
+    """The user's file as demos.hdf5: the chosen keys, the filter key's demos with the
+    validation demos, the split kept; the environment checked by building it once."""
+    from vdd_ros.core.data import load_dataset, write_dataset
+    source = ctx.dataset or {}
+    data = load_dataset(source['path'], source['obs_keys'], filter_key=source['filter_key'])
+    write_dataset(ctx.path('demos.hdf5'), data.demos, data.obs_fields, data.env_args,
+                  masks={'train': data.train_idx, 'valid': data.valid_idx})
+    env = ctx.env()
+    env.with_keys(k for k, _ in data.obs_fields).make().close()
+    lengths = [len(d) for d in data.demos]
+    ctx.log(f'  {len(data.demos)} demonstrations ({len(data.train_idx)} train, '
+            f'{len(data.valid_idx)} valid), {sum(lengths)} steps, observation '
+            f'{sum(n for _, n in data.obs_fields)}-d, {env.name}, horizon {env.horizon}')
+    return {'kept': len(data.demos), 'mean_length': float(sum(lengths) / len(lengths)),
+            'mode_counts': {}, 'train': len(data.train_idx), 'valid': len(data.valid_idx),
+            'horizon': env.horizon, 'environment': env.name,
+            'obs_keys': [k for k, _ in data.obs_fields]}
+
+
 def _collect(ctx: Context) -> dict[str, Any]:
     from vdd_ros.sim.collection import collect
     cfg = ctx.cfg
@@ -447,7 +509,8 @@ def _evaluate(policy: str, ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     seeds = evaluation_seeds(cfg.eval_episodes)
     ref = policy_ref(ctx, policy)
-    if policy == 'vdd_moe' or (ctx.via_bags and policy in VIA_BINDING):
+    env = ctx.env()
+    if (policy == 'vdd_moe' and ctx.dataset is None) or (ctx.via_bags and policy in VIA_BINDING):
         from vdd_ros.ros.evaluation import evaluate_via_ros
         source = ctx.path(POLICIES[policy][0])
         if policy == 'teacher' and cfg.teacher_steps is not None:
@@ -464,9 +527,9 @@ def _evaluate(policy: str, ctx: Context) -> dict[str, Any]:
             raise UserError(f'the ROS evaluation failed (no fallback to the in-process '
                             f'runner): {exc}') from None
     else:
-        metrics = evaluate(ref, ctx.task, cfg.eval_episodes, workers=cfg.eval_workers,
+        metrics = evaluate(ref, env, cfg.eval_episodes, workers=cfg.eval_workers,
                            seeds=seeds, show_progress=ctx.show_progress, device=ctx.device)
-    built = build_policy(ref, ctx.task, ctx.device)
+    built = build_policy(ref, env, ctx.device)
     model = built.model
     if hasattr(model, 'sampling_steps'):
         metrics['sampling_steps'] = int(model.sampling_steps)
@@ -476,11 +539,14 @@ def _evaluate(policy: str, ctx: Context) -> dict[str, Any]:
     label = POLICIES[policy][1]
     if ctx.via_bags and policy == 'teacher':
         label += ' (over ROS)'
+    if ctx.dataset is not None and policy == 'vdd_moe':
+        label = 'VDD-MoE'
     metrics.update(name=policy, label=label, checkpoint=POLICIES[policy][0],
                    device=ctx.device)
     write_json(ctx.path(f'eval/{policy}.json'), metrics)
-    ctx.log(f'  success {metrics["successes"]}/{metrics["episodes"]} '
-            f'({_counts(metrics["mode_counts"])}), mode entropy {metrics["mode_entropy"]:.2f}, '
+    modes = f'({_counts(metrics["mode_counts"])}), mode entropy ' \
+        f'{metrics["mode_entropy"]:.2f}' if metrics['mode_counts'] else '(no modes defined)'
+    ctx.log(f'  success {metrics["successes"]}/{metrics["episodes"]} {modes}, '
             f'{metrics["query_ms_p50"]:.3f} ms per action (p50)')
     return {k: metrics[k] for k in ('success_rate', 'mode_entropy', 'query_ms_p50')}
 
@@ -522,7 +588,7 @@ def query_latency(policy: Any, dataset: Path, queries: int, warmup: int = 20
 
 def _video(ctx: Context) -> dict[str, Any]:
     detail = json.loads(ctx.path('eval/vdd_moe.json').read_text())['episodes_detail']
-    shown = render_mode_gif(policy_ref(ctx, 'vdd_moe'), ctx.task, detail,
+    shown = render_mode_gif(policy_ref(ctx, 'vdd_moe'), ctx.env(), detail,
                             ctx.cfg.video_episodes_per_mode, ctx.path(GIF_NAME), ctx.device)
     ctx.log(f'  {GIF_NAME}: ' + '; '.join(f'{m}: seeds {", ".join(map(str, s)) or "none"}'
                                            for m, s in shown.items()))
@@ -543,7 +609,7 @@ def pick_mode_episodes(detail: list[dict[str, Any]], modes: list[str], per_mode:
     return {m: p for m, p in picks.items() if p}
 
 
-def render_mode_gif(ref: Any, task: str, detail: list[dict[str, Any]], per_mode: int,
+def render_mode_gif(ref: Any, task: Any, detail: list[dict[str, Any]], per_mode: int,
                     out: Path, device: str = 'cpu', frame_step: int = 2
                     ) -> dict[str, list[int]]:
     """Render the picked episodes of each mode side by side, one panel per mode with a
@@ -555,14 +621,13 @@ def render_mode_gif(ref: Any, task: str, detail: list[dict[str, Any]], per_mode:
     import numpy as np
     from PIL import Image
 
-    from vdd_ros.sim.env import SimEnv
-    from vdd_ros.sim.rollout import build_policy, run_episode
-    from vdd_ros.sim.tasks import get_task
-    spec = get_task(task)
-    picks = pick_mode_episodes(detail, list(spec.modes), per_mode)
+    from vdd_ros.sim.rollout import build_policy, env_info, render_env, run_episode
+    _, modes, _ = env_info(task)
+    picks = pick_mode_episodes(detail, modes, per_mode)
     policy = build_policy(ref, task, device)
     panels: list[list[np.ndarray]] = []
-    with SimEnv(task, render=True) as env:
+    env, fps = render_env(task, policy)
+    with env:
         for mode, episodes in picks.items():
             frames: list[np.ndarray] = []
             for seed, _ in episodes:
@@ -577,7 +642,7 @@ def render_mode_gif(ref: Any, task: str, detail: list[dict[str, Any]], per_mode:
               for i in range(length)]
     with atomic_path(out) as tmp:
         images[0].save(tmp, format='GIF', save_all=True, append_images=images[1:], loop=0,
-                       duration=int(round(1000 * frame_step / spec.control_freq)))
+                       duration=int(round(1000 * frame_step / fps)))
     return {m: [s for s, _ in p] for m, p in picks.items()}
 
 
@@ -648,8 +713,11 @@ def _decide(ctx: Context, stage: Stage, deps: dict[str, str], forced: bool
 def run_pipeline(task: str, cfg: PipelineConfig, results: str | os.PathLike = 'results', *,
                  device: str = 'cpu', force: bool = False, rerun_from: str | None = None,
                  show_progress: bool = True, log: Callable[[str], None] = print,
-                 via_bags: bool = False, nproc: int = 1) -> dict[str, Any]:
+                 via_bags: bool = False, nproc: int = 1,
+                 dataset: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the pipeline on `task`; returns the metrics written to metrics.json.
+
+    With `dataset` (`dataset_source`) the run is on the user's file, in `<results>/<task>`.
 
     With `nproc` > 1 the training stages run data-parallel on that many torchrun ranks.
 
@@ -658,8 +726,11 @@ def run_pipeline(task: str, cfg: PipelineConfig, results: str | os.PathLike = 'r
     `<results>/via_bags/<task>/` (see the module docstring).
     """
     results = results_root(results, via_bags)
+    if dataset is not None and via_bags:
+        raise UserError('--via-bags records the registered tasks; it does not apply to '
+                        '--dataset')
     ctx = Context(task, Path(results) / task, cfg, cfg.train_config(), device, show_progress,
-                  log, via_bags, nproc)
+                  log, via_bags, nproc, dataset)
     stages = build_stages(ctx)
     names = [s.name for s in stages]
     if rerun_from is not None and rerun_from not in names:
@@ -768,10 +839,11 @@ def _run_stages(ctx: Context, stages: list[Stage], force: bool, rerun_from: str 
         log(f'   {stage.name} done in {wall:.1f} s')
     from vdd_ros.report import format_summary, write_summary
     metrics = json.loads(ctx.path('metrics.json').read_text())
-    write_summary(results)
+    summary = write_summary(results)
     log(format_summary(metrics))
     log(f'ran {len(ran)} of {len(stages)} stages in {time.monotonic() - start:.1f} s; '
-        f'report: {ctx.path("report.md")}; cross-task summary: {results / "summary.md"}')
+        f'report: {ctx.path("report.md")}'
+        + (f'; cross-task summary: {summary}' if summary else ''))
     return metrics
 
 

@@ -61,14 +61,17 @@ def _read_json(path: Path) -> Any:
 
 
 # -- metrics ----------------------------------------------------------------------------------
-def check_targets(policies: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The per-task targets as rows: name, description, value, required, met."""
+def check_targets(policies: Mapping[str, Mapping[str, Any]],
+                  modes_defined: bool = True) -> list[dict[str, Any]]:
+    """The per-task targets as rows: name, description, value, required, met (the mode
+    entropy target only where the task defines modes)."""
     vdd, teacher = policies['vdd_moe'], policies['teacher']
     speedup = teacher['query_ms_p50'] / max(vdd['query_ms_p50'], 1e-9)
     rows = [
         ('success_vs_teacher', vdd['success_rate'], teacher['success_rate'] - 0.05),
         ('success_floor', vdd['success_rate'], 0.85),
-        ('mode_entropy', vdd['mode_entropy'], 0.8 * teacher['mode_entropy']),
+        *([('mode_entropy', vdd['mode_entropy'], 0.8 * teacher['mode_entropy'])]
+          if modes_defined else []),
         ('latency', speedup, 8.0),
     ]
     return [{'name': name, 'description': TARGETS[name], 'value': float(value),
@@ -111,7 +114,9 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
     for m in policies.values():
         m['speedup_vs_teacher'] = teacher_ms / m['query_ms_p50'] if m['query_ms_p50'] > 0 \
             else None
-    targets = check_targets(policies)
+    imported = _read_json(folder / 'stages' / 'dataset.json') \
+        if (folder / 'stages' / 'dataset.json').is_file() else None
+    targets = check_targets(policies, modes_defined=imported is None)
     stages = {}
     order = {name: i for i, name in enumerate(stage_order or [])}
     markers = sorted((folder / 'stages').glob('*.json'),
@@ -125,9 +130,13 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
         curve = read_training(folder / name)
         training[name] = {'iterations': curve['iterations'],
                           'loss_history': _downsample(curve['loss_history'])}
-    collect = stages.get('collect', stages.get('bag2dataset', {})).get('info', {})
+    collect = stages.get('collect', stages.get('bag2dataset', stages.get('dataset', {}))) \
+        .get('info', {})
     return {
         'task': folder.name,
+        **({'dataset_run': {**imported['info'], 'source': imported['settings']['path'],
+                            'filter_key': imported['settings'].get('filter_key')}}
+           if imported else {}),
         'generated': _now(),
         'policies': policies,
         'targets': targets,
@@ -157,7 +166,12 @@ def _fmt(value: Any, spec: str = '.3f') -> str:
 def _modes(m: Mapping[str, Any]) -> str:
     wins = m['successes']
     return ', '.join(f'{k} {v} ({v / wins:.0%})' if wins else f'{k} 0'
-                     for k, v in m['mode_counts'].items())
+                     for k, v in m['mode_counts'].items()) or 'no modes defined'
+
+
+def _entropy(m: Mapping[str, Any]) -> str:
+    return f"{m['mode_entropy']:.3f}" if m['mode_counts'] else '-'
+
 
 
 SHORT = {'teacher': 'teacher', 'teacher_1step': 'teacher\n1 step', 'vdd_moe': 'VDD-MoE\n(ROS)',
@@ -167,6 +181,8 @@ SHORT = {'teacher': 'teacher', 'teacher_1step': 'teacher\n1 step', 'vdd_moe': 'V
 def _short(name: str, m: Mapping[str, Any]) -> str:
     if name == 'teacher' and m.get('sampling_steps'):
         return f'teacher\n{m["sampling_steps"]} steps'
+    if name == 'vdd_moe' and not m.get('via_ros'):
+        return 'VDD-MoE'
     return SHORT.get(name, name)
 
 
@@ -187,7 +203,7 @@ def results_table(metrics: Mapping[str, Any]) -> str:
         speed = m.get('speedup_vs_teacher')
         lines.append(
             f"| {_label(name, m)} | {m['success_rate']:.2f} ({m['successes']}/{m['episodes']})"
-            f" | {_modes(m)} | {m['mode_entropy']:.3f} | {m['mean_length']:.1f} | "
+            f" | {_modes(m)} | {_entropy(m)} | {m['mean_length']:.1f} | "
             f"{_fmt(m.get('query_ms_p50'))} / {_fmt(m.get('query_ms_p99'))} | "
             f"{_fmt(speed, '.1f')}x | {_fmt(m['latency_ms_p50'])} / "
             f"{_fmt(m['latency_ms_p99'])} |")
@@ -201,17 +217,21 @@ def targets_table(metrics: Mapping[str, Any]) -> str:
         lines.append(f"| {t['description']} | {_fmt(t['value'])}{unit} | "
                      f">= {_fmt(t['required'])}{unit} | {'met' if t['met'] else 'MISSED'} |")
     beats = metrics['beats_baselines']
-    lines.append(f"| VDD-MoE success above Gaussian BC and EM-MoE (counts toward the cross-task "
-                 f"target: >= {CROSS_TASK_WINS} of {ALL_TASKS} tasks) | "
-                 f"{'yes' if beats else 'no'} | yes | {'met' if beats else 'not on this task'} |")
+    if 'dataset_run' in metrics:
+        lines.append('| VDD-MoE mode entropy | - | - | no modes defined |')
+        lines.append(f"| VDD-MoE success above Gaussian BC and EM-MoE | "
+                     f"{'yes' if beats else 'no'} | - | {'yes' if beats else 'no'} |")
+    else:
+        lines.append(f"| VDD-MoE success above Gaussian BC and EM-MoE (counts toward the "
+                     f"cross-task target: >= {CROSS_TASK_WINS} of {ALL_TASKS} tasks) | "
+                     f"{'yes' if beats else 'no'} | yes | "
+                     f"{'met' if beats else 'not on this task'} |")
     return '\n'.join(lines)
 
 
 def render_markdown(metrics: Mapping[str, Any]) -> str:
     """report.md of one task."""
-    from vdd_ros.sim.tasks import get_task
     task = metrics['task']
-    spec = get_task(task)
     s = metrics['settings']
     p = metrics['policies']
     seeds = s['eval_seeds']
@@ -235,27 +255,50 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
         f"divides the teacher's p50 by each policy's.",
         f"*Control-step act()*: what the rollout runner measured per control step, where the "
         f"policy executes {s['train'].get('action_exec', '?')} actions of each predicted chunk "
-        f"before querying again; for the VDD-MoE, the policy node's inference time.",
+        f"before querying again" + ("; for the VDD-MoE, the policy node's inference time."
+                                    if vdd.get('via_ros') else '.'),
         f"The VDD-MoE ran through the ROS nodes (sim_node in lockstep, policy_node at "
         f"{_fmt(vdd.get('control_rate_hz'), '.0f')} Hz, over DDS): observation to action "
         f"p50 {_fmt(vdd.get('obs_to_action_ms_p50'))} ms, "
-        f"p99 {_fmt(vdd.get('obs_to_action_ms_p99'))} ms."))
+        f"p99 {_fmt(vdd.get('obs_to_action_ms_p99'))} ms." if vdd.get('via_ros') else
+        "Every policy ran in process in the dataset's robosuite environment."))
+    run = metrics.get('dataset_run')
+    if run:
+        ds_line = (f"Dataset: {run['source']} ({ds.get('demos')} demonstrations: "
+                   f"{run['train']} train, {run['valid']} valid"
+                   f"{', filter key ' + run['filter_key'] if run.get('filter_key') else ''}), "
+                   f"mean length {_fmt(ds.get('mean_length'), '.1f')} steps; observation keys "
+                   f"{', '.join(run['obs_keys'])}; episodes of {run['horizon']} steps.")
+        header = (f"Environment: robosuite {run['environment']}, rebuilt from the dataset's "
+                  f"env_args; success from its own check; no behaviour modes defined.\n"
+                  f"Generated {metrics['generated']} by `vdd-ros pipeline --dataset "
+                  f"{run['source']}`: **{verdict}**.")
+        entropy_note = 'No behaviour modes are defined for this environment.'
+    else:
+        from vdd_ros.sim.tasks import get_task
+        spec = get_task(task)
+        ds_line = (f"Dataset: {ds.get('demos')} scripted demonstrations ({ds_modes}), mean "
+                   f"length {_fmt(ds.get('mean_length'), '.1f')} steps, from "
+                   f"{ds.get('attempts')} episodes on collection seeds {ds.get('first_seed')} "
+                   "onwards.")
+        header = (f"Task: {spec.description} (robosuite {spec.env_name}, Panda arm; modes: "
+                  f"{', '.join(spec.modes)}).\nGenerated {metrics['generated']} by `vdd-ros "
+                  f"pipeline --task {task}{via}`: **{verdict}**.")
+        entropy_note = (f"Mode shares count successful rollouts; mode entropy is -sum p log p "
+                        f"/ log {len(spec.modes)}.")
     settings = '\n'.join('- ' + line for line in (
-        f"Dataset: {ds.get('demos')} scripted demonstrations ({ds_modes}), mean length "
-        f"{_fmt(ds.get('mean_length'), '.1f')} steps, from {ds.get('attempts')} episodes on "
-        f"collection seeds {ds.get('first_seed')} onwards.",
+        ds_line,
         f"Evaluation seeds: {_seed_range(seeds)} ({len(seeds)} per policy).",
         f"Teacher sampling steps: {p['teacher'].get('sampling_steps', '?')} (its default) and "
         f"1; VDD-MoE expert choice: {vdd.get('expert_mode', '?')}."))
     return f"""# VDD-MoE on `{task}`
 
-Task: {spec.description} (robosuite {spec.env_name}, Panda arm; modes: {', '.join(spec.modes)}).
-Generated {metrics['generated']} by `vdd-ros pipeline --task {task}{via}`: **{verdict}**.
+{header}
 {via_bags_section(metrics)}
 ## Results
 
 {n} closed-loop rollouts per policy on the same evaluation seeds ({_seed_range(seeds)}).
-Mode shares count successful rollouts; mode entropy is -sum p log p / log {len(spec.modes)}.
+{entropy_note}
 
 {results_table(metrics)}
 
@@ -273,7 +316,7 @@ Mode shares count successful rollouts; mode entropy is -sum p log p / log {len(s
 
 ![training curves]({PLOTS['training_curves']})
 
-VDD-MoE rollouts of each mode: ![VDD-MoE modes](vdd_moe_modes.gif)
+VDD-MoE rollouts{'' if run else ' of each mode'}: ![VDD-MoE rollouts](vdd_moe_modes.gif)
 
 ## Settings
 
@@ -380,17 +423,23 @@ def plot_success_entropy(metrics: Mapping[str, Any], path: Path) -> None:
         axes[1].bar(x, share, bottom=bottom, label=mode)
         bottom = [b + s for b, s in zip(bottom, share)]
     axes[1].set_title('rollouts per mode (successful, share of all)')
-    axes[2].bar(x, [p[n]['mode_entropy'] for n in names], color=colours)
-    for i, n in enumerate(names):
-        axes[2].annotate(f"{p[n]['mode_entropy']:.2f}", (i, p[n]['mode_entropy']),
-                         textcoords='offset points', xytext=(0, 2), ha='center', fontsize=8)
-    axes[2].axhline(0.8 * p['teacher']['mode_entropy'], ls='--', c='tab:red', lw=1,
-                    label="0.8 x teacher's")
     axes[2].set_title('normalised mode entropy')
+    if modes:
+        axes[2].bar(x, [p[n]['mode_entropy'] for n in names], color=colours)
+        for i, n in enumerate(names):
+            axes[2].annotate(f"{p[n]['mode_entropy']:.2f}", (i, p[n]['mode_entropy']),
+                             textcoords='offset points', xytext=(0, 2), ha='center',
+                             fontsize=8)
+        axes[2].axhline(0.8 * p['teacher']['mode_entropy'], ls='--', c='tab:red', lw=1,
+                        label="0.8 x teacher's")
+    if not modes:
+        for ax in axes[1:]:
+            ax.text(0.5, 0.5, 'no modes defined', ha='center', transform=ax.transAxes)
     for ax in axes:
         ax.set_xticks(list(x), labels, fontsize=8)
         ax.set_ylim(0, 1.12)
-        ax.legend(fontsize=7, loc='upper right')
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc='upper right')
     fig.suptitle(f"{metrics['task']}: {p['teacher']['episodes']} rollouts per policy")
     fig.tight_layout()
     _save(fig, path)
@@ -493,8 +542,8 @@ def task_metrics(results: str | os.PathLike) -> dict[str, dict[str, Any]]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(data, dict) and 'policies' in data:
-            out[path.parent.name] = data
+        if isinstance(data, dict) and 'policies' in data and 'dataset_run' not in data:
+            out[path.parent.name] = data   # (runs on users' datasets are not tasks)
     return out
 
 

@@ -15,7 +15,9 @@ def _probs(text: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--task', required=True, help='lift_carry, pick_either or stack_either')
+    parser.add_argument('--task', required=True,
+                        help="lift_carry, pick_either or stack_either; or Lift: robosuite's "
+                             "standard Lift with robomimic's observation keys (one mode)")
     parser.add_argument('--episodes', type=int, default=100,
                         help='successful demonstrations to keep (default 100)')
     parser.add_argument('--out', required=True, help='output .hdf5 file (written atomically)')
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from vdd_ros.sim.demonstrators import DEFAULT_NOISE
     from vdd_ros.sim.tasks import get_task
 
-    get_task(args.task)
+    if args.task != 'Lift':
+        get_task(args.task)
     if not 0.0 <= args.valid_fraction < 1.0:
         raise UserError(f'--valid-fraction must be in [0, 1), got {args.valid_fraction}')
     out = str(args.out)
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
                       mode_probs=args.mode_probs,
                       noise=DEFAULT_NOISE if args.noise is None else args.noise,
                       valid_fraction=args.valid_fraction, show_progress=not args.quiet)
-    modes = ', '.join(f'{m} {n}' for m, n in summary['mode_counts'].items())
+    modes = ', '.join(f'{m} {n}' for m, n in summary['mode_counts'].items()) or \
+        'no modes defined'
     print(f"{summary['kept']} {args.task} demonstrations -> {out} "
           f"(discarded {summary['discarded']} failed of {summary['attempts']} episodes)")
     print(f"modes: {modes}; mean length {summary['mean_length']:.1f} steps")

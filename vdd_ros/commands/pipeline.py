@@ -12,15 +12,27 @@ from vdd_ros.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--task', default='lift_carry',
-                        help='lift_carry, pick_either or stack_either (default: %(default)s)')
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument('--task', default=None,
+                       help='lift_carry, pick_either or stack_either (default: lift_carry)')
+    where.add_argument('--dataset', type=Path, default=None, metavar='F.hdf5',
+                       help="your robomimic-layout dataset: trained on, and every policy "
+                            "evaluated in the robosuite environment its env_args describe; "
+                            'results in RESULTS/<file stem>')
+    parser.add_argument('--obs-keys', nargs='+', default=None, metavar='KEY',
+                        help="with --dataset: observation keys in order (default: the file's "
+                             'recorded obs_fields, else every low-dimensional key, sorted)')
+    parser.add_argument('--filter-key', default=None, metavar='KEY',
+                        help="with --dataset: train on the demos of mask/KEY (robomimic's "
+                             'filter keys); mask/valid stays the validation split')
     parser.add_argument('--device', default='cpu', help='torch device for training and the '
                         'policies (default: %(default)s)')
     parser.add_argument('--force', action='store_true',
                         help='rerun every stage, even those whose outputs are cached')
     parser.add_argument('--from', dest='rerun_from', metavar='STAGE', default=None,
                         help='rerun this stage and every stage that reads its outputs '
-                        '(collect, or record and bag2dataset with --via-bags; teacher, '
+                        '(collect, record and bag2dataset with --via-bags, or dataset with '
+                        '--dataset; teacher, '
                         'vdd_moe, gaussian_bc, em_moe, eval_teacher, eval_teacher_1step, '
                         'eval_vdd_moe, eval_gaussian_bc, eval_em_moe, video, report)')
     parser.add_argument('--via-bags', action='store_true',
@@ -61,18 +73,30 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {args.device}: CUDA is not available')
-    from vdd_ros.pipeline import results_root
-    cfg = load_pipeline_config(args.task, args.config, parse_overrides(args.set))
-    folder = results_root(args.results, args.via_bags) / args.task
-    print(f'vdd-ros pipeline on {args.task}{" via bags" if args.via_bags else ""} -> {folder} '
+    from vdd_ros.pipeline import dataset_source, results_root
+    dataset = None
+    if args.dataset is not None:
+        if args.via_bags:
+            raise UserError('--via-bags records the registered tasks: drop it with --dataset')
+        dataset = dataset_source(args.dataset, args.obs_keys, args.filter_key)
+        name = args.dataset.stem
+    else:
+        if args.obs_keys or args.filter_key:
+            raise UserError('--obs-keys and --filter-key apply to --dataset (a task has its '
+                            'own observation)')
+        name = args.task or 'lift_carry'
+    cfg = load_pipeline_config(None if dataset else name, args.config,
+                               parse_overrides(args.set))
+    folder = results_root(args.results, args.via_bags) / name
+    print(f'vdd-ros pipeline on {name}{" via bags" if args.via_bags else ""} -> {folder} '
           f'(device {args.device})')
     print('\n'.join(f'  {line}' for line in describe_config(cfg).splitlines()))
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        metrics = run_pipeline(args.task, cfg, args.results, device=args.device,
+        metrics = run_pipeline(name, cfg, args.results, device=args.device,
                                force=args.force, rerun_from=args.rerun_from,
                                show_progress=not args.quiet, via_bags=args.via_bags,
-                               nproc=args.nproc)
+                               nproc=args.nproc, dataset=dataset)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not metrics['targets_met']:

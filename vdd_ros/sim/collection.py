@@ -16,7 +16,8 @@ from tqdm import tqdm
 from vdd_ros.core.data import Demo, write_dataset
 from vdd_ros.errors import UserError
 from vdd_ros.sim.demonstrators import DEFAULT_NOISE, make_oracle
-from vdd_ros.sim.rollout import EVAL_SEED_BASE, _WORKER, cached_env, run_episode, worker_pool
+from vdd_ros.sim.rollout import (EVAL_SEED_BASE, _WORKER, cached_env, run_episode,
+                                 standard_env, worker_pool)
 from vdd_ros.sim.tasks import get_task
 
 
@@ -31,10 +32,11 @@ def _oracle(task: str, mode_probs: list[float] | None, noise: float) -> Any:
 def collect_episode(job: tuple[str, int, list[float] | None, float]) -> dict[str, Any]:
     """Run one scripted episode (in a worker) and return its recorded arrays."""
     task, seed, mode_probs, noise = job
-    env = cached_env(task)
+    env = cached_env(standard_env(task) if task == 'Lift' else task)
     rec = run_episode(env, _oracle(task, mode_probs, noise), seed, record=True)
     rec.pop('latency_ms')
     rec['env_args'] = env.env_args()   # of this task's env (a worker may serve several tasks)
+    rec['obs_fields'] = list(env.obs_fields)
     return rec
 
 
@@ -47,9 +49,10 @@ def collect(task: str, episodes: int, out: str, workers: int = 1, seed: int = 0,
     Returns a summary: kept, discarded, attempts, steps (all episodes), wall_s, steps_per_s,
     busy_steps_per_s (stepping time only, summed over workers), mode_counts, complete.
     The file holds whatever succeeded when `max_attempts` (default 2 * episodes + 10) runs
-    out; nothing is written when no episode succeeds.
+    out; nothing is written when no episode succeeds. `task` 'Lift' is robosuite's standard
+    Lift (StandardLiftOracle, robomimic's keys, no modes; `env_args` without a task).
     """
-    spec = get_task(task)
+    modes = [] if task == 'Lift' else list(get_task(task).modes)
     if episodes < 1:
         raise UserError(f'episodes must be at least 1, got {episodes}')
     if workers < 1:
@@ -99,10 +102,12 @@ def collect(task: str, episodes: int, out: str, workers: int = 1, seed: int = 0,
     demos = [Demo(obs=r['obs'], actions=r['actions'], mode=r['policy_mode'],
                   rewards=r['rewards'], dones=r['dones'], states=r['states'], seed=r['seed'])
              for r in kept]
-    write_dataset(out, demos, spec.obs_fields, env_args or {}, valid_fraction=valid_fraction)
-    counts = {m: 0 for m in spec.modes}
+    write_dataset(out, demos, kept[0]['obs_fields'], env_args or {},
+                  valid_fraction=valid_fraction)
+    counts = {m: 0 for m in modes}
     for r in kept:
-        counts[r['policy_mode']] = counts.get(r['policy_mode'], 0) + 1
+        if modes:
+            counts[r['policy_mode']] = counts.get(r['policy_mode'], 0) + 1
     return {
         'task': task, 'out': str(out), 'kept': len(kept), 'discarded': discarded,
         'attempts': attempts, 'complete': len(kept) == episodes, 'steps': steps,

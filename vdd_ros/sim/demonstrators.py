@@ -257,7 +257,53 @@ class OraclePolicy(Policy):
         return np.clip(action, -1.0, 1.0).astype(np.float32)
 
 
+class StandardLiftOracle(Policy):
+    """Scripted demonstrator of robosuite's standard Lift on robomimic's keys (LIFT_KEYS):
+    above the cube, descend, grasp, lift 15 cm; one mode. `mode` is always None."""
+
+    LIFT = 0.15
+
+    def __init__(self, seed: int | None = None, noise: float = DEFAULT_NOISE) -> None:
+        if not np.isfinite(noise) or noise < 0:
+            raise UserError(f'noise must be a non-negative number, got {noise}')
+        self.noise = float(noise)
+        fields = [('robot0_eef_pos', 3), ('robot0_eef_quat', 4), ('robot0_gripper_qpos', 2),
+                  ('object', 10)]
+        self.spec = PolicySpec(obs_fields=fields, action_dim=7)
+        # the cube's position is the first three values of `object` (robosuite object-state)
+        slices = {'robot0_eef_pos': slice(0, 3), 'cube_pos': slice(9, 12)}
+
+        def lift(o: Obs) -> tuple[np.ndarray, str]:
+            return o['cube_pos'] * [1, 1, 0] + [0, 0, TABLE_Z + self.LIFT], 'cube:cube_pos'
+
+        self.machine = PhaseMachine(_pick_phases('cube_pos') + [
+            Phase('lift', lift, CLOSE, lambda o, n: False)], slices)
+        self.mode = None
+        self._seed_rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)
+        self.info: dict[str, float] = {}
+
+    def reset(self, seed: int | None = None) -> None:
+        if seed is None:
+            seed = int(self._seed_rng.integers(2 ** 63))
+        self.rng = np.random.default_rng([int(seed), 0x0AC1E, zlib.crc32(b'Lift')])
+        self.machine.reset()
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action = self.machine.act(np.asarray(obs, dtype=np.float64).reshape(-1))
+        if self.noise > 0:
+            action[:3] += self.rng.normal(0.0, self.noise, 3)
+        self.info = {'phase': float(self.machine.index)}
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+
 def make_oracle(task: str, kind: str = 'scripted', seed: int | None = None,
                 mode_probs: list[float] | None = None, noise: float = DEFAULT_NOISE) -> Policy:
-    """The task's scripted demonstrator (`kind='scripted'`) or its mode-averaging oracle."""
+    """The task's scripted demonstrator (`kind='scripted'`) or its mode-averaging oracle;
+    for 'Lift', robosuite's standard Lift (scripted only: it has one mode)."""
+    if task == 'Lift':
+        if kind != 'scripted' or mode_probs is not None:
+            raise UserError("robosuite's standard Lift has one mode: only its scripted "
+                            'demonstrator, without mode probabilities')
+        return StandardLiftOracle(seed=seed, noise=noise)
     return OraclePolicy(task, kind=kind, seed=seed, mode_probs=mode_probs, noise=noise)

@@ -26,6 +26,21 @@ from vdd_ros.sim.env import MAKE_SEED, RobosuiteHolder, import_robosuite
 
 # robomimic observation key -> robosuite observation key
 ALIASES = {'object': 'object-state'}
+# robosuite's standard Lift as robomimic records it: Panda, the default OSC pose controller,
+# robomimic's usual low-dimensional keys (19 values; `object` = cube position, quaternion
+# and gripper-to-cube vector)
+LIFT_KEYS = ('robot0_eef_pos', 'robot0_eef_quat', 'robot0_gripper_qpos', 'object')
+LIFT_HORIZON = 120
+
+
+def standard_lift_args() -> dict[str, Any]:
+    """`env_args` of robosuite's standard Lift (what `vdd-ros collect --task Lift` records)."""
+    suite = import_robosuite()
+    from robosuite.controllers import load_composite_controller_config
+    return {'env_name': 'Lift', 'type': 1, 'robosuite_version': suite.__version__,
+            'env_kwargs': {'robots': 'Panda', 'control_freq': 20, 'reward_shaping': False,
+                           'use_object_obs': True, 'controller_configs':
+                           load_composite_controller_config(controller=None, robot='Panda')}}
 _EXACT_PARTS = ('OSC_POSE', 'OSC_POSITION', 'JOINT_POSITION', 'JOINT_VELOCITY',
                 'JOINT_TORQUE')
 # what the runner sets whatever the recording said: state only, no window, its own horizon
@@ -124,7 +139,7 @@ class DatasetEnv(RobosuiteHolder):
     def __init__(self, env_args: dict[str, Any], obs_keys: list[str], horizon: int,
                  where: str = 'env_args', render: bool = False, camera: str = 'agentview',
                  width: int = 256, height: int = 256) -> None:
-        self.env_args = env_args
+        self._env_args = env_args
         self.task = f'{env_args.get("env_name")}'
         self.horizon = int(horizon)
         self.modes: list[str] = []
@@ -192,6 +207,10 @@ class DatasetEnv(RobosuiteHolder):
         self._env.sim.forward()
         self._raw = self._env._get_observations(force_update=True)
         return self.observation()
+
+    def env_args(self) -> dict[str, Any]:
+        """The `env_args` this environment was built from (as recorded in datasets)."""
+        return copy.deepcopy(self._env_args)
 
     def check_success(self) -> bool:
         return bool(self._env._check_success())

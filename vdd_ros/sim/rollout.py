@@ -52,8 +52,11 @@ class DatasetEnvRef:
     def name(self) -> str:
         return f'{json.loads(self.env_args_json).get("env_name")} ({Path(self.path).name})'
 
+    def with_keys(self, keys: Any) -> 'DatasetEnvRef':
+        return dataclasses.replace(self, obs_keys=tuple(str(k) for k in keys))
+
     def for_policy(self, spec: Any) -> 'DatasetEnvRef':
-        return dataclasses.replace(self, obs_keys=tuple(k for k, _ in spec.obs_fields))
+        return self.with_keys(k for k, _ in spec.obs_fields)
 
     def make(self, render: bool = False) -> Any:
         from vdd_ros.sim.robosuite_env import DatasetEnv
@@ -73,6 +76,16 @@ def dataset_env(path: str | os.PathLike, horizon: int | None = None) -> DatasetE
     longest = max(len(d) for d in data.demos)
     return DatasetEnvRef(str(path), json.dumps(data.env_args, sort_keys=True),
                          int(horizon or longest), int(data.action_dim))
+
+
+def standard_env(name: str) -> DatasetEnvRef:
+    """A standard robosuite environment with no dataset behind it (only 'Lift': robomimic's
+    keys and horizon, see robosuite_env.LIFT_KEYS)."""
+    from vdd_ros.sim.robosuite_env import LIFT_HORIZON, LIFT_KEYS, standard_lift_args
+    if name != 'Lift':
+        raise UserError(f'no standard environment {name!r} (known: Lift)')
+    return DatasetEnvRef('robosuite Lift', json.dumps(standard_lift_args(), sort_keys=True),
+                         LIFT_HORIZON, 7, LIFT_KEYS)
 
 
 EnvRef = Union[str, DatasetEnvRef]
@@ -374,21 +387,25 @@ def evaluate(policy: PolicyRef, task: EnvRef, episodes: int, workers: int = 1,
     return metrics
 
 
+def render_env(task: EnvRef, policy: Policy) -> tuple[Any, int]:
+    """An environment for `task` that renders offscreen, with `policy`'s keys, and its
+    control frequency."""
+    from vdd_ros.sim.env import SimEnv
+    if isinstance(task, DatasetEnvRef):
+        kwargs = json.loads(task.env_args_json).get('env_kwargs', {})
+        return task.for_policy(policy.spec).make(render=True), \
+            int(kwargs.get('control_freq', 20))
+    return SimEnv(task, render=True), get_task(task).control_freq
+
+
 def record_video(policy: PolicyRef, task: EnvRef, seed: int, path: str | os.PathLike,
                  device: str = 'cpu', fps: int | None = None) -> str:
     """Render one seeded episode offscreen and write it as a GIF (atomically). Returns path."""
     from PIL import Image
-    from vdd_ros.sim.env import SimEnv
     pol = build_policy(policy, task, device)
     frames: list[np.ndarray] = []
-    if isinstance(task, DatasetEnvRef):
-        task = task.for_policy(pol.spec)
-        fps = fps or int(json.loads(task.env_args_json).get('env_kwargs', {})
-                         .get('control_freq', 20))
-        env = task.make(render=True)
-    else:
-        fps = fps or get_task(task).control_freq
-        env = SimEnv(task, render=True)
+    env, freq = render_env(task, pol)
+    fps = fps or freq
     with env:
         run_episode(env, pol, seed, frames=frames)
     path = Path(path)
