@@ -85,11 +85,55 @@ def _check_artefacts(folder: Path) -> None:
         assert gif.format == 'GIF' and gif.n_frames > 5
     report = (folder / 'report.md').read_text()
     assert '| policy | success |' in report and '| VDD-MoE (over ROS) |' in report
-    assert 'MISSED' in report or 'met' in report
+    _check_report_tables(report, metrics)
     assert 'plots/training_curves.png' in report and 'vdd_moe_modes.gif' in report
     summary = (folder.parent / 'summary.md').read_text()
     assert '[lift_carry](lift_carry/report.md)' in summary
     assert not list(folder.rglob('.*tmp*')), 'temporary files left behind'
+
+
+def _table(report: str, head: str) -> list[list[str]]:
+    """The cells of each body row of the Markdown table whose header starts with `head`."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(head))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith('|'):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip('|').split('|')])
+    return rows
+
+
+def _check_report_tables(report: str, metrics: dict) -> None:
+    """report.md shows the metrics it was built from: each policy's label, success, entropy and
+    latency in its row, each target's value, requirement and status, where the targets follow
+    from the policies' figures."""
+    policies = metrics['policies']
+    rows = _table(report, '| policy | success |')
+    assert len(rows) == len(policies)
+    for row, (name, m) in zip(rows, policies.items()):
+        assert row[0].startswith(m.get('label', name)), (name, row)
+        assert row[5].startswith(f"{m['query_ms_p50']:.3f} / "), row
+        assert row[1] == f"{m['success_rate']:.2f} ({m['successes']}/{m['episodes']})", row
+        assert m['success_rate'] == pytest.approx(m['successes'] / m['episodes'])
+        assert row[3] == f"{m['mode_entropy']:.3f}", row
+    vdd, teacher = policies['vdd_moe'], policies['teacher']
+    expected = {'success_vs_teacher': (vdd['success_rate'], teacher['success_rate'] - 0.05),
+                'success_floor': (vdd['success_rate'], 0.85),
+                'mode_entropy': (vdd['mode_entropy'], 0.8 * teacher['mode_entropy']),
+                'latency': (teacher['query_ms_p50'] / vdd['query_ms_p50'], 8.0)}
+    rows = _table(report, '| target | value |')
+    assert len(rows) == len(metrics['targets']) + 1     # and the cross-task row
+    for row, t in zip(rows, metrics['targets']):
+        assert (t['value'], t['required']) == pytest.approx(expected[t['name']]), t
+        assert t['met'] == (t['value'] >= t['required'] - 1e-12)
+        assert row[0] == t['description']
+        assert row[1].startswith(f"{t['value']:.3f}") and row[2].startswith(
+            f">= {t['required']:.3f}"), row
+        assert row[3] == ('met' if t['met'] else 'MISSED'), row
+    verdict = 'all per-task targets met' if all(t['met'] for t in metrics['targets']) \
+        else 'some per-task targets MISSED'
+    assert f'**{verdict}**' in report
 
 
 def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
