@@ -348,7 +348,10 @@ def _read(f: h5py.File, path: Path, obs_keys: list[str] | None, load_states: boo
     env_args = _env_args(data, path)
     first_obs = demo_group(data, names[0], path).get('obs')
     if not isinstance(first_obs, h5py.Group):
-        raise UserError(f'{path}: {names[0]} has no "obs" group')
+        raw = 'states' in demo_group(data, names[0], path)
+        raise UserError(f'{path}: {names[0]} has no "obs" group' + (
+            ' (a raw robosuite recording: states and actions only; convert it with '
+            f'vdd-ros convert-robosuite {path} --out F.hdf5)' if raw else ''))
     if obs_keys is None:
         obs_keys = _recorded_keys(data, path)
         if obs_keys is None:
