@@ -518,7 +518,8 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     rows = [('policy', 'success', 'entropy', 'ms/action', 'speed-up')]
     for name, m in metrics['policies'].items():
         speed = m.get('speedup_vs_teacher')
-        rows.append((_label(name, m), f"{m['success_rate']:.2f}", f"{m['mode_entropy']:.2f}",
+        entropy = f"{m['mode_entropy']:.2f}" if m['mode_counts'] else 'no modes'
+        rows.append((_label(name, m), f"{m['success_rate']:.2f}", entropy,
                      f"{m['query_ms_p50']:.3f}", f'{speed:.1f}x' if speed else '-'))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"results on {metrics['task']}:"]
