@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vdd_ros.cli import main
@@ -116,3 +117,25 @@ def test_a_raw_robosuite_recording_is_pointed_to_the_converter(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'a raw robosuite recording' in err
     assert f'vdd-ros convert-robosuite {RAW}' in err
+
+
+def test_training_takes_a_filter_key_and_reports_the_validation_loss(human, tmp_path, capsys):
+    from vdd_ros.core.checkpoint import read_meta
+    from vdd_ros.core.data import write_dataset
+    data = load_dataset(human)
+    path = tmp_path / 'masked.hdf5'        # mask/first: demo 0 only; mask/valid: demo 2
+    write_dataset(path, data.demos, data.obs_fields, data.env_args,
+                  masks={'first': [0], 'train': [0, 1], 'valid': [2]})
+    out = tmp_path / 'teacher'
+    assert main(['train-teacher', '--dataset', str(path), '--out', str(out), '--quiet',
+                 '--filter-key', 'first', '--set', 'teacher.iterations=20',
+                 'teacher.hidden_dim=16', 'teacher.num_layers=1']) == 0
+    assert 'validation loss' in capsys.readouterr().out
+    metrics = read_meta(out)['metrics']
+    assert metrics['valid_loss'] > 0
+    from vdd_ros.core.checkpoint import load_model
+    teacher, spec, _ = load_model(out)
+    # normalisers fitted on demo 0 alone: its action range, not the others'
+    first = torch.as_tensor(data.demos[0].actions)
+    torch.testing.assert_close(teacher.action_normalizer.offset,
+                               (first.max(0).values + first.min(0).values) / 2)

@@ -483,11 +483,13 @@ def _train(method: str, ctx: Context) -> dict[str, Any]:
             baseline_job(method, demos, out, **common)
     except DivergenceError as exc:
         raise UserError(f'training diverged: {exc}') from None
-    from vdd_ros.core.checkpoint import read_training
+    from vdd_ros.core.checkpoint import read_meta, read_training
     training = read_training(out)
+    valid = (read_meta(out).get('metrics') or {}).get('valid_loss')
     info = {'iterations': training['iterations'], 'device': ctx.device,
-            'final_loss': training['final_loss']}
-    ctx.log(f'  {info["iterations"]} iterations, final loss {info["final_loss"]:.4g}')
+            'final_loss': training['final_loss'], 'valid_loss': valid}
+    ctx.log(f'  {info["iterations"]} iterations, final loss {info["final_loss"]:.4g}'
+            + ('' if valid is None else f', validation loss {valid:.4g}'))
     return info
 
 

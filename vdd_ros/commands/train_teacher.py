@@ -31,6 +31,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help='write the checkpoint every N iterations (default: %(default)s)')
     parser.add_argument('--threads', type=int, default=1,
                         help='torch CPU threads, 0 for torch default (default: %(default)s)')
+    parser.add_argument('--filter-key', default=None, metavar='KEY',
+                        help="train on the demos of mask/KEY (robomimic's filter keys); "
+                             'mask/valid gives the validation loss either way')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
     parser.add_argument('--resume', action='store_true',
                         help='continue from the training state in OUT.state (saved every '
@@ -70,12 +73,16 @@ def run_job(job: Callable[..., Path], args: argparse.Namespace, *positional: Any
     try:
         path = job(*positional, args.out, args.config, overrides=parse_overrides(args.set),
                    device=args.device, stop=stop, show_bar=not args.quiet,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume, **options)
+                   checkpoint_every=args.checkpoint_every, resume=args.resume,
+                   filter_key=args.filter_key, **options)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if main:
-        print(f'{"stopped early; " if stop.is_set() else ""}wrote {path}')
+        from vdd_ros.core.checkpoint import read_meta
+        valid = (read_meta(path).get('metrics') or {}).get('valid_loss')
+        print(f'{"stopped early; " if stop.is_set() else ""}wrote {path}'
+              + ('' if valid is None else f' (validation loss {valid:.4g})'))
     return 0
 
 

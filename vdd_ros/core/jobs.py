@@ -1,11 +1,13 @@
 """Training jobs on a demonstration dataset: the code behind both the CLI and the ROS nodes.
 
-Each job reads a robomimic-style HDF5 file, trains one model with its one training loop and
-writes a checkpoint folder (periodically while training, and at the end, also when stopped
-early through `stop`). Started by torchrun, a job trains data-parallel (distributed.py): every
-rank runs it, rank 0 alone writes. Every `checkpoint_every` iterations, and when stopped, the
-training state goes to `<out>.state` (train_state.py); `resume` continues from it, with any
-number of ranks, and a job that completes removes it.
+Each job reads a robomimic-style HDF5 file (its train split, or with `filter_key` the demos of
+`mask/<filter_key>`), trains one model with its one training loop and writes a checkpoint
+folder (periodically while training, and at the end, also when stopped early through `stop`)
+with the loss on the validation demos (`mask/valid`) as `valid_loss` when there are any.
+Started by torchrun, a job trains data-parallel (distributed.py): every rank runs it, rank 0
+alone writes. Every `checkpoint_every` iterations, and when stopped, the training state goes
+to `<out>.state` (train_state.py); `resume` continues from it, with any number of ranks, and
+a job that completes removes it.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ class TrainingData:
     obs: torch.Tensor          # (N, obs_horizon * obs_dim)
     actions: torch.Tensor      # (N, action_horizon * action_dim)
     spec: PolicySpec
+    valid_obs: torch.Tensor | None = None      # the validation demos' windows, alike
+    valid_actions: torch.Tensor | None = None
 
 
 def load_train_config(config: Path_ | None = None,
@@ -56,13 +60,15 @@ def load_train_config(config: Path_ | None = None,
 
 
 def prepare_data(dataset: Path_, cfg: TrainConfig, model: torch.nn.Module,
-                 obs_keys: list[str] | None = None, fit: bool = True) -> TrainingData:
-    """Windows of the dataset's training demos, normalised by `model`'s normalizers.
+                 obs_keys: list[str] | None = None, fit: bool = True,
+                 filter_key: str | None = None) -> TrainingData:
+    """Windows of the dataset's training demos (and of its validation demos), normalised by
+    `model`'s normalizers.
 
-    With `fit`, the normalizers are first fitted to the data (observations standardised,
-    actions mapped to [-1, 1]).
+    With `fit`, the normalizers are first fitted to the training data (observations
+    standardised, actions mapped to [-1, 1]).
     """
-    data = load_dataset(dataset, obs_keys)
+    data = load_dataset(dataset, obs_keys, filter_key=filter_key)
     demos = [data.demos[i] for i in data.train_idx] or data.demos
     if not demos:
         raise UserError(f'{dataset}: contains no demonstrations')
@@ -78,11 +84,39 @@ def prepare_data(dataset: Path_, cfg: TrainConfig, model: torch.nn.Module,
     _check_normalised(dataset, demos, data.obs_fields, model)
     obs_t = model.obs_normalizer.normalize(obs_t).reshape(len(obs_t), -1)
     act_t = model.action_normalizer.normalize(act_t).reshape(len(act_t), -1)
+    valid = [data.demos[i] for i in data.valid_idx if i not in set(data.train_idx)]
+    v_obs = v_act = None
+    if valid:
+        vo, va = make_windows(valid, cfg.obs_horizon, cfg.action_horizon)
+        v_obs = model.obs_normalizer.normalize(torch.as_tensor(vo).float()).reshape(len(vo), -1)
+        v_act = model.action_normalizer.normalize(torch.as_tensor(va).float()) \
+            .reshape(len(va), -1)
     task = data.env_args.get('task') if isinstance(data.env_args, dict) else None
     spec = PolicySpec(obs_fields=list(data.obs_fields), action_dim=data.action_dim,
                       obs_horizon=cfg.obs_horizon, action_horizon=cfg.action_horizon,
                       action_exec=cfg.action_exec, task=task)
-    return TrainingData(obs_t, act_t, spec)
+    return TrainingData(obs_t, act_t, spec, v_obs, v_act)
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, data: TrainingData) -> float | None:
+    """The model's training loss on the validation windows (the teacher: its denoising loss
+    with fixed noise draws; an MoE: the negative log-likelihood of the actions), or None."""
+    if data.valid_obs is None:
+        return None
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    total, count = 0.0, 0
+    for obs, act in zip(data.valid_obs.split(4096), data.valid_actions.split(4096)):
+        obs, act = obs.to(device), act.to(device)
+        loss = model.loss(act, obs, generator=gen) if model.kind == 'teacher' else \
+            -model.log_prob(act, obs).mean()
+        total += float(loss) * len(obs)
+        count += len(obs)
+    model.train(was)
+    return total / count
 
 
 def _names(demos: list[Any]) -> list[str]:
@@ -108,14 +142,15 @@ def _check_normalised(dataset: Path_, demos: list[Any], fields: list[tuple[str, 
                                 f'{float(norm.offset[i]):g}, scale {float(norm.scale[i]):g})')
 
 
-def _dims(dataset: Path_, obs_keys: list[str] | None) -> tuple[int, int]:
-    data = load_dataset(dataset, obs_keys)
+def _dims(dataset: Path_, obs_keys: list[str] | None,
+          filter_key: str | None = None) -> tuple[int, int]:
+    data = load_dataset(dataset, obs_keys, filter_key=filter_key)
     return sum(n for _, n in data.obs_fields), data.action_dim
 
 
 def train_teacher_job(dataset: Path_, out: Path_, config: Path_ | None = None, *,
                       overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
-                      obs_keys: list[str] | None = None,
+                      obs_keys: list[str] | None = None, filter_key: str | None = None,
                       progress: ProgressCallback | None = None,
                       stop: threading.Event | None = None, show_bar: bool = True,
                       checkpoint_every: int = 1000, resume: bool = False) -> Path:
@@ -124,15 +159,15 @@ def train_teacher_job(dataset: Path_, out: Path_, config: Path_ | None = None, *
     cfg = load_train_config(config, overrides)
     with data_parallel(device) as dp:
         torch.manual_seed(cfg.seed)
-        obs_dim, action_dim = _dims(dataset, obs_keys)
+        obs_dim, action_dim = _dims(dataset, obs_keys, filter_key)
         teacher = DiffusionTeacher(cfg.teacher, obs_dim, action_dim, cfg.obs_horizon,
                                    cfg.action_horizon)
-        data = prepare_data(dataset, cfg, teacher, obs_keys)
+        data = prepare_data(dataset, cfg, teacher, obs_keys, filter_key=filter_key)
         teacher.to(dp.device)
         obs, actions = data.obs.to(dp.device), data.actions.to(dp.device)
         state = _training_state(out, 'teacher', cfg, ('teacher',), checkpoint_every, resume,
                                 dp, obs, actions)
-        save = _saver(out, data.spec, 'teacher', cfg, dp)
+        save = _saver(out, data, 'teacher', cfg, dp)
         history = train_teacher(teacher, obs, actions, seed=cfg.seed, progress=progress,
                                 stop=stop, show_bar=show_bar, on_checkpoint=save,
                                 checkpoint_every=checkpoint_every, dp=dp, state=state)
@@ -149,7 +184,7 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
                 overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
                 progress: ProgressCallback | None = None, stop: threading.Event | None = None,
                 show_bar: bool = True, checkpoint_every: int = 1000,
-                resume: bool = False) -> Path:
+                resume: bool = False, filter_key: str | None = None) -> Path:
     """Distil a teacher checkpoint into a VDD-MoE on the dataset's states; write to `out`.
 
     Stopped during the EM warm start, it writes the warm-started MoE and leaves distillation
@@ -171,13 +206,13 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
         moe.obs_normalizer.load_state_dict(teacher.obs_normalizer.state_dict())
         moe.action_normalizer.load_state_dict(teacher.action_normalizer.state_dict())
         keys = [k for k, _ in spec.obs_fields]
-        found = load_dataset(dataset, keys)
+        found = load_dataset(dataset, keys, filter_key=filter_key)
         wanted = [(k, int(n)) for k, n in spec.obs_fields]
         if found.obs_fields != wanted or found.action_dim != spec.action_dim:
             raise UserError(f'{dataset}: observations {found.obs_fields} and '
                             f'{found.action_dim}-d actions do not match the teacher\'s '
                             f'{wanted} and {spec.action_dim}-d')
-        data = prepare_data(dataset, cfg, moe, keys, fit=False)
+        data = prepare_data(dataset, cfg, moe, keys, fit=False, filter_key=filter_key)
         gen = torch.Generator().manual_seed(cfg.seed)
         moe.init_means(data.actions, gen)
         moe.to(dp.device)
@@ -187,7 +222,7 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
         stages = (WARM_START, 'vdd') if warm else ('vdd',)
         state = _training_state(out, 'vdd_moe', cfg, stages, checkpoint_every, resume, dp,
                                 obs, actions, *teacher.state_dict().values())
-        save = _saver(out, data.spec, 'vdd_moe', cfg, dp)
+        save = _saver(out, data, 'vdd_moe', cfg, dp)
         if warm:
             bcfg = BaselineConfig(iterations=warm, batch_size=cfg.vdd.batch_size,
                                   lr=cfg.vdd.init_em_lr)
@@ -208,7 +243,8 @@ def baseline_job(method: str, dataset: Path_, out: Path_, config: Path_ | None =
                  overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
                  obs_keys: list[str] | None = None, progress: ProgressCallback | None = None,
                  stop: threading.Event | None = None, show_bar: bool = True,
-                 checkpoint_every: int = 1000, resume: bool = False) -> Path:
+                 checkpoint_every: int = 1000, resume: bool = False,
+                 filter_key: str | None = None) -> Path:
     """Train `gaussian_bc` (one Gaussian) or `em_moe` (MoE by EM) on the data; write to `out`.
 
     `checkpoint_every` sets how often the training state is saved (for `resume`).
@@ -219,11 +255,11 @@ def baseline_job(method: str, dataset: Path_, out: Path_, config: Path_ | None =
     cfg = load_train_config(config, overrides)
     with data_parallel(device) as dp:
         torch.manual_seed(cfg.seed)
-        obs_dim, action_dim = _dims(dataset, obs_keys)
+        obs_dim, action_dim = _dims(dataset, obs_keys, filter_key)
         experts = 1 if method == 'gaussian_bc' else cfg.moe.num_experts
         mcfg = MoEConfig(**{**to_dict(cfg.moe), 'num_experts': experts})
         moe = MixtureOfExperts(mcfg, obs_dim, action_dim, cfg.obs_horizon, cfg.action_horizon)
-        data = prepare_data(dataset, cfg, moe, obs_keys)
+        data = prepare_data(dataset, cfg, moe, obs_keys, filter_key=filter_key)
         moe.init_means(data.actions, torch.Generator().manual_seed(cfg.seed))
         moe.to(dp.device)
         obs, actions = data.obs.to(dp.device), data.actions.to(dp.device)
@@ -232,7 +268,7 @@ def baseline_job(method: str, dataset: Path_, out: Path_, config: Path_ | None =
                                 obs, actions)
         history = train_em(moe, obs, actions, bcfg, seed=cfg.seed, stage=method,
                            progress=progress, stop=stop, show_bar=show_bar, dp=dp, state=state)
-        path = _saver(out, data.spec, method, cfg, dp)(moe, history)
+        path = _saver(out, data, method, cfg, dp)(moe, history)
         if len(history) >= bcfg.iterations:
             state.finish()
     return path
@@ -253,16 +289,22 @@ def _moe_like(cfg: MoEConfig, spec: PolicySpec) -> MixtureOfExperts:
                             spec.action_horizon)
 
 
-def _saver(out: Path_, spec: PolicySpec, method: str, cfg: TrainConfig,
+def _saver(out: Path_, data: TrainingData, method: str, cfg: TrainConfig,
            dp: DataParallel | None = None):
-    """A callback that writes the model as a checkpoint folder: the iteration count and final
-    loss in its config, the loss curve in its curves file. Only rank 0 writes."""
+    """A callback that writes the model as a checkpoint folder: the iteration count, final
+    loss and validation loss in its config, the loss curve in its curves file. Only rank 0
+    writes."""
+    spec = data.spec
+
     def save(model: torch.nn.Module, history: list[tuple[int, float]] | None = None) -> Path:
         if dp is not None and not dp.is_main:
             return Path(out)
         if not history:
             return save_checkpoint(out, model, spec, method, to_dict(cfg))
         metrics = {'iterations': len(history), 'final_loss': tail_mean(history)}
+        valid = validation_loss(model, data)
+        if valid is not None:
+            metrics['valid_loss'] = valid
         return save_checkpoint(out, model, spec, method, to_dict(cfg), metrics,
                                {'loss_history': history})
     return save
