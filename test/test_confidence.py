@@ -173,3 +173,40 @@ def test_storage_round_trip_and_damaged_files(tmp_path, gaussian):
     save_confidence(tmp_path, broken, cal)
     with pytest.raises(UserError, match='inconsistent shapes'):
         load_confidence(tmp_path)
+
+
+def _intact() -> bytes:
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_confidence(folder, ObservationDensity.fit(correlated(n=200, dim=3)[0], 2),
+                               Calibration('density', 1.0, 4.0, sustain=2))
+        return Path(path).read_bytes()
+
+
+INTACT = _intact()
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_a_damaged_confidence_file_is_refused_or_still_scores_finitely(tmp_path_factory, data):
+    """Any byte flipped, or the file cut short: one UserError, or a monitor whose levels
+    stay OK, WARN or ERROR on every observation (never an exception in the control loop)."""
+    folder = tmp_path_factory.mktemp('damaged')
+    x, _ = correlated(n=200, dim=3)
+    path = folder / CONFIDENCE_FILE
+    blob = bytearray(INTACT)
+    if data.draw(st.booleans()):
+        blob = blob[:data.draw(st.integers(0, len(blob) - 1))]
+    else:
+        for _ in range(data.draw(st.integers(1, 8))):
+            at = data.draw(st.integers(0, len(blob) - 1))
+            blob[at] = data.draw(st.integers(0, 255))
+    path.write_bytes(bytes(blob))
+    try:
+        monitor = load_confidence(folder)
+    except UserError as exc:
+        assert str(path) in str(exc)
+        return
+    for obs in (x[0], x[0] * 1e6, np.full(3, np.nan)):
+        assert monitor.update(obs) in LEVEL
