@@ -122,7 +122,9 @@ def test_monitor_levels_match_the_offline_levels(scores, sustain):
         def score(self, obs):
             return float(obs[0])
 
-    monitor = ConfidenceMonitor(Fixed(**density.__dict__), cal)
+    import dataclasses
+    monitor = ConfidenceMonitor(Fixed(**{f.name: getattr(density, f.name)
+                                         for f in dataclasses.fields(density)}), cal)
     online = [LEVEL[monitor.update(np.array([s]))] for s in scores]
     assert online == list(sustained_levels(np.array(scores), cal))
     # the peak that `sustain` scores hold is the lowest threshold that never trips

@@ -38,6 +38,16 @@ class ObservationDensity:
     whiten: np.ndarray      # (K, D, D) upper Cholesky factors of the precisions
     log_norm: np.ndarray    # (K,) log weight + log det(whiten) - D/2 log 2 pi
 
+    def __post_init__(self) -> None:
+        # the control-loop path: one affine map of the raw observation gives every
+        # component's whitened residual, y = x A - c, (K * D,)
+        k, d = self.means.shape if np.ndim(self.means) == 2 else (0, 0)
+        if k and np.shape(self.whiten) == (k, d, d) and np.shape(self.scale) == (d,):
+            w = np.asarray(self.whiten, dtype=np.float64).transpose(1, 0, 2).reshape(d, k * d)
+            self._a = w / np.asarray(self.scale, dtype=np.float64)[:, None]
+            self._c = (np.asarray(self.offset, dtype=np.float64) @ self._a
+                       + np.einsum('kd,kde->ke', self.means, self.whiten).reshape(-1))
+
     @property
     def dim(self) -> int:
         return int(self.offset.shape[0])
@@ -91,10 +101,9 @@ class ObservationDensity:
 
     def score(self, obs: np.ndarray) -> float:
         """The score of one flat observation (the control-loop path)."""
-        z = (np.asarray(obs, dtype=np.float64).reshape(-1) - self.offset) / self.scale
-        diff = z - self.means                                         # (K, D)
-        y = np.einsum('kd,kde->ke', diff, self.whiten)
-        log_k = self.log_norm - 0.5 * np.einsum('ke,ke->k', y, y)
+        y = np.asarray(obs, dtype=np.float64).reshape(-1) @ self._a - self._c
+        y *= y
+        log_k = self.log_norm - 0.5 * y.reshape(self.components, -1).sum(1)
         top = log_k.max()
         return float(-(top + math.log(np.exp(log_k - top).sum())) / self.dim)
 

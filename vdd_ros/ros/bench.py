@@ -6,8 +6,8 @@ only its sequence number or stamp patched: what a C++ driver costs; `--python-so
 each message in rclpy instead), and the executor records each action's arrival (decoded after
 the run). An observation is timed until the first action that answers it (same @seq, or the
 stamp on a binding's stamped sink). Deadline misses, the skipped periods and the node-side
-breakdown (decode, wake-up lateness, tick wait, inference, publish) come from the node's
-diagnostics.
+breakdown (decode, wake-up lateness, tick wait, confidence, inference, publish) come from the
+node's diagnostics.
 
 Modes (`--modes`, all by default):
 - `timer`: act on the latest observation at each tick of an executor timer (`act_on:=tick
@@ -51,8 +51,10 @@ MODES = {'timer': ('timer', 'tick'), 'thread': ('thread', 'tick'),
          'event': ('timer', 'complete')}
 MIN_RUNS = 5
 # node-side stages (from its diagnostics), in the order of one control period
-STAGES = ('decode_ms', 'wake_late_ms', 'obs_age_ms', 'inference_ms', 'publish_ms',
-          'answer_ms')
+# (confidence_ms: scoring the observation for out-of-distribution levels; 0 for a checkpoint
+# without a calibration)
+STAGES = ('decode_ms', 'wake_late_ms', 'obs_age_ms', 'confidence_ms', 'inference_ms',
+          'publish_ms', 'answer_ms')
 
 
 def benchmark_latency(policy: str, rate_hz: float, duration_s: float = 10.0,
@@ -363,9 +365,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, json_path: Path | None) -> int:
     """Run the suite from parsed arguments, print the table, write `json_path`."""
     from vdd_ros.core.io import check_writable, write_json
+    from vdd_ros.errors import UserError
     if json_path is not None:
         check_writable(json_path, '--json')
-    suite = run_suite(args.policy, args.rates, args.modes, args.runs, args.duration,
+    policy = args.policy
+    if policy not in SIZES:      # (the node runs elsewhere: an absolute path, checked here)
+        if not Path(policy).exists():
+            raise UserError(f'--policy: no such checkpoint {policy} (a folder, an .onnx file, '
+                            f'or one of {", ".join(SIZES)})')
+        policy = str(Path(policy).resolve())
+    suite = run_suite(policy, args.rates, args.modes, args.runs, args.duration,
                       args.load, task=args.task, expert_mode=getattr(args, 'expert_mode', None),
                       sweep_phase=not args.fixed_phase,
                       realtime_priority=args.realtime_priority, binding=args.binding,
@@ -392,8 +401,8 @@ def format_table(suite: dict[str, Any]) -> str:
             f'{s["obs_to_action_ms_max_worst"]:>9.1f}'
             f'{s["answered_fraction_median"]:>8.1%} [{s["answered_fraction_worst"]:>6.1%}]')
     lines.append('node-side p50 in ms (median run): decode, wake-up lateness (thread), tick '
-                 'wait, inference, publish, arrival to sent | outside the node (event: wire '
-                 'both ways, dispatch)')
+                 'wait, confidence, inference, publish, arrival to sent | outside the node '
+                 '(event: wire both ways, dispatch)')
     for s in suite['summary']:
         stages = ' '.join('     -' if k == 'wake_late_ms' and s['mode'] != 'thread'
                           else f'{s[f"{k}_p50"]:6.3f}' for k in STAGES)
