@@ -220,13 +220,14 @@ def test_node_process_exits_cleanly_on_one_signal_and_survives_a_second(sig, che
     assert 'Traceback' not in log and 'FATAL' not in log, log
 
 
-def test_a_500_hz_run_over_dds_answers_and_accounts_for_every_deadline(checkpoint):
+def test_a_500_hz_run_over_dds_answers_and_accounts_for_every_deadline(calibrated):
     """policy_node at 500 Hz, fed from another process: it answers, and its diagnostics
-    account for the run (a miss is a skipped period or an overrun; every stage is timed).
+    account for the run (a miss is a skipped period or an overrun; every stage is timed,
+    the confidence scoring of its calibrated checkpoint too).
     How well it holds the rate is a measurement, not a test: `vdd-ros bench --ros` repeats it
     per rate and loop and reports the spread (README)."""
     from vdd_ros.ros.bench import STAGES, benchmark_latency
-    r = benchmark_latency(checkpoint, 500.0, duration_s=3.0, domain_id=domain_id())
+    r = benchmark_latency(calibrated, 500.0, duration_s=3.0, domain_id=domain_id())
     assert r['policy_exit_status'] == 0
     assert r['answered_fraction'] >= 0.5, r
     assert r['policy_ticks'] > 500, r
