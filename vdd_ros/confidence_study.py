@@ -275,7 +275,6 @@ class ScoredPolicy:
         self.policy, self.signals = policy, signals
         self.spec = policy.spec
         self.names = signals.names
-        self.scorers = {n: signals.one(n) for n in self.names}
         self.scores: dict[str, list[float]] = {}
         self._window: list[np.ndarray] = []
 
@@ -288,9 +287,9 @@ class ScoredPolicy:
         obs = np.asarray(obs, dtype=np.float32)
         horizon = self.spec.obs_horizon
         self._window = self._window[1:] + [obs] if self._window else [obs] * horizon
-        window = np.stack(self._window)
-        for n, fn in self.scorers.items():
-            self.scores[n].append(fn(window))
+        # every signal of this window at once: the MoE's forward pass serves all its signals
+        for n, v in self.signals.score(np.stack(self._window)[None], self.names).items():
+            self.scores[n].append(float(v[0]))
         return self.policy.act(obs)
 
 
