@@ -13,7 +13,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from rclpy.parameter import Parameter
@@ -208,6 +208,7 @@ READ_ONLY = {'hold_action', 'control_rate_hz', 'diagnostics_period_s', 'max_obse
 @settings(max_examples=500, **SETTINGS)
 @given(sets=st.lists(st.tuples(names, any_value), min_size=1, max_size=4),
        obs=arrays(np.float32, SPEC.obs_dim, elements=finite_values))
+@example(sets=[('expert_mode', '\u00b2')], obs=np.zeros(SPEC.obs_dim, np.float32))  # a digit
 def test_runtime_parameter_sets_are_validated_and_actions_stay_safe(node, sets, obs):
     CASES['runtime parameter sets'] += 1
     for name, value in sets:

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vdd_ros.core.config import is_integer
     from vdd_ros.core.onnx_export import OPSET, export_checkpoint, max_difference
     from vdd_ros.errors import UserError
     if args.check < 0:
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         except UserError as exc:
             raise UserError(f'--binding: {exc}') from None
     mode = args.expert_mode
-    if isinstance(mode, str) and mode.strip().lstrip('-').isdigit():
+    if isinstance(mode, str) and is_integer(mode):
         mode = int(mode)
     meta = export_checkpoint(args.policy, args.out, OPSET if args.opset is None else args.opset,
                              mode, args.steps, binding)

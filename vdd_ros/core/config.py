@@ -101,6 +101,12 @@ class MoEConfig:
 EXPERT_MODES = ('sample', 'argmax', 'per_episode')
 
 
+def is_integer(text: str) -> bool:
+    """Whether `text` is a decimal integer in ASCII digits (`str.isdigit` also takes '²',
+    which `int` refuses)."""
+    return re.fullmatch(r'\s*-?[0-9]+\s*', text) is not None
+
+
 def check_expert_mode(mode: str | int, num_experts: int, name: str = 'expert_mode') -> None:
     """`mode` is one of EXPERT_MODES or a pinned expert index (int or digit string)."""
     if isinstance(mode, str) and mode in EXPERT_MODES:

@@ -115,7 +115,7 @@ from std_msgs.msg import Float32MultiArray, String
 from std_srvs.srv import Trigger
 
 from vdd_ros.binding import JOINT_TRAJECTORY, BindingMismatch, parse_marker
-from vdd_ros.core.config import check_expert_mode
+from vdd_ros.core.config import check_expert_mode, is_integer
 from vdd_ros.core.confidence import LEVELS, ConfidenceMonitor, load_confidence
 from vdd_ros.core.policy import Policy
 from vdd_ros.errors import UserError
@@ -546,7 +546,7 @@ class PolicyNode(VddNode):
                             f'{mode!r}')
         if mode == '':
             return self._own_mode
-        if isinstance(mode, str) and mode.strip().lstrip('-').isdigit():
+        if isinstance(mode, str) and is_integer(mode):
             mode = int(mode)
         check_expert_mode(mode, self.model.num_experts, name='parameter expert_mode')
         return mode
