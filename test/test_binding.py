@@ -204,7 +204,7 @@ def test_task_binding_has_the_tasks_features_in_order(task):
     assert b.observation_topics()['/joint_states'] == 'sensor_msgs/msg/JointState'
 
 
-@pytest.mark.parametrize('task', ['lift_carry', 'pick_either'])
+@pytest.mark.parametrize('task', ['lift_carry', 'pick_either', 'carry_four'])
 def test_task_binding_reproduces_the_simulators_observation_bitwise(task):
     """Standard messages built from the robosuite state (joints by their robosuite names)
     give exactly SimEnv's flat observation."""

@@ -23,7 +23,7 @@ from vdd_ros.sim.env import SimEnv
 PERIOD = 50_000_000
 
 
-@pytest.mark.parametrize('task', ['lift_carry', 'pick_either'])
+@pytest.mark.parametrize('task', ['lift_carry', 'pick_either', 'carry_four'])
 def test_the_standard_messages_assemble_the_simulators_observation_bitwise(task):
     binding = binding_for_task(task)
     rng = np.random.default_rng(0)

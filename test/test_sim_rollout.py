@@ -38,6 +38,9 @@ def test_mode_entropy() -> None:
     p = np.array([0.75, 0.25])
     assert mode_entropy({'a': 3, 'b': 1}, 2) == pytest.approx(-(p * np.log(p)).sum()
                                                                / math.log(2))
+    # normalised by log M of the task's M modes (carry_four: 4), not log 2
+    assert mode_entropy({'a': 3, 'b': 3, 'c': 3, 'd': 3}, 4) == pytest.approx(1.0)
+    assert mode_entropy({'a': 3, 'b': 3, 'c': 0, 'd': 0}, 4) == pytest.approx(0.5)
 
 
 def test_evaluation_seeds_are_disjoint_from_collection() -> None:

@@ -9,8 +9,9 @@ Published at every step, all with header.stamp = the step's simulation time and 
 - `/eef_pose` (geometry_msgs/PoseStamped): the end effector (robosuite's robot0_eef_pos and
   robot0_eef_quat, x y z w);
 - `/objects/<cube>/pose` (PoseStamped): each cube (`cube`, or `cubeA` and `cubeB`);
-- `/goals/<name>/pose` (PoseStamped): each virtual goal (lift_carry: `left`, `right`), with
-  the identity orientation.
+- `/goals/<name>/pose` (PoseStamped): each virtual goal (lift_carry: `left`, `right`;
+  carry_four: `front_left`, `front_right`, `back_left`, `back_right`), with the identity
+  orientation.
 
 The numbers are robosuite's float64 values, unchanged, so a binding reading them (the shipped
 config/bindings/<task>.yaml) assembles exactly SimEnv's observation. Publishers are RELIABLE,

@@ -3,10 +3,11 @@
 Each task's demonstrator is a phase machine (via-point, descend, grasp, lift, carry/place,
 release) for one behaviour mode. `reset(seed)` picks the mode with the configured
 probabilities (a low-discrepancy sequence over seeds, so runs of consecutive seeds are
-balanced). The first phase moves toward a via-point above the chosen cube (`lift_carry`: right
-after the grasp it heads for the chosen goal), so a demonstration reveals its mode early. The
-mode-averaging oracle runs one machine per mode and executes the probability-weighted mean of
-their actions: what a unimodal learner converges to. It fails on every task here.
+balanced). The first phase moves toward a via-point above the chosen cube (carry tasks,
+`lift_carry` and `carry_four`: right after the grasp it heads for the chosen goal), so a
+demonstration reveals its mode early. The mode-averaging oracle runs one machine per mode and
+executes the probability-weighted mean of their actions: what a unimodal learner converges
+to. It fails on every task here.
 
 Oracles never import robosuite: they read positions from the observation fields named by the
 task, so the same object can drive the robot through ROS as a policy node.
@@ -87,7 +88,7 @@ def _pick_phases(cube: str) -> list[Phase]:
 
 def _scripted_phases(spec: TaskSpec, mode: str) -> list[Phase]:
     """The phase list of one mode of a task."""
-    if spec.name == 'lift_carry':
+    if spec.goals:  # carry tasks: one mode per goal
         goal_key = f'goal_{mode}_pos'
 
         def carry(o: Obs) -> tuple[np.ndarray, str]:

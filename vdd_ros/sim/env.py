@@ -7,6 +7,7 @@ from the simulator state. robosuite is imported on first use only.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from typing import Any
@@ -18,6 +19,9 @@ from vdd_ros.sim.tasks import TABLE_Z, TaskSpec, get_task
 # Every robosuite environment is built with this seed, so that model-time randomness (the
 # Lift cube's size) is identical in every process; episodes are seeded on reset instead.
 MAKE_SEED = 0
+# render_frame's goal marker colours, by the goal's index in the task (lift_carry: left blue,
+# right orange)
+GOAL_COLOURS = [(40, 90, 230), (240, 140, 20), (40, 170, 60), (200, 40, 170)]
 _ROBOSUITE: Any = None
 
 
@@ -281,20 +285,20 @@ class SimEnv(RobosuiteHolder):
 
     def render_frame(self, goal_markers: bool = True) -> np.ndarray:
         """Upright HxWx3 uint8 frame from the offscreen camera (needs render=True). Virtual
-        goals, which have no body in the scene, are drawn as small squares (left blue, right
-        orange)."""
+        goals, which have no body in the scene, are drawn as small squares coloured by the
+        goal's index (GOAL_COLOURS: the first blue, the second orange, ...)."""
         if not self.render_enabled:
             raise RuntimeError('SimEnv was built without render=True')
         img = self._env.sim.render(camera_name=self.camera, width=self.width,
                                    height=self.height)
         frame = np.array(np.asarray(img, dtype=np.uint8)[::-1])
         if goal_markers:
-            colours = {'left': (40, 90, 230), 'right': (240, 140, 20)}
-            for name, goal in self.goals.items():
+            for i, goal in enumerate(self.goals.values()):
                 px = self.project(goal)
                 if px is not None:
                     r, c = px
-                    frame[max(r - 3, 0):r + 4, max(c - 3, 0):c + 4] = colours.get(name, (0, 0, 0))
+                    frame[max(r - 3, 0):r + 4, max(c - 3, 0):c + 4] = \
+                        GOAL_COLOURS[i % len(GOAL_COLOURS)]
         return frame
 
     def project(self, point: np.ndarray) -> tuple[int, int] | None:
@@ -315,22 +319,19 @@ class SimEnv(RobosuiteHolder):
 
     # -- observation -------------------------------------------------------------------------
     def _sample_goals(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        if self.spec.goal_region is None:
-            return {}
-        (x0, x1), (y0, y1), (h0, h1) = self.spec.goal_region
+        """The task's goals in order, each drawn x, y, height (see tasks.Goal)."""
         goals = {}
-        for name, sign in (('left', 1.0), ('right', -1.0)):
-            goals[name] = np.array([rng.uniform(x0, x1), sign * rng.uniform(y0, y1),
-                                    TABLE_Z + rng.uniform(h0, h1)])
+        for g in self.spec.goals:
+            goals[g.name] = np.array([g.sign[0] * rng.uniform(*g.x), g.sign[1] * rng.uniform(*g.y),
+                                      TABLE_Z + rng.uniform(*g.height)])
         return goals
 
     def _flatten(self, raw: dict[str, np.ndarray]) -> np.ndarray:
         eef = raw['robot0_eef_pos']
         parts = [eef, raw['robot0_gripper_qpos']]
         if self.spec.env_name == 'Lift':
-            cube = raw['cube_pos']
-            gl, gr = self.goals['left'], self.goals['right']
-            parts += [cube, gl, gr, cube - eef, gl - cube, gr - cube]
+            cube, goals = raw['cube_pos'], list(self.goals.values())
+            parts += [cube, *goals, cube - eef, *(g - cube for g in goals)]
         else:
             a, b = raw['cubeA_pos'], raw['cubeB_pos']
             parts += [a, b, a - eef, b - eef, b - a]
@@ -359,7 +360,7 @@ class SimEnv(RobosuiteHolder):
 
     def _check_success(self) -> bool:
         name = self.task
-        if name == 'lift_carry':
+        if self.spec.goals:
             if not self._lifted('cube', 0.03):
                 return False
             cube = self.cube_pos('cube')
@@ -379,17 +380,18 @@ class SimEnv(RobosuiteHolder):
         """The behaviour mode the current state shows, or None when it shows none.
 
         On success this is the mode that succeeded; otherwise a mode is named only when the
-        state has committed to it (the cube carried three quarters of the way to one goal,
-        exactly one cube lifted).
+        state has committed to it (carry tasks: the lifted cube within a quarter of the shortest
+        goal-to-goal distance of one goal; two-cube tasks: exactly one cube lifted).
         """
         name = self.task
-        if name == 'lift_carry':
+        if self.spec.goals:
             if not self._lifted('cube', 0.03):
                 return None
             cube = self.cube_pos('cube')
             dist = {m: float(np.linalg.norm(cube - g)) for m, g in self.goals.items()}
             best = min(dist, key=dist.get)
-            quarter = 0.25 * float(np.linalg.norm(self.goals['left'] - self.goals['right']))
+            quarter = 0.25 * min(float(np.linalg.norm(a - b))
+                                 for a, b in itertools.combinations(self.goals.values(), 2))
             return best if dist[best] < quarter else None
         if name == 'stack_either':
             if self._stacked('cubeA', 'cubeB'):

@@ -1,13 +1,17 @@
 """Registry of the multimodal manipulation tasks (static metadata; never imports robosuite).
 
 Every task is built on an existing robosuite environment with the Panda arm and the OSC
-pose-delta controller. Each has two behaviour modes whose average fails:
+pose-delta controller. Each has two or more behaviour modes whose average fails:
 
 - `lift_carry` (robosuite Lift): lift the cube and carry it to a virtual goal on the left or
   on the right; carrying it to the midpoint reaches neither.
 - `pick_either` (robosuite Stack): lift either of two cubes placed far apart; reaching for the
   midpoint grasps nothing.
 - `stack_either` (robosuite Stack): stack cube A on cube B or cube B on cube A.
+- `carry_four` (robosuite Lift): lift the cube and carry it to one of four virtual goals,
+  front-left, front-right, back-left or back-right of it (front: +x, away from the robot;
+  left: +y, as in lift_carry); the average of the four, straight above the cube, and the
+  average of any two reach none.
 
 Observation fields, thresholds and placement ranges live here so that learners, oracles and
 ROS nodes agree on them without building an environment.
@@ -26,6 +30,11 @@ _TWO_CUBE_FIELDS: list[tuple[str, int]] = _ROBOT_FIELDS + [
     ('cubeA_pos', 3), ('cubeB_pos', 3), ('eef_to_cubeA', 3), ('eef_to_cubeB', 3),
     ('cubeA_to_cubeB', 3)]
 
+# carry_four's goals: (x sign, y sign) of each quadrant; front is +x (away from the robot)
+_FOUR: dict[str, tuple[float, float]] = {
+    'front_left': (1.0, 1.0), 'front_right': (1.0, -1.0),
+    'back_left': (-1.0, 1.0), 'back_right': (-1.0, -1.0)}
+
 
 @dataclass(frozen=True)
 class Region:
@@ -37,11 +46,37 @@ class Region:
 
 
 @dataclass(frozen=True)
+class Goal:
+    """Placement of one virtual goal (a point in space the held cube must reach).
+
+    Drawn from the environment's generator in the order x, y, height: x = sign[0] * U(x),
+    y = sign[1] * U(y) (world metres; the table centre is at x = y = 0) and z = TABLE_Z +
+    U(height), U uniform over the range. Goals that share the ranges and differ in sign mirror
+    each other draw for draw.
+    """
+
+    name: str
+    x: tuple[float, float]
+    y: tuple[float, float]
+    height: tuple[float, float]
+    sign: tuple[float, float] = (1.0, 1.0)
+
+
+def _goal_fields(names: list[str]) -> list[tuple[str, int]]:
+    """Observation of a carry-to-a-goal task: the cube, every goal (in order), the cube seen
+    from the end effector, then every goal seen from the cube."""
+    return (_ROBOT_FIELDS + [('cube_pos', 3)] + [(f'goal_{n}_pos', 3) for n in names]
+            + [('eef_to_cube', 3)] + [(f'cube_to_goal_{n}', 3) for n in names])
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """Static description of one task.
 
     `obs_fields` names the slices of the flat observation in order (`X_to_Y` means Y - X).
     `horizon` is the episode length limit in control steps at `control_freq` Hz.
+    Carry tasks (`goals` not empty) have one mode per goal, named and ordered like the goals:
+    success is the lifted cube within `success_radius` of any goal.
     """
 
     name: str
@@ -54,11 +89,15 @@ class TaskSpec:
     action_dim: int = 7
     # cube placement per robosuite object name (relative to the table centre)
     regions: dict[str, Region] = field(default_factory=dict)
-    # lift_carry only: goal placement (y is mirrored for the left goal) and success radius
-    goal_region: tuple[tuple[float, float], tuple[float, float], tuple[float, float]] | None = None
+    # carry tasks only: the virtual goals (sampled in this order) and the success radius
+    goals: tuple[Goal, ...] = ()
     success_radius: float = 0.04
     # height a cube must rise above its resting height to count as lifted
     lift_height: float = 0.06
+
+    def __post_init__(self) -> None:
+        if self.goals and list(self.modes) != [g.name for g in self.goals]:
+            raise ValueError(f'{self.name}: a carry task has one mode per goal, in order')
 
     @property
     def obs_dim(self) -> int:
@@ -80,12 +119,10 @@ TASKS: dict[str, TaskSpec] = {
         env_name='Lift',
         modes=['left', 'right'],
         horizon=90,
-        obs_fields=_ROBOT_FIELDS + [
-            ('cube_pos', 3), ('goal_left_pos', 3), ('goal_right_pos', 3), ('eef_to_cube', 3),
-            ('cube_to_goal_left', 3), ('cube_to_goal_right', 3)],
+        obs_fields=_goal_fields(['left', 'right']),
         regions={'cube': Region(x=(-0.03, 0.03), y=(-0.03, 0.03))},
-        # (x range, |y| range, height above the table range)
-        goal_region=((-0.04, 0.04), (0.18, 0.22), (0.14, 0.18)),
+        goals=tuple(Goal(name, x=(-0.04, 0.04), y=(0.18, 0.22), height=(0.14, 0.18),
+                         sign=(1.0, sy)) for name, sy in (('left', 1.0), ('right', -1.0))),
         success_radius=0.04,
     ),
     'pick_either': TaskSpec(
@@ -107,6 +144,19 @@ TASKS: dict[str, TaskSpec] = {
         obs_fields=list(_TWO_CUBE_FIELDS),
         regions={'cubeA': Region(x=(-0.05, 0.05), y=(-0.14, -0.09)),
                  'cubeB': Region(x=(-0.05, 0.05), y=(0.09, 0.14))},
+    ),
+    'carry_four': TaskSpec(
+        name='carry_four',
+        description='lift the cube and carry it to the front-left, front-right, back-left or '
+                    'back-right goal',
+        env_name='Lift',
+        modes=list(_FOUR),
+        horizon=90,  # scripted episodes take 33-43 steps (200 seeds)
+        obs_fields=_goal_fields(list(_FOUR)),
+        regions={'cube': Region(x=(-0.03, 0.03), y=(-0.03, 0.03))},
+        goals=tuple(Goal(name, x=(0.12, 0.16), y=(0.12, 0.16), height=(0.14, 0.18), sign=sign)
+                    for name, sign in _FOUR.items()),
+        success_radius=0.04,
     ),
 }
 
