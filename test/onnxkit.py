@@ -17,10 +17,14 @@ from vdd_ros.core.teacher import DiffusionTeacher
 OBS_FIELDS = [('eef', 3), ('cube', 4)]
 SPEC = PolicySpec(obs_fields=OBS_FIELDS, action_dim=2, obs_horizon=2, action_horizon=3,
                   action_exec=2)
-# method -> model; the baselines are mixtures too (Gaussian BC has one expert)
+# method -> model; the baselines are mixtures too (Gaussian BC has one expert); independent
+# experts but for shared_moe (a shared backbone)
 KINDS = {
     'vdd_moe': lambda: MixtureOfExperts(MoEConfig(num_experts=4, hidden_dim=16, num_layers=2,
                                                   gating_hidden_dim=8), 7, 2, 2, 3),
+    'shared_moe': lambda: MixtureOfExperts(MoEConfig(num_experts=4, hidden_dim=16,
+                                                     num_layers=2, gating_hidden_dim=8,
+                                                     experts='shared'), 7, 2, 2, 3),
     'gaussian_bc': lambda: MixtureOfExperts(MoEConfig(num_experts=1, hidden_dim=16,
                                                       num_layers=2, gating_hidden_dim=8),
                                             7, 2, 2, 3),

@@ -65,7 +65,7 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, monkeypatch, capsys):
              'vdd_ros.core.jobs.distill', 'vdd_ros.sim.collection.collect',
              'vdd_ros.sim.rollout.evaluate', 'vdd_ros.commands.toy.run_toy',
              'vdd_ros.commands.bench.latency_benchmark', 'vdd_ros.ros.bench.run_suite',
-             'vdd_ros.pipeline._run_stages')
+             'vdd_ros.pipeline.stages.run_stages')
     teacher = tmp_path / 'teacher'   # never read: the output check comes first
     for out, why in _bad_outputs(tmp_path):
         runs = [

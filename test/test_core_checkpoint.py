@@ -56,6 +56,29 @@ def test_round_trip_gives_identical_actions(tmp_path, method):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+def test_a_checkpoint_from_before_independent_experts_loads_as_shared(tmp_path):
+    """config.yaml written before `moe.experts` existed: the shared-backbone model, with the
+    same weights and actions (not the new default, whose weights would not fit)."""
+    torch.manual_seed(0)
+    model = MixtureOfExperts(MoEConfig(num_experts=3, hidden_dim=32, num_layers=2,
+                                       experts='shared'), 6, 2, 2, 3)
+    model.obs_normalizer.fit(torch.randn(100, 6) * 3 + 1, 'standard')
+    path = save_checkpoint(tmp_path / 'old', model, SPEC, 'vdd_moe')
+    meta = yaml.safe_load((path / 'config.yaml').read_text())
+    assert meta['model'].pop('experts') == 'shared'
+    (path / 'config.yaml').write_text(yaml.safe_dump(meta, sort_keys=False))
+    loaded, _, _ = load_model(path)
+    assert loaded.cfg.experts == 'shared' and not loaded.independent
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    from vdd_ros.core.policy import ModelPolicy
+    assert np.array_equal(rollout(load_policy(path)), rollout(ModelPolicy(model, SPEC)))
+    # a new checkpoint says which architecture it has
+    new = save_checkpoint(tmp_path / 'new', models()['vdd_moe'], SPEC, 'vdd_moe')
+    assert yaml.safe_load((new / 'config.yaml').read_text())['model']['experts'] == \
+        'independent'
+    assert load_model(new)[0].independent
+
+
 def test_saving_again_replaces_atomically(tmp_path):
     model = models()['vdd_moe']
     save_checkpoint(tmp_path / 'ckpt', model, SPEC, 'vdd_moe')
@@ -103,6 +126,10 @@ def test_config_errors_name_the_field_and_the_file(tmp_path):
         load_config(TrainConfig, f)
     f.write_text('moe:\n  covariance: spherical\n')
     with pytest.raises(ConfigError, match=r"moe.covariance: must be one of \['diag', 'full'\]"):
+        load_config(TrainConfig, f)
+    f.write_text('moe:\n  experts: separate\n')
+    with pytest.raises(ConfigError, match=r"train.yaml: moe.experts: must be one of "
+                       r"\['independent', 'shared'\], got 'separate'"):
         load_config(TrainConfig, f)
     f.write_text('teacher:\n  lr: fast\n')
     with pytest.raises(ConfigError, match=r"teacher.lr: expected a number, got 'fast'"):

@@ -1,5 +1,5 @@
 """MoE densities against closed forms, scores against finite differences and the exact score of
-Gaussian data, shapes."""
+Gaussian data, shapes; independent experts share no parameter; the acting fast path."""
 import math
 
 import numpy as np
@@ -15,20 +15,30 @@ from vdd_ros.core.teacher import DiffusionTeacher
 from vdd_ros.core.toy import RingProblem, ToyConfig
 
 
+EXPERTS = ['independent', 'shared']
+
+
 def make_moe(cov: str, z: int = 3, obs_dim: int = 4, act_dim: int = 2, t_o: int = 1,
-             t_a: int = 1) -> MixtureOfExperts:
+             t_a: int = 1, experts: str = 'independent') -> MixtureOfExperts:
     torch.manual_seed(0)
     moe = MixtureOfExperts(MoEConfig(num_experts=z, hidden_dim=32, num_layers=2,
-                                     covariance=cov), obs_dim, act_dim, t_o, t_a)
+                                     covariance=cov, experts=experts),
+                           obs_dim, act_dim, t_o, t_a)
     with torch.no_grad():  # non-trivial gating and scales
-        for p in (*moe.gate.parameters(), *moe.scale_head.parameters()):
+        for p in (*moe.gating_parameters(), *moe.scale_head.parameters()):
             p.add_(0.3 * torch.randn_like(p))
     return moe.eval()
 
 
+def gate_logits(moe: MixtureOfExperts, obs: torch.Tensor) -> torch.Tensor:
+    """log q(z|s) of raw observations `(B, F)` through the plain (unfolded) network."""
+    return moe.log_gating(moe.features(moe.obs_normalizer.normalize(obs)))
+
+
+@pytest.mark.parametrize('experts', EXPERTS)
 @pytest.mark.parametrize('cov', ['diag', 'full'])
-def test_log_prob_matches_closed_form(cov):
-    moe = make_moe(cov)
+def test_log_prob_matches_closed_form(cov, experts):
+    moe = make_moe(cov, experts=experts)
     obs, a = torch.randn(5, 4), torch.randn(5, 2)
     log_gate, means, scales = moe(obs)
     if cov == 'full':
@@ -171,6 +181,89 @@ def test_folded_acting_path_matches_the_network():
         assert info['expert'] == z
 
 
+@pytest.mark.parametrize('experts', EXPERTS)
+@pytest.mark.parametrize('mode', ['sample', 'argmax', 'per_episode', 2])
+def test_predict_gives_the_full_forwards_mean_of_the_chosen_expert(experts, mode):
+    """At batch 1 and batch 5, every expert mode: the action is the chosen expert's mean of
+    the unfolded forward pass (raw units), the expert the one the gating gives."""
+    moe = make_moe('full', z=3, obs_dim=4, act_dim=2, t_o=2, t_a=3, experts=experts)
+    with torch.no_grad():
+        for p in (*moe.expert_parameters(), *moe.trunk_parameters()):
+            p.add_(0.3 * torch.randn_like(p))   # the experts' means far apart
+        for norm in (moe.obs_normalizer, moe.action_normalizer):
+            norm.offset.uniform_(-1, 1)
+            norm.scale.uniform_(0.5, 2)
+    moe.set_expert_mode(mode)
+    windows = torch.randn(5, 2, 4)
+    flat = moe.obs_normalizer.normalize(windows).reshape(5, -1)
+    log_gate, means, _ = moe(flat)
+    want = moe.action_normalizer.unnormalize(means.view(5, 3, 3, 2))        # (B, Z, T_a, A)
+    chosen = []
+    for batch in (1, 5):
+        for seed in range(6):
+            moe.reset()
+            action, info = moe.predict(windows[:batch], torch.Generator().manual_seed(seed))
+            moe.reset()
+            idx = moe.select(log_gate[:batch], torch.Generator().manual_seed(seed)) \
+                if batch > 1 else torch.tensor([int(info['expert'])])
+            assert action.shape == (batch, 3, 2)
+            assert torch.allclose(action, want[torch.arange(batch), idx], atol=1e-5)
+            assert info['expert'] == int(idx[0])
+            chosen.append(int(idx[0]))
+    if mode == 'argmax':
+        assert set(chosen) == {int(log_gate[0].argmax())}
+    elif mode == 2:
+        assert set(chosen) == {2}
+    else:
+        assert len(set(chosen)) > 1       # the seeds choose different experts
+
+
+def test_independent_experts_share_no_parameter():
+    """Expert 0's mean and scale have no gradient in expert 1's parameters (nor the gating's),
+    and changing every parameter of expert 1 leaves expert 0's outputs as they were; the
+    shared backbone, by contrast, carries expert 0's gradient."""
+    obs = torch.randn(6, 4)
+    for experts in EXPERTS:
+        moe = make_moe('full', z=3, experts=experts)
+        _, means, chol = moe(obs)
+        (means[:, 0].sum() + chol[:, 0].sum()).backward()
+        assert all(p.grad is None for p in moe.gating_parameters())
+        trunk = list(moe.trunk_parameters())
+        assert bool(trunk) == (experts == 'shared')
+        assert all(p.grad.abs().sum() > 0 for p in trunk)
+        if experts == 'shared':
+            continue
+        own = list(moe.expert_parameters())
+        assert own and all(p.shape[0] == 3 for p in own)       # stacked (Z, ...)
+        assert len(own) == 2 * moe.cfg.num_layers + 4
+        for p in own:
+            assert p.grad[0].abs().sum() > 0 and torch.equal(p.grad[1:], torch.zeros_like(
+                p.grad[1:]))
+        with torch.no_grad():
+            before = moe(obs)
+            for p in own:
+                p[1].add_(torch.randn_like(p[1]))
+            after = moe(obs)
+        assert torch.equal(after[0], before[0])                   # the gating
+        for b, a in zip(before[1:], after[1:]):
+            assert torch.equal(a[:, [0, 2]], b[:, [0, 2]]) and not torch.allclose(
+                a[:, 1], b[:, 1])
+
+
+@pytest.mark.parametrize('experts', EXPERTS)
+def test_init_means_spreads_the_experts_over_the_data(experts):
+    """Farthest-point picks: each expert starts at one of the data's clusters."""
+    moe = make_moe('diag', z=3, act_dim=2, experts=experts)
+    centres = torch.tensor([[-3.0, 0.0], [0.0, 3.0], [3.0, 0.0]])
+    actions = (centres[:, None] + 0.01 * torch.randn(3, 50, 2)).reshape(-1, 2)
+    moe.init_means(actions, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        means = moe.means(moe.features(torch.zeros(10, 4)))      # (10, Z, D)
+    nearest = torch.cdist(means.mean(0), centres).argmin(-1)
+    assert sorted(nearest.tolist()) == [0, 1, 2]
+    assert (means - means.mean(0)).abs().max() < 0.5    # the weights start small
+
+
 @pytest.mark.parametrize('mode', ['argmax', 'per_episode', 1])
 def test_expert_modes(mode):
     moe = make_moe('diag', z=3)
@@ -186,8 +279,7 @@ def test_expert_modes(mode):
         policy.act(obs)
         experts.append(policy.info['expert'])
         if mode == 'argmax':
-            logits = moe.gate(moe.features(moe.obs_normalizer.normalize(
-                torch.from_numpy(obs)[None])))
+            logits = gate_logits(moe, torch.from_numpy(obs)[None])
             assert experts[-1] == int(logits.argmax())
     if mode in ('per_episode', 1):
         assert len(set(experts)) == 1
@@ -202,13 +294,13 @@ def test_sampled_experts_follow_the_gating():
     gen = torch.Generator().manual_seed(0)
     counts = np.bincount([int(moe.predict(obs, gen, diagnostics=True)[1]['expert'])
                           for _ in range(3000)], minlength=3) / 3000
-    probs = torch.softmax(moe.gate(moe.features(moe.obs_normalizer.normalize(
-        obs.reshape(1, -1)))), -1)[0].detach().numpy()
+    probs = gate_logits(moe, obs.reshape(1, -1)).exp()[0].detach().numpy()
     assert np.abs(counts - probs).max() < 0.04
 
 
-def test_diagnostic_log_prob_is_the_mixture_density():
-    moe = make_moe('diag', z=3)
+@pytest.mark.parametrize('experts', EXPERTS)
+def test_diagnostic_log_prob_is_the_mixture_density(experts):
+    moe = make_moe('diag', z=3, experts=experts)
     obs = torch.randn(1, 1, 4)
     moe.set_expert_mode(2)
     action, info = moe.predict(obs, diagnostics=True)

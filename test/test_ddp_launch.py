@@ -72,7 +72,8 @@ def test_two_rank_node_reports_rank_0_progress_and_stops_every_rank(tmp_path, mo
 
 
 def test_a_pipeline_training_stage_on_two_ranks(tmp_path, monkeypatch):
-    from vdd_ros.pipeline import Context, _train, load_pipeline_config
+    from vdd_ros.pipeline import Context, load_pipeline_config
+    from vdd_ros.pipeline.stages import _train
     monkeypatch.setenv('GLOO_SOCKET_IFNAME', 'lo')
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     tiny_dataset(tmp_path / 'demos.hdf5')
@@ -84,12 +85,12 @@ def test_a_pipeline_training_stage_on_two_ranks(tmp_path, monkeypatch):
                   log=logged.append, nproc=2)
     info = _train('em_moe', ctx)
     assert info['iterations'] == 30 and logged[-1].startswith('  30 iterations')
-    assert read_training(tmp_path / 'em_moe')['iterations'] == 30
-    assert not state_folder(tmp_path / 'em_moe').exists()
+    assert read_training(tmp_path / 'seed_0' / 'em_moe')['iterations'] == 30
+    assert not state_folder(tmp_path / 'seed_0' / 'em_moe').exists()
     # two ranks shared each batch: within the tolerance of one process, and not bitwise equal
     baseline_job('em_moe', tmp_path / 'demos.hdf5', tmp_path / 'one', overrides=cfg.train,
                  show_bar=False)
-    two = load_file(str(tmp_path / 'em_moe' / 'model.safetensors'))
+    two = load_file(str(tmp_path / 'seed_0' / 'em_moe' / 'model.safetensors'))
     one = load_file(str(tmp_path / 'one' / 'model.safetensors'))
     assert max(close_to(two[k], one[k]) for k in one) < TOLERANCE
     assert any(not torch.equal(two[k], one[k]) for k in one)

@@ -19,7 +19,7 @@ from vdd_ros.core.checkpoint import load_model, load_policy
 from vdd_ros.core.onnx_export import max_difference
 from vdd_ros.core.onnx_policy import META_KEY, OnnxPolicy, TorchRandom
 
-MOES = ('vdd_moe', 'gaussian_bc', 'em_moe')
+MOES = ('vdd_moe', 'shared_moe', 'gaussian_bc', 'em_moe')
 TEACHERS = ('teacher', 'teacher_heun')
 
 
@@ -77,10 +77,11 @@ def test_teacher_actions_equal_torch_on_1000_observations(exports, method):
                                    rtol=1e-6)
 
 
-def test_the_moe_graph_chooses_the_expert_the_gating_gives(exports):
+@pytest.mark.parametrize('method', ['vdd_moe', 'shared_moe'])
+def test_the_moe_graph_chooses_the_expert_the_gating_gives(exports, method):
     """Each u lands in the expert whose slice of the gating CDF holds it; argmax and pinned
     indices are the codes' experts."""
-    session = load_policy(exports['vdd_moe'][1]).model.session
+    session = load_policy(exports[method][1]).model.session
     obs = np.random.default_rng(1).standard_normal((1, 2, 7)).astype(np.float32)
 
     def run(u: float, code: int) -> list:
@@ -154,22 +155,33 @@ def test_the_metadata_describes_the_policy(exports, tmp_path):
         assert meta['outputs']['action']['shape'] == ['batch', 3, 2]
     em = json.loads(onnx.load(str(exports['em_moe'][1])).metadata_props[0].value)
     assert em['moe']['num_experts'] == 3 and em['moe']['expert_mode'] == 'argmax'
+    assert em['moe']['experts'] == 'independent'
+    shared = json.loads(onnx.load(str(exports['shared_moe'][1])).metadata_props[0].value)
+    assert shared['moe']['experts'] == 'shared'
     assert load_policy(exports['em_moe'][1]).model.expert_mode == 'argmax'
     heun = json.loads(onnx.load(str(exports['teacher_heun'][1])).metadata_props[0].value)
     assert heun['teacher']['sampler'] == 'heun' and heun['teacher']['sampling_steps'] == 3
 
 
-def test_a_batch_of_windows_in_one_call(exports):
-    """The graphs take any batch size (the batch-1 acting path is one case)."""
-    policy = load_policy(exports['vdd_moe'][1])
+@pytest.mark.parametrize('method', ['vdd_moe', 'shared_moe'])
+def test_a_batch_of_windows_in_one_call(exports, method):
+    """The graphs take any batch size (the batch-1 acting path is one case); each row gets
+    its own expert's mean, as torch's batched predict gives it."""
+    policy = load_policy(exports[method][1])
     windows = np.random.default_rng(0).standard_normal((5, 2, 7)).astype(np.float32)
+    codes = np.array([-2, 0, 1, 2, 3], np.int64)
     out = policy.model.session.run(None, {'obs': windows, 'u': np.full(5, 0.5, np.float32),
-                                          'expert': np.full(5, -2, np.int64)})
+                                          'expert': codes})
     assert out[0].shape == (5, 3, 2) and out[1].shape == (5,) and out[2].shape == (5, 4)
     single = policy.model.session.run(None, {'obs': windows[3:4], 'u': np.full(1, 0.5,
                                                                                 np.float32),
-                                             'expert': np.full(1, -2, np.int64)})
+                                             'expert': codes[3:4]})
     np.testing.assert_allclose(out[0][3], single[0][0], atol=1e-6)
+    model = load_model(exports[method][0])[0]
+    for row, code in enumerate(codes):
+        model.set_expert_mode('argmax' if code == -2 else int(code))
+        want = model.predict(torch.from_numpy(windows[row:row + 1]))[0][0].detach().numpy()
+        np.testing.assert_allclose(out[0][row], want, atol=1e-5)
 
 
 def test_the_export_command(exports, tmp_path, capsys):
@@ -212,8 +224,9 @@ def test_bench_reports_onnxruntime_next_to_torch_and_the_floor():
     for key in ('moe', 'moe_forward', 'onnx_moe', 'onnx_moe_run'):
         assert 0 < r[key]['p50'] <= r[key]['p99'], key
     assert set(r['onnx_teacher']) == {'1', '2'} and r['onnx_moe_over_torch'] > 0
-    # backbone 10->32->32, gating 32->64->4 (MoEConfig's gating width), chosen mean 32->3
-    shapes = [(10, 32), (32, 32), (32, 64), (64, 4), (32, 3)]
+    # independent experts: gating encoder 10->64->64->4 (MoEConfig's gating width), the
+    # chosen expert 10->32->32 and its mean 32->3
+    shapes = [(10, 64), (64, 64), (64, 4), (10, 32), (32, 32), (32, 3)]
     assert r['floor']['shapes'] == [list(s) for s in shapes]
     assert r['floor']['flops'] == sum(2 * a * b for a, b in shapes)
     assert 0 < r['floor']['floor_ms'] < r['onnx_moe']['p50']
@@ -236,7 +249,7 @@ def test_closed_loop_onnx_matches_torch_on_the_same_seeds(tmp_path):
     moe = MixtureOfExperts(MoEConfig(num_experts=3, hidden_dim=32, num_layers=1),
                            task.obs_dim, task.action_dim, 2, 4)
     with torch.no_grad():
-        moe.mean_head.bias.copy_(torch.linspace(-0.9, 0.9, 3).repeat_interleave(moe.dim))
+        moe.mean_head.bias.view(-1).copy_(torch.linspace(-0.9, 0.9, 3).repeat_interleave(moe.dim))
         moe.gate[-1].weight.normal_(0, 0.5)
     spec = PolicySpec(obs_fields=list(task.obs_fields), action_dim=task.action_dim,
                       obs_horizon=2, action_horizon=4, action_exec=2, task=task.name)

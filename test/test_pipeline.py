@@ -13,18 +13,21 @@ import yaml
 from vdd_ros import pipeline
 from vdd_ros.cli import main
 from vdd_ros.core.config import TrainConfig
+from vdd_ros.errors import ConfigError, UserError
+from vdd_ros.pipeline import stages as pipeline_stages
+from vdd_ros.policies import EVALUATIONS, POLICY_KINDS
 
 PNG = b'\x89PNG\r\n\x1a\n'
-STAGES = ['collect', 'teacher', 'vdd_moe', 'gaussian_bc', 'em_moe', 'eval_teacher',
-          'eval_teacher_1step', 'eval_vdd_moe', 'eval_gaussian_bc', 'eval_em_moe', 'video',
-          'report']
+STAGES = ['collect', *(f'seed_0/{k}' for k in POLICY_KINDS),
+          *(f'seed_0/eval_{e}' for e in EVALUATIONS), 'video', 'report']
 TINY = {
     'demos': 4, 'collect_workers': 1, 'eval_episodes': 2, 'eval_workers': 1,
     'latency_queries': 20,
     'train': {'teacher.iterations': 30, 'teacher.hidden_dim': 32, 'teacher.num_layers': 2,
               'teacher.batch_size': 32, 'moe.hidden_dim': 32, 'moe.num_layers': 2,
               'moe.num_experts': 2, 'vdd.iterations': 10, 'vdd.batch_size': 16,
-              'gaussian_bc.iterations': 10, 'em_moe.iterations': 10},
+              'gaussian_bc.iterations': 10, 'em_moe.iterations': 10,
+              'consistency.iterations': 10, 'consistency.batch_size': 16},
 }
 
 
@@ -42,12 +45,18 @@ def _run(config: Path, results: Path, *extra: str) -> int:
 
 def _decisions(text: str) -> dict[str, str]:
     """Stage -> 'run' or 'skip' from the pipeline's banners."""
-    return dict(re.findall(r'^== \[\d+/\d+\] (\w+): .* -- (run|skip) ', text, re.M))
+    return dict(re.findall(r'^== \[\d+/\d+\] ([\w/]+): .* -- (run|skip) ', text, re.M))
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns
             for p in folder.rglob('*') if p.is_file()}
+
+
+def _markers(folder: Path) -> set[str]:
+    """The names of the stages whose markers exist."""
+    return {str(p.relative_to(folder / 'stages').with_suffix(''))
+            for p in (folder / 'stages').rglob('*.json')}
 
 
 def _check_artefacts(folder: Path) -> None:
@@ -56,35 +65,42 @@ def _check_artefacts(folder: Path) -> None:
     from vdd_ros.core.checkpoint import load_policy, read_training
     from vdd_ros.core.data import load_dataset
     assert len(load_dataset(folder / 'demos.hdf5').demos) == 4
-    for name in ('teacher', 'vdd_moe', 'gaussian_bc', 'em_moe'):
-        policy = load_policy(folder / name)
+    for name in POLICY_KINDS:
+        policy = load_policy(folder / 'seed_0' / name)
         assert policy.spec.task == 'lift_carry'
         assert 'loss_history' not in policy.meta['metrics'], name   # in curves.json
-        training = read_training(folder / name)
+        training = read_training(folder / 'seed_0' / name)
         assert training['loss_history'] and training['iterations'] > 0, name
     metrics = json.loads((folder / 'metrics.json').read_text())
-    assert list(metrics['policies']) == ['teacher', 'teacher_1step', 'vdd_moe', 'gaussian_bc',
-                                         'em_moe']
+    assert list(metrics['policies']) == ['teacher', 'teacher_4step', 'teacher_2step',
+                                         'teacher_1step', 'vdd_moe', 'consistency',
+                                         'gaussian_bc', 'em_moe']
+    assert metrics['training_seeds'] == [0] and list(metrics['training']) == list(POLICY_KINDS)
     for name, m in metrics['policies'].items():
         for key in ('success_rate', 'mode_entropy', 'latency_ms_p50', 'query_ms_p50',
                     'mode_counts', 'episodes'):
             assert key in m, (name, key)
-        assert m['episodes'] == 2 and m['query_ms_p50'] > 0
-        detail = json.loads((folder / 'eval' / f'{name}.json').read_text())['episodes_detail']
+        assert m['episodes'] == 2 and m['query_ms_p50'] > 0 and m['seeds'] == 1
+        lo, hi = m['success_ci']
+        assert 0 <= lo <= m['success_rate'] <= hi <= 1
+        detail = json.loads((folder / 'seed_0' / 'eval' / f'{name}.json').read_text())[
+            'episodes_detail']
         assert [d['seed'] for d in detail] == [1_000_000, 1_000_001]
     assert metrics['policies']['teacher']['sampling_steps'] == TrainConfig().teacher.sampling_steps
-    assert metrics['policies']['teacher_1step']['sampling_steps'] == 1
+    for name, steps in (('teacher_4step', 4), ('teacher_2step', 2), ('teacher_1step', 1),
+                        ('consistency', 1)):
+        assert metrics['policies'][name]['sampling_steps'] == steps, name
     vdd = metrics['policies']['vdd_moe']
     assert vdd['via_ros'] and 0 < vdd['obs_to_action_ms_p50'] <= vdd['obs_to_action_ms_p99']
     assert {t['name'] for t in metrics['targets']} == {
         'success_vs_teacher', 'success_floor', 'mode_entropy', 'latency'}
     assert list(metrics['stages']) == STAGES[:-1]
-    for plot in ('success_entropy', 'latency', 'training_curves'):
+    for plot in ('success_entropy', 'latency', 'latency_success', 'training_curves'):
         assert (folder / 'plots' / f'{plot}.png').read_bytes()[:8] == PNG
     with Image.open(folder / 'vdd_moe_modes.gif') as gif:
         assert gif.format == 'GIF' and gif.n_frames > 5
     report = (folder / 'report.md').read_text()
-    assert '| policy | success |' in report and '| VDD-MoE (over ROS) |' in report
+    assert '| policy | success [95% CI] |' in report and '| VDD-MoE (over ROS) |' in report
     _check_report_tables(report, metrics)
     assert 'plots/training_curves.png' in report and 'vdd_moe_modes.gif' in report
     summary = (folder.parent / 'summary.md').read_text()
@@ -109,21 +125,24 @@ def _check_report_tables(report: str, metrics: dict) -> None:
     latency in its row, each target's value, requirement and status, where the targets follow
     from the policies' figures."""
     policies = metrics['policies']
-    rows = _table(report, '| policy | success |')
+    rows = _table(report, '| policy | success [95% CI] |')
     assert len(rows) == len(policies)
     for row, (name, m) in zip(rows, policies.items()):
         assert row[0].startswith(m.get('label', name)), (name, row)
-        assert row[5].startswith(f"{m['query_ms_p50']:.3f} / "), row
-        assert row[1] == f"{m['success_rate']:.2f} ({m['successes']}/{m['episodes']})", row
+        assert row[6].startswith(f"{m['query_ms_p50']:.3f} / "), row
+        lo, hi = m['success_ci']
+        assert row[1] == f"{m['success_rate']:.2f} [{lo:.2f}, {hi:.2f}]", row
+        assert row[2] == f"{m['successes']}/{m['episodes']}", row
         assert m['success_rate'] == pytest.approx(m['successes'] / m['episodes'])
-        assert row[3] == f"{m['mode_entropy']:.3f}", row
+        lo, hi = m['entropy_ci']
+        assert row[4] == f"{m['mode_entropy']:.3f} [{lo:.3f}, {hi:.3f}]", row
     vdd, teacher = policies['vdd_moe'], policies['teacher']
     expected = {'success_vs_teacher': (vdd['success_rate'], teacher['success_rate'] - 0.05),
                 'success_floor': (vdd['success_rate'], 0.85),
-                'mode_entropy': (vdd['mode_entropy'], 0.8 * teacher['mode_entropy']),
+                'mode_entropy': (vdd['mode_entropy'], 0.85 * teacher['mode_entropy']),
                 'latency': (teacher['query_ms_p50'] / vdd['query_ms_p50'], 8.0)}
     rows = _table(report, '| target | value |')
-    assert len(rows) == len(metrics['targets']) + 1     # and the cross-task row
+    assert len(rows) == len(metrics['targets']) + 2     # and the two cross-task rows
     for row, t in zip(rows, metrics['targets']):
         assert (t['value'], t['required']) == pytest.approx(expected[t['name']]), t
         assert t['met'] == (t['value'] >= t['required'] - 1e-12)
@@ -148,32 +167,32 @@ def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not (folder / 'stages' / 'teacher.json').exists():
+        while not (folder / 'stages' / 'seed_0' / 'teacher.json').exists():
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
     finally:
         proc.kill()
         proc.wait()
-    finished = {p.stem for p in (folder / 'stages').glob('*.json')}
-    assert {'collect', 'teacher'} <= finished and 'report' not in finished
+    finished = _markers(folder)
+    assert {'collect', 'seed_0/teacher'} <= finished and 'report' not in finished
 
     # 2. A run interrupted during the Gaussian BC evaluation, after a partial output.
-    real_evaluate = pipeline._evaluate
+    real_evaluate = pipeline_stages._evaluate
 
-    def killed(policy, ctx):
+    def killed(policy, ctx, **kwargs):
         if policy == 'gaussian_bc':
-            ctx.path('eval/gaussian_bc.json').write_text('{"partial": ')
+            ctx.path('seed_0/eval/gaussian_bc.json').write_text('{"partial": ')
             raise KeyboardInterrupt
-        return real_evaluate(policy, ctx)
-    monkeypatch.setattr(pipeline, '_evaluate', killed)
+        return real_evaluate(policy, ctx, **kwargs)
+    monkeypatch.setattr(pipeline_stages, '_evaluate', killed)
     assert _run(config, results) == 130
     out = capsys.readouterr().out
-    done = STAGES[:STAGES.index('eval_gaussian_bc')]
+    done = STAGES[:STAGES.index('seed_0/eval_gaussian_bc')]
     assert _decisions(out) == {s: 'skip' if s in finished else 'run'
-                               for s in done + ['eval_gaussian_bc']}
+                               for s in done + ['seed_0/eval_gaussian_bc']}
     assert 'rerun to resume' in out
-    assert sorted(p.stem for p in (folder / 'stages').glob('*.json')) == sorted(done)
-    monkeypatch.setattr(pipeline, '_evaluate', real_evaluate)
+    assert _markers(folder) == set(done)
+    monkeypatch.setattr(pipeline_stages, '_evaluate', real_evaluate)
 
     # 3. The rerun resumes at the interrupted stage and finishes; exit 1: targets missed.
     before = _mtimes(folder)
@@ -181,8 +200,9 @@ def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert _decisions(out) == {s: 'skip' if s in done else 'run' for s in STAGES}
     after = _mtimes(folder)
-    for path in ('demos.hdf5', 'teacher/model.safetensors', 'vdd_moe/model.safetensors',
-                 'eval/teacher.json', 'eval/vdd_moe.json', 'stages/teacher.json'):
+    for path in ('demos.hdf5', 'seed_0/teacher/model.safetensors',
+                 'seed_0/vdd_moe/model.safetensors', 'seed_0/eval/teacher.json',
+                 'seed_0/eval/vdd_moe.json', 'stages/seed_0/teacher.json'):
         assert after[path] == before[path], path
     assert 'MISSED' in out and 'VDD-MoE (over ROS)' in out
     _check_artefacts(folder)
@@ -196,8 +216,8 @@ def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
     # 5. A changed training setting reruns that model and what reads it, nothing else.
     assert _run(config, results, '--set', 'train.em_moe.iterations=12') == 1
     ran = {s for s, d in _decisions(capsys.readouterr().out).items() if d == 'run'}
-    assert ran == {'em_moe', 'eval_em_moe', 'report'}
-    assert json.loads((folder / 'stages' / 'em_moe.json').read_text())['info'][
+    assert ran == {'seed_0/em_moe', 'seed_0/eval_em_moe', 'report'}
+    assert json.loads((folder / 'stages' / 'seed_0' / 'em_moe.json').read_text())['info'][
         'iterations'] == 12
 
     # 6. A lost output reruns its stage; --from reruns a stage and its dependants.
@@ -206,7 +226,7 @@ def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
                 'train.em_moe.iterations=12') == 1
     decisions = _decisions(capsys.readouterr().out)
     assert {s for s, d in decisions.items() if d == 'run'} == {
-        'gaussian_bc', 'eval_gaussian_bc', 'video', 'report'}
+        'seed_0/gaussian_bc', 'seed_0/eval_gaussian_bc', 'video', 'report'}
     assert (folder / 'vdd_moe_modes.gif').is_file()
 
     # 7. --force reruns every stage.
@@ -214,7 +234,8 @@ def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
     assert _run(config, results, '--force') == 1
     assert set(_decisions(capsys.readouterr().out).values()) == {'run'}
     after = _mtimes(folder)
-    assert after['teacher/model.safetensors'] != before['teacher/model.safetensors']
+    assert after['seed_0/teacher/model.safetensors'] != \
+        before['seed_0/teacher/model.safetensors']
     _check_artefacts(folder)
 
     # `vdd-ros report` redraws from metrics.json and writes the cross-task summary.
@@ -242,7 +263,8 @@ def test_a_bad_config_field_is_one_clear_error(tmp_path, capsys):
 
 
 def test_shipped_config_is_valid_for_every_task():
-    for task in ('lift_carry', 'pick_either', 'stack_either'):
+    from vdd_ros.sim.tasks import TASKS
+    for task in TASKS:
         cfg = pipeline.load_pipeline_config(task)
         assert cfg.eval_episodes >= 50
         assert cfg.train_config().teacher.iterations == cfg.train['teacher.iterations']
@@ -258,17 +280,21 @@ def test_task_sections_merge_over_the_defaults(tmp_path):
     assert cfg.train == {'teacher.iterations': 9, 'vdd.iterations': 7, 'vdd.lr': 0.01}
     assert pipeline.load_pipeline_config('lift_carry', path).demos == 10
     path.write_text(yaml.safe_dump({'tasks': {'fly': {}}}))
-    with pytest.raises(pipeline.ConfigError, match=r'tasks\.fly: unknown task'):
+    with pytest.raises(ConfigError, match=r'tasks\.fly: unknown task'):
         pipeline.load_pipeline_config('lift_carry', path)
 
 
 def test_cross_task_target_and_mode_episode_picks():
-    from vdd_ros.report import cross_task_status
+    from vdd_ros.report import consistency_status, cross_task_status
     win, lose = {'beats_baselines': True}, {'beats_baselines': False}
     assert cross_task_status({'a': win}) == 'pending'
-    assert cross_task_status({'a': win, 'b': win}) == 'met'
+    assert cross_task_status({'a': win, 'b': win, 'c': win}) == 'met'
     assert cross_task_status({'a': lose, 'b': lose}) == 'MISSED'
-    assert cross_task_status({'a': win, 'b': lose, 'c': lose}) == 'MISSED'
+    assert cross_task_status({'a': win, 'b': win, 'c': lose}) == 'pending'
+    better, worse = {'versus_consistency': {'met': True}}, {'versus_consistency': {'met': False}}
+    assert consistency_status({'a': better, 'b': better}) == 'pending'
+    assert consistency_status({'a': better, 'b': better, 'c': better}) == 'met'
+    assert consistency_status({'a': worse, 'b': worse, 'c': better}) == 'MISSED'
     detail = [{'seed': 1, 'success': False, 'mode': 'left'},
               {'seed': 2, 'success': True, 'mode': 'right'},
               {'seed': 3, 'success': True, 'mode': 'left'},
@@ -289,7 +315,7 @@ def test_task_lock_and_stale_temporaries(tmp_path):
         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     try:
         assert holder.stdout.readline().strip() == 'held'
-        with pytest.raises(pipeline.UserError, match=f'another pipeline run \\(process '
+        with pytest.raises(UserError, match=f'another pipeline run \\(process '
                            f'{holder.pid}\\)'):
             with pipeline.task_lock(tmp_path):
                 pass
@@ -330,7 +356,7 @@ def _contend(folder: str, rounds: int, first: bool, barrier, counts) -> None:
                 else:
                     time.sleep(0.01)
                     marker.unlink()
-        except pipeline.UserError:
+        except UserError:
             pass
         barrier.wait()
         if first:

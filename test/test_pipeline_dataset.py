@@ -20,7 +20,8 @@ TINY = {
               'teacher.batch_size': 32, 'moe.hidden_dim': 32, 'moe.num_layers': 2,
               'moe.num_experts': 2, 'vdd.iterations': 10, 'vdd.batch_size': 16,
               'vdd.init_em_iterations': 10, 'gaussian_bc.iterations': 10,
-              'em_moe.iterations': 10},
+              'em_moe.iterations': 10, 'consistency.iterations': 10,
+              'consistency.batch_size': 16},
 }
 
 
@@ -40,7 +41,7 @@ def _config(tmp_path: Path) -> Path:
 
 
 def _decisions(text: str) -> dict[str, str]:
-    return dict(re.findall(r'^== \[\d+/\d+\] (\w+): .* -- (run|skip) ', text, re.M))
+    return dict(re.findall(r'^== \[\d+/\d+\] ([\w/]+): .* -- (run|skip) ', text, re.M))
 
 
 def test_human_demonstrations_end_to_end_and_resumed(human, tmp_path, capsys):

@@ -10,6 +10,7 @@ import yaml
 
 from vdd_ros.cli import main
 from vdd_ros.core.data import load_dataset
+from vdd_ros.policies import EVALUATIONS, POLICY_KINDS
 
 TINY = {
     'demos': 3, 'collect_workers': 1, 'eval_episodes': 2, 'eval_workers': 1,
@@ -17,15 +18,15 @@ TINY = {
     'train': {'teacher.iterations': 20, 'teacher.hidden_dim': 32, 'teacher.num_layers': 1,
               'teacher.batch_size': 32, 'moe.hidden_dim': 32, 'moe.num_layers': 1,
               'moe.num_experts': 2, 'vdd.iterations': 5, 'vdd.batch_size': 16,
-              'gaussian_bc.iterations': 5, 'em_moe.iterations': 5},
+              'gaussian_bc.iterations': 5, 'em_moe.iterations': 5,
+              'consistency.iterations': 5, 'consistency.batch_size': 16},
 }
-STAGES = ['record', 'bag2dataset', 'teacher', 'vdd_moe', 'gaussian_bc', 'em_moe',
-          'eval_teacher', 'eval_teacher_1step', 'eval_vdd_moe', 'eval_gaussian_bc',
-          'eval_em_moe', 'video', 'report']
+STAGES = ['record', 'bag2dataset', *(f'seed_0/{k}' for k in POLICY_KINDS),
+          *(f'seed_0/eval_{e}' for e in EVALUATIONS), 'video', 'report']
 
 
 def _decisions(text):
-    return dict(re.findall(r'^== \[\d+/\d+\] (\w+): .* -- (run|skip) ', text, re.M))
+    return dict(re.findall(r'^== \[\d+/\d+\] ([\w/]+): .* -- (run|skip) ', text, re.M))
 
 
 def test_pipeline_via_bags_end_to_end(tmp_path, capsys):
@@ -34,7 +35,7 @@ def test_pipeline_via_bags_end_to_end(tmp_path, capsys):
     config.write_text(yaml.safe_dump({'defaults': TINY, 'tasks': {'lift_carry': {}}}))
     results = tmp_path / 'results'
     # native evaluations to compare with (only their eval/*.json are read)
-    native = results / 'lift_carry' / 'eval'
+    native = results / 'lift_carry' / 'seed_0' / 'eval'
     native.mkdir(parents=True)
     for name, wins in (('teacher', [True, True]), ('vdd_moe', [False, True])):
         detail = [{'seed': 1_000_000 + i, 'success': w, 'mode': None, 'length': 90}
@@ -59,11 +60,12 @@ def test_pipeline_via_bags_end_to_end(tmp_path, capsys):
         assert a.mode == b.mode
 
     for name in ('teacher', 'vdd_moe'):
-        ev = json.loads((folder / 'eval' / f'{name}.json').read_text())
+        ev = json.loads((folder / 'seed_0' / 'eval' / f'{name}.json').read_text())
         assert ev['via_ros'] and ev['binding'] == 'lift_carry', name
         assert [d['seed'] for d in ev['episodes_detail']] == [1_000_000, 1_000_001]
         assert 0 < ev['obs_to_action_ms_p50']
-    assert not json.loads((folder / 'eval' / 'gaussian_bc.json').read_text()).get('via_ros')
+    bc = json.loads((folder / 'seed_0' / 'eval' / 'gaussian_bc.json').read_text())
+    assert not bc.get('via_ros')
     metrics = json.loads((folder / 'metrics.json').read_text())
     rows = {r['policy']: r for r in metrics['via_bags']['rows']}
     assert rows['teacher']['native'] == 1.0 and rows['vdd_moe']['native'] == 0.5
@@ -71,7 +73,7 @@ def test_pipeline_via_bags_end_to_end(tmp_path, capsys):
     assert metrics['settings']['dataset']['demos'] == 3
     report = (folder / 'report.md').read_text()
     assert '--via-bags' in report and '## Via bags' in report
-    assert '| VDD-MoE (over ROS) | 0.50 (1/2) |' in report
+    assert '| VDD-MoE (over ROS) | 0.50 [0.00, 1.00] | 1/2 |' in report
     assert (results / 'via_bags' / 'summary.md').is_file()
     assert not (results / 'summary.md').exists()     # the native summary is not touched
 

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    'MoE (stored with the checkpoint for policy_node)'),
     'pipeline': ('pipeline', 'the whole job on one task: collect, train, distil, baselines, '
                  'evaluate, report'),
+    'tune': ('tune', 'score candidate VDD-MoE settings on validation seeds (the test seeds '
+             'stay sealed): the tuning protocol and the ablation table'),
     'report': ('report', 'redraw task reports and write the cross-task summary'),
     'bag2dataset': ('bag2dataset', 'convert rosbag2 recordings into a dataset through a '
                     'binding'),

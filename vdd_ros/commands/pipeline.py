@@ -1,6 +1,6 @@
 """`vdd-ros pipeline`: demonstrations to a results report on one task, resumable by stage
-(`--via-bags`: the same job over standard ROS 2 messages and rosbag2 recordings, see
-vdd_ros/pipeline.py)."""
+(`--via-bags`: the same job over standard ROS 2 messages and rosbag2 recordings; `--seeds N`:
+every policy trained with N seeds, reported with intervals; see vdd_ros/pipeline/)."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from vdd_ros.errors import UserError
+from vdd_ros.policies import EVALUATIONS, POLICY_KINDS
+from vdd_ros.sim.tasks import TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument('--task', default=None,
-                       help='lift_carry, pick_either or stack_either (default: lift_carry)')
+                       help=f'{", ".join(TASKS)} (default: lift_carry)')
     where.add_argument('--dataset', type=Path, default=None, metavar='F.hdf5',
                        help="your robomimic-layout dataset: trained on, and every policy "
                             "evaluated in the robosuite environment its env_args describe; "
@@ -32,9 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--from', dest='rerun_from', metavar='STAGE', default=None,
                         help='rerun this stage and every stage that reads its outputs '
                         '(collect, record and bag2dataset with --via-bags, or dataset with '
-                        '--dataset; teacher, '
-                        'vdd_moe, gaussian_bc, em_moe, eval_teacher, eval_teacher_1step, '
-                        'eval_vdd_moe, eval_gaussian_bc, eval_em_moe, video, report)')
+                        f'--dataset; {", ".join(POLICY_KINDS)}, '
+                        f'{", ".join("eval_" + e for e in EVALUATIONS)}, video, report; a '
+                        'training or evaluation stage in every seed, or one seed\'s as '
+                        'seed_<s>/<stage>)')
+    parser.add_argument('--seeds', type=int, default=None, metavar='N',
+                        help='train and evaluate every policy with N training seeds (train.seed '
+                        'onwards) and report means with 95%% intervals (default: the config\'s '
+                        '`seeds`, 1)')
     parser.add_argument('--via-bags', action='store_true',
                         help='everything over standard ROS 2 messages: record the scripted '
                         "demonstrations through sim_node and policy_node with the task's "
@@ -85,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError('--obs-keys and --filter-key apply to --dataset (a task has its '
                             'own observation)')
         name = args.task or 'lift_carry'
-    cfg = load_pipeline_config(None if dataset else name, args.config,
-                               parse_overrides(args.set))
+    overrides = parse_overrides(args.set)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UserError(f'--seeds must be >= 1, got {args.seeds}')
+        overrides['seeds'] = args.seeds
+    cfg = load_pipeline_config(None if dataset else name, args.config, overrides)
     folder = results_root(args.results, args.via_bags) / name
     print(f'vdd-ros pipeline on {name}{" via bags" if args.via_bags else ""} -> {folder} '
           f'(device {args.device})')

@@ -82,10 +82,10 @@ def latency_benchmark(obs_dim: int = 60, action_dim: int = 7, hidden_dim: int = 
     x = torch.from_numpy(obs)[None]
     window = obs[None]
 
-    def bare() -> None:
+    def bare() -> None:   # (independent experts: every expert's mean)
         with torch.inference_mode():
-            h = moe.backbone(x)
-            moe.mean_head(h), moe.gate(h)
+            h = moe.features(x)
+            moe.means(h), moe.log_gating(h)
     moe_policy.reset(0)
     onnx_moe.reset(0)
     timed = time_interleaved({
@@ -136,9 +136,8 @@ def onnx_policies(moe: MixtureOfExperts, teacher: DiffusionTeacher, spec: Policy
 
 def moe_matmul_shapes(moe: MixtureOfExperts) -> list[tuple[int, int]]:
     """(in, out) of every matrix product the MoE's acting graph computes at batch 1: the
-    backbone, the gating and the chosen expert's mean."""
-    layers = [m for m in list(moe.backbone) + list(moe.gate) if isinstance(m, torch.nn.Linear)]
-    return [(m.in_features, m.out_features) for m in layers] + [(moe.cfg.hidden_dim, moe.dim)]
+    gating and the chosen expert's mean (MixtureOfExperts.acting_shapes)."""
+    return moe.acting_shapes()
 
 
 _FLOOR_SCRIPT = r"""

@@ -42,6 +42,8 @@ CURVE_POINTS = 2000   # a stored curve keeps at most this many (bin-averaged) po
 MODEL_KINDS: dict[str, tuple[str, str, type]] = {
     'teacher': ('vdd_ros.core.teacher', 'DiffusionTeacher', TeacherConfig),
     'moe': ('vdd_ros.core.moe', 'MixtureOfExperts', MoEConfig),
+    # the one-step consistency-distilled student: the teacher's network and config
+    'consistency': ('vdd_ros.core.consistency', 'ConsistencyStudent', TeacherConfig),
 }
 _NORMALIZER_PREFIXES = ('obs_normalizer.', 'action_normalizer.')
 
@@ -179,7 +181,10 @@ def load_model(path: str | os.PathLike,
     path = Path(path)
     meta = read_meta(path)
     module, cls_name, cfg_cls = MODEL_KINDS[meta['kind']]
-    cfg = from_dict(cfg_cls, meta.get('model'), f'{path / CONFIG_FILE} (model)')
+    model_cfg = meta.get('model')
+    if meta['kind'] == 'moe' and isinstance(model_cfg, dict) and 'experts' not in model_cfg:
+        model_cfg = {**model_cfg, 'experts': 'shared'}   # written before independent experts
+    cfg = from_dict(cfg_cls, model_cfg, f'{path / CONFIG_FILE} (model)')
     try:
         spec = PolicySpec.from_dict(meta['spec'])
     except (KeyError, TypeError, ValueError) as exc:
@@ -205,7 +210,8 @@ def load_policy(path: str | os.PathLike, device: str = 'cpu', expert_mode: str |
                 steps: int | None = None, threads: int | None = None) -> ChunkPolicy:
     """Any checkpoint (teacher, VDD-MoE, baseline) or exported `.onnx` file as a Policy.
 
-    `expert_mode` applies to mixtures, `steps` (sampling steps) to the teacher; `threads`
+    `expert_mode` applies to mixtures, `steps` (sampling steps, network calls per chunk) to
+    the teacher and the consistency student (multistep consistency sampling); `threads`
     (onnxruntime intra-op threads, default 1) to `.onnx` files, which run on the CPU.
     """
     if str(path).endswith('.onnx'):
@@ -222,8 +228,8 @@ def load_policy(path: str | os.PathLike, device: str = 'cpu', expert_mode: str |
         model.set_expert_mode(expert_mode)
     if steps is not None:
         if not hasattr(model, 'sampling_steps'):
-            raise UserError(f'{path}: steps applies to teacher checkpoints, this is a '
-                            f'{meta["kind"]}')
+            raise UserError(f'{path}: steps applies to teacher and consistency checkpoints, '
+                            f'this is a {meta["kind"]}')
         if int(steps) < 1:
             raise UserError(f'steps: must be >= 1, got {steps}')
         model.sampling_steps = int(steps)

@@ -75,22 +75,35 @@ class TeacherConfig:
         at_least(self.weight_decay, 0.0, 'weight_decay')
 
 
+MOE_EXPERTS = ('independent', 'shared')
+
+
 @dataclass
 class MoEConfig:
-    """Mixture of Gaussian experts with a shared backbone and a gating network."""
+    """Mixture of Gaussian experts and a gating network.
+
+    `experts`: 'independent' gives every expert its own MLP (`num_layers` of `hidden_dim`) and
+    the gating its own encoder of the observation (`num_layers` of `gating_hidden_dim`);
+    'shared' (the only architecture of checkpoints written before the option) puts linear
+    expert heads and a one-layer gating (`gating_hidden_dim`) on one backbone (`num_layers` of
+    `hidden_dim`). Eight independent experts of width 128 have about the parameters of one
+    shared backbone of width 256.
+    """
 
     num_experts: int = 8
-    hidden_dim: int = 256
+    hidden_dim: int = 128
     num_layers: int = 3
     gating_hidden_dim: int = 64
     covariance: str = 'diag'
     init_std: float = 0.5
     min_std: float = 1e-3
     expert_mode: str = 'sample'
+    experts: str = 'independent'
 
     def validate(self) -> None:
         for name in ('num_experts', 'hidden_dim', 'num_layers', 'gating_hidden_dim'):
             at_least(getattr(self, name), 1, name)
+        one_of(self.experts, MOE_EXPERTS, 'experts')
         one_of(self.covariance, ('diag', 'full'), 'covariance')
         positive(self.init_std, 'init_std')
         positive(self.min_std, 'min_std')
@@ -144,9 +157,10 @@ class VDDConfig:
     # warm start: EM iterations on the dataset actions before distillation (0 = off)
     init_em_iterations: int = 1000
     init_em_lr: float = 1e-3
-    # learning rate of the shared backbone relative to the expert heads; below 1 it keeps the
-    # experts of one mode from dragging the shared features (and the other mode's experts)
-    # along, at some cost in precision (0 freezes the backbone of the warm start)
+    # learning rate of the shared backbone (moe.experts 'shared') relative to the expert heads;
+    # below 1 it keeps the experts of one mode from dragging the shared features (and the other
+    # mode's experts) along, at some cost in precision (0 freezes the backbone of the warm
+    # start). Independent experts share nothing: each one's MLP trains at the full rate
     backbone_lr_scale: float = 1.0
     # 'plain': the teacher's score at sigma on the student's own samples, taken as if already
     # noised (the paper's reference code); the student then matches the sigma-smoothed teacher
@@ -189,6 +203,43 @@ class BaselineConfig:
         _check(0.0 <= self.final_lr_fraction <= 1.0, 'final_lr_fraction', 'must be in [0, 1]')
 
 
+CONSISTENCY_DISTANCES = ('pseudo_huber', 'l2')
+
+
+@dataclass
+class ConsistencyConfig:
+    """Consistency distillation of the teacher into a one-step student (consistency.py)."""
+
+    iterations: int = 3000
+    batch_size: int = 256
+    lr: float = 3e-4
+    final_lr_fraction: float = 0.1
+    # the teacher's Karras schedule over [sigma_min, sigma_max] cut into this many levels; the
+    # teacher takes one Heun step between neighbours
+    bins: int = 8
+    distance: str = 'pseudo_huber'
+    # the share of each batch taken on the teacher's sampling trajectories (from sigma_max *
+    # eps); the rest is the forward process a + sigma eps of Song et al.
+    trajectory_fraction: float = 0.5
+    ema_decay: float = 0.95          # the target network: an EMA of the student's weights
+    model_ema_decay: float = 0.999   # the weights saved: a slower EMA
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        for name in ('iterations', 'batch_size'):
+            at_least(getattr(self, name), 1, name)
+        at_least(self.bins, 2, 'bins')
+        positive(self.lr, 'lr')
+        _check(0.0 <= self.final_lr_fraction <= 1.0, 'final_lr_fraction', 'must be in [0, 1]')
+        one_of(self.distance, CONSISTENCY_DISTANCES, 'distance')
+        _check(0.0 <= self.trajectory_fraction <= 1.0, 'trajectory_fraction',
+               'must be in [0, 1]')
+        for name in ('ema_decay', 'model_ema_decay'):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, name, f'must be in [0, 1), got {value}')
+        positive(self.grad_clip, 'grad_clip')
+
+
 @dataclass
 class TrainConfig:
     """Everything needed to train the teacher, distil it and train the baselines."""
@@ -202,6 +253,7 @@ class TrainConfig:
     vdd: VDDConfig = field(default_factory=VDDConfig)
     gaussian_bc: BaselineConfig = field(default_factory=BaselineConfig)
     em_moe: BaselineConfig = field(default_factory=BaselineConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
 
     def validate(self) -> None:
         at_least(self.seed, 0, 'seed')

@@ -11,6 +11,7 @@ a job that completes removes it.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from vdd_ros.core.baselines import train_em
 from vdd_ros.core.checkpoint import load_model, read_meta, save_checkpoint, tail_mean
 from vdd_ros.core.config import (BaselineConfig, MoEConfig, TrainConfig, from_dict, load_config,
                                  to_dict)
+from vdd_ros.core.consistency import ConsistencyStudent, train_consistency
 from vdd_ros.core.data import load_dataset, make_windows
 from vdd_ros.core.distributed import DataParallel, data_parallel
 from vdd_ros.core.io import check_writable
@@ -205,13 +207,7 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
         moe = _moe_like(cfg.moe, spec)
         moe.obs_normalizer.load_state_dict(teacher.obs_normalizer.state_dict())
         moe.action_normalizer.load_state_dict(teacher.action_normalizer.state_dict())
-        keys = [k for k, _ in spec.obs_fields]
-        found = load_dataset(dataset, keys, filter_key=filter_key)
-        wanted = [(k, int(n)) for k, n in spec.obs_fields]
-        if found.obs_fields != wanted or found.action_dim != spec.action_dim:
-            raise UserError(f'{dataset}: observations {found.obs_fields} and '
-                            f'{found.action_dim}-d actions do not match the teacher\'s '
-                            f'{wanted} and {spec.action_dim}-d')
+        keys = _check_like_teacher(dataset, spec, filter_key)
         data = prepare_data(dataset, cfg, moe, keys, fit=False, filter_key=filter_key)
         gen = torch.Generator().manual_seed(cfg.seed)
         moe.init_means(data.actions, gen)
@@ -274,6 +270,20 @@ def baseline_job(method: str, dataset: Path_, out: Path_, config: Path_ | None =
     return path
 
 
+def _check_like_teacher(dataset: Path_, spec: PolicySpec,
+                        filter_key: str | None = None) -> list[str]:
+    """The teacher's observation keys, once the dataset is checked to have the teacher's
+    observations and action size (else a UserError naming both)."""
+    keys = [k for k, _ in spec.obs_fields]
+    found = load_dataset(dataset, keys, filter_key=filter_key)
+    wanted = [(k, int(n)) for k, n in spec.obs_fields]
+    if found.obs_fields != wanted or found.action_dim != spec.action_dim:
+        raise UserError(f'{dataset}: observations {found.obs_fields} and '
+                        f'{found.action_dim}-d actions do not match the teacher\'s '
+                        f'{wanted} and {spec.action_dim}-d')
+    return keys
+
+
 def _training_state(out: Path_, job: str, cfg: TrainConfig, stages: tuple[str, ...],
                     every: int, resume: bool, dp: DataParallel,
                     *data: torch.Tensor) -> TrainingState:
@@ -308,3 +318,50 @@ def _saver(out: Path_, data: TrainingData, method: str, cfg: TrainConfig,
         return save_checkpoint(out, model, spec, method, to_dict(cfg), metrics,
                                {'loss_history': history})
     return save
+
+
+def consistency_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ | None = None,
+                    *, overrides: Mapping[str, Any] | None = None, device: str = 'cpu',
+                    progress: ProgressCallback | None = None,
+                    stop: threading.Event | None = None, show_bar: bool = True,
+                    checkpoint_every: int = 1000, resume: bool = False,
+                    filter_key: str | None = None) -> Path:
+    """Consistency-distil a teacher checkpoint into a one-step student (consistency.py) on the
+    dataset's windows; write it to `out` (kind consistency, method consistency).
+
+    The student has the teacher's network, noise range and normalizers and starts from the
+    teacher's weights. Its checkpoint has no `valid_loss`: the consistency loss needs the
+    teacher, and a one-step sampler has no likelihood.
+    """
+    check_writable(out, 'checkpoint folder', folder=True)
+    cfg = load_train_config(config, overrides)
+    meta = read_meta(teacher_ckpt)
+    if meta['kind'] != 'teacher':
+        raise UserError(f'{teacher_ckpt}: a {meta["kind"]} checkpoint (method '
+                        f'{meta.get("method")}); consistency distillation needs a diffusion '
+                        f'teacher checkpoint (kind teacher)')
+    with data_parallel(device) as dp:
+        torch.manual_seed(cfg.seed)
+        teacher, spec, _ = load_model(teacher_ckpt, dp.device)
+        cfg.obs_horizon, cfg.action_horizon = spec.obs_horizon, spec.action_horizon
+        cfg.action_exec = spec.action_exec
+        student = ConsistencyStudent(dataclasses.replace(teacher.cfg, sampling_steps=1),
+                                     spec.obs_dim, spec.action_dim, spec.obs_horizon,
+                                     spec.action_horizon).to(dp.device)
+        student.load_state_dict(teacher.state_dict())     # normalizers and network
+        keys = _check_like_teacher(dataset, spec, filter_key)
+        data = prepare_data(dataset, cfg, student, keys, fit=False, filter_key=filter_key)
+        data = dataclasses.replace(data, valid_obs=None, valid_actions=None)
+        data.spec.task = spec.task
+        obs, actions = data.obs.to(dp.device), data.actions.to(dp.device)
+        state = _training_state(out, 'consistency', cfg, ('consistency',), checkpoint_every,
+                                resume, dp, obs, actions, *teacher.state_dict().values())
+        save = _saver(out, data, 'consistency', cfg, dp)
+        history = train_consistency(student, teacher, obs, actions, cfg.consistency,
+                                    seed=cfg.seed, progress=progress, stop=stop,
+                                    show_bar=show_bar, on_checkpoint=save,
+                                    checkpoint_every=checkpoint_every, dp=dp, state=state)
+        path = save(student, history)
+        if len(history) >= cfg.consistency.iterations:
+            state.finish()
+    return path

@@ -27,19 +27,21 @@ from vdd_ros.core.progress import DivergenceError, Progress, ProgressCallback
 from vdd_ros.errors import UserError
 
 PREFIX = '@vdd_ros '
-METHODS = ('teacher', 'vdd_moe', 'gaussian_bc', 'em_moe')
+METHODS = ('teacher', 'vdd_moe', 'gaussian_bc', 'em_moe', 'consistency')
 
 
 def run_training(method: str, dataset: str | os.PathLike, out: str | os.PathLike, *,
                  teacher: str | os.PathLike | None = None, **kwargs: Any) -> Path:
     """Run the job of `method` (one of METHODS) in this process (one rank under torchrun)."""
-    from vdd_ros.core.jobs import baseline_job, distill_job, train_teacher_job
+    from vdd_ros.core.jobs import (baseline_job, consistency_job, distill_job,
+                                   train_teacher_job)
     if method == 'teacher':
         return train_teacher_job(dataset, out, **kwargs)
-    if method == 'vdd_moe':
+    if method in ('vdd_moe', 'consistency'):
         if teacher is None:
-            raise UserError('vdd_moe: needs a teacher checkpoint')
-        return distill_job(teacher, dataset, out, **kwargs)
+            raise UserError(f'{method}: needs a teacher checkpoint')
+        job = distill_job if method == 'vdd_moe' else consistency_job
+        return job(teacher, dataset, out, **kwargs)
     if method in METHODS:
         return baseline_job(method, dataset, out, **kwargs)
     raise UserError(f'training method {method!r}: expected one of {", ".join(METHODS)}')

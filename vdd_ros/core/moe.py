@@ -1,14 +1,22 @@
 """Mixture of Gaussian experts: pi(a|s) = sum_z q(z|s) N(a; mu_z(s), L_z(s) L_z(s)^T).
 
-A shared backbone encodes the flat normalised observation window; linear heads give every
-expert's mean and Cholesky factor (diagonal through softplus plus a floor); the gating network
-reads the *detached* backbone feature. Acting needs one backbone pass, the mean head and the
-gating only.
+Two architectures (`MoEConfig.experts`), one interface (`features`, `means`, `scales`,
+`log_gating`, and the parameter sets `expert_parameters`, `trunk_parameters`,
+`gating_parameters`):
+- 'independent': every expert z is its own MLP of the flat normalised observation window,
+  ending in its mean and Cholesky parameters; the Z MLPs run together on stacked weights
+  `(Z, in, out)` (`StackedLinear`), so no parameter is shared by two experts. The gating is an
+  MLP of its own on the normalised observation.
+- 'shared': one backbone encodes the observation; linear heads give every expert's mean and
+  Cholesky parameters, and the gating reads the *detached* backbone feature.
+Cholesky diagonals go through softplus plus a floor. Acting computes the gating, picks the
+expert and then only that expert's mean (independent: only that expert's MLP), with the
+normalizers folded into the first and last layers.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -16,13 +24,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from vdd_ros.core.config import MoEConfig, check_expert_mode
+from vdd_ros.core.model import PolicyModel
 from vdd_ros.core.nets import mlp
 from vdd_ros.core.normalizer import Normalizer
 
 LOG_2PI = math.log(2 * math.pi)
 
 
-class MixtureOfExperts(nn.Module):
+class StackedLinear(nn.Module):
+    """Z affine maps of one shape run together: `(Z, B, in) -> (Z, B, out)`, or a `(B, in)`
+    input shared by all Z. Weight `(Z, in, out)`, bias `(Z, out)`; map z reads only its own
+    slice (each initialised as `nn.Linear` would be)."""
+
+    def __init__(self, z: int, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(z, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(z, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.expand(self.weight.shape[0], -1, -1)
+        return torch.baddbmm(self.bias[:, None], x, self.weight)
+
+
+class Features(NamedTuple):
+    """What `MixtureOfExperts.features` gives the heads and the gating: `experts` the last
+    hidden layer, `(B, H)` shared by all experts or `(Z, B, H)` one per expert, and `gating`
+    the gating network's input, `(B, F)` (the backbone feature, or the normalised
+    observation)."""
+
+    experts: torch.Tensor
+    gating: torch.Tensor
+
+    def detach(self) -> 'Features':
+        return Features(self.experts.detach(), self.gating.detach())
+
+
+class MixtureOfExperts(PolicyModel):
     """Gaussian MoE policy over flat action chunks (VDD student and the baselines)."""
 
     kind = 'moe'
@@ -36,13 +75,26 @@ class MixtureOfExperts(nn.Module):
         self.flat_obs, self.dim = obs_dim * obs_horizon, action_dim * action_horizon
         self.num_experts = z = cfg.num_experts
         self.full = cfg.covariance == 'full'
+        self.independent = cfg.experts == 'independent'
         self.obs_normalizer = Normalizer(obs_dim)
         self.action_normalizer = Normalizer(action_dim)
-        self.backbone = mlp(self.flat_obs, cfg.hidden_dim, cfg.num_layers)
-        self.mean_head = nn.Linear(cfg.hidden_dim, z * self.dim)
         n_scale = self.dim * (self.dim + 1) // 2 if self.full else self.dim
-        self.scale_head = nn.Linear(cfg.hidden_dim, z * n_scale)
-        self.gate = mlp(cfg.hidden_dim, cfg.gating_hidden_dim, 1, z)
+        self.mean_head: nn.Module
+        self.scale_head: nn.Module
+        if self.independent:
+            layers: list[nn.Module] = []
+            for i in range(cfg.num_layers):
+                layers += [StackedLinear(z, cfg.hidden_dim if i else self.flat_obs,
+                                         cfg.hidden_dim), nn.Mish()]
+            self.expert_nets = nn.Sequential(*layers)
+            self.mean_head = StackedLinear(z, cfg.hidden_dim, self.dim)
+            self.scale_head = StackedLinear(z, cfg.hidden_dim, n_scale)
+            self.gate = mlp(self.flat_obs, cfg.gating_hidden_dim, cfg.num_layers, z)
+        else:
+            self.backbone = mlp(self.flat_obs, cfg.hidden_dim, cfg.num_layers)
+            self.mean_head = nn.Linear(cfg.hidden_dim, z * self.dim)
+            self.scale_head = nn.Linear(cfg.hidden_dim, z * n_scale)
+            self.gate = mlp(cfg.hidden_dim, cfg.gating_hidden_dim, 1, z)
         if self.full:
             rows, cols = torch.tril_indices(self.dim, self.dim)
             self.register_buffer('tril_rows', rows, persistent=False)
@@ -62,8 +114,10 @@ class MixtureOfExperts(nn.Module):
             self.gate[-1].bias.zero_()
         self.expert_mode: str | int = cfg.expert_mode
         self._episode_expert: torch.Tensor | None = None
-        self._acting: tuple[torch.Tensor, ...] | None = None
-        self._trunk = tuple(self.backbone)[1:]   # the backbone after its first layer
+        self._acting: tuple[Any, ...] | None = None
+        # what follows the first layer of the network that acting runs first (the backbone,
+        # or the independent experts' gating encoder)
+        self._trunk = tuple(self.gate if self.independent else self.backbone)[1:]
 
     # -- parameterisation -------------------------------------------------------------------
     @torch.no_grad()
@@ -78,27 +132,55 @@ class MixtureOfExperts(nn.Module):
         for _ in range(1, self.num_experts):
             picks.append(int(dist.argmax()))
             dist = torch.minimum(dist, (pool - pool[picks[-1]]).pow(2).sum(-1))
-        self.mean_head.bias.copy_(pool[picks].reshape(-1))
+        self.mean_head.bias.view(self.num_experts, self.dim).copy_(pool[picks])
 
-    def features(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.backbone(obs)
+    def expert_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters each of which belongs to one expert: the heads ('shared'), every
+        expert's whole MLP ('independent')."""
+        if self.independent:
+            yield from self.expert_nets.parameters()
+        yield from self.mean_head.parameters()
+        yield from self.scale_head.parameters()
 
-    def log_gating(self, h: torch.Tensor) -> torch.Tensor:
-        """log q(z|s) from the detached feature, `(B, Z)`."""
-        return F.log_softmax(self.gate(h.detach()), dim=-1)
+    def trunk_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters all experts share: the backbone ('shared'); none ('independent')."""
+        if not self.independent:
+            yield from self.backbone.parameters()
 
-    def means(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mean_head(h).view(h.shape[0], self.num_experts, self.dim)
+    def gating_parameters(self) -> Iterator[nn.Parameter]:
+        """The gating network's parameters (trained by the gating step only)."""
+        yield from self.gate.parameters()
 
-    def scales(self, h: torch.Tensor) -> torch.Tensor:
+    def features(self, obs: torch.Tensor) -> Features:
+        """What the heads and the gating read for flat normalised obs `(B, flat_obs)`."""
+        if self.independent:
+            return Features(self.expert_nets(obs), obs)
+        h = self.backbone(obs)
+        return Features(h, h)
+
+    def log_gating(self, h: Features) -> torch.Tensor:
+        """log q(z|s) from the detached gating input, `(B, Z)`."""
+        return F.log_softmax(self.gate(h.gating.detach()), dim=-1)
+
+    def _head(self, head: nn.Module, h: Features) -> torch.Tensor:
+        """A head's output `(B, Z, n)` for every expert."""
+        if self.independent:
+            return head(h.experts).transpose(0, 1)
+        return head(h.experts).view(h.experts.shape[0], self.num_experts, -1)
+
+    def means(self, h: Features) -> torch.Tensor:
+        """Expert means `(B, Z, D)` (normalised units)."""
+        return self._head(self.mean_head, h)
+
+    def scales(self, h: Features) -> torch.Tensor:
         """Standard deviations `(B, Z, D)` (diag) or Cholesky factors `(B, Z, D, D)` (full)."""
-        raw = self.scale_head(h).view(h.shape[0], self.num_experts, -1)
+        raw = self._head(self.scale_head, h)
         if not self.full:
             return F.softplus(raw) + self.cfg.min_std
         diag = F.softplus(raw[..., self.diag_mask]) + self.cfg.min_std
         vals = raw.clone()
         vals[..., self.diag_mask] = diag
-        chol = raw.new_zeros(h.shape[0], self.num_experts, self.dim, self.dim)
+        chol = raw.new_zeros(*raw.shape[:2], self.dim, self.dim)
         chol[..., self.tril_rows, self.tril_cols] = vals
         return chol
 
@@ -196,21 +278,44 @@ class MixtureOfExperts(nn.Module):
         self._acting = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _acting_params(self) -> tuple[torch.Tensor, ...]:
-        """First backbone layer and mean head with the normalizers folded in (exact, cached)."""
+    def acting_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of every matrix product of acting at batch 1, in order: the backbone, the
+        gating and the chosen expert's mean ('shared'); the gating encoder and the chosen
+        expert's MLP ('independent')."""
+        nets = (self.gate, self.expert_nets) if self.independent else (self.backbone, self.gate)
+        shapes = [(m.weight.shape[-2], m.weight.shape[-1]) if isinstance(m, StackedLinear)
+                  else (m.in_features, m.out_features)
+                  for net in nets for m in net if isinstance(m, (nn.Linear, StackedLinear))]
+        return shapes + [(self.cfg.hidden_dim, self.dim)]
+
+    def _acting_params(self) -> tuple[Any, ...]:
+        """The layers of acting with the normalizers folded in (exact, cached): the first layer
+        of the backbone ('shared') or of the gating encoder ('independent') as `(w, b)`, then
+        the experts' layers `((w (Z, out, in), b (Z, out)), ...)` ending in the mean (the
+        mean head alone for 'shared'), in raw action units."""
         if getattr(self, '_acting', None) is None:
             with torch.no_grad():
-                first = self.backbone[0]
                 o_off = self.obs_normalizer.offset.repeat(self.obs_horizon)
                 o_scale = self.obs_normalizer.scale.repeat(self.obs_horizon)
-                w1 = first.weight / o_scale
-                b1 = first.bias - w1 @ o_off
                 a_off = self.action_normalizer.offset.repeat(self.action_horizon)
                 a_scale = self.action_normalizer.scale.repeat(self.action_horizon)
-                wm = (self.mean_head.weight.view(self.num_experts, self.dim, -1)
-                      * a_scale[:, None])
-                bm = self.mean_head.bias.view(self.num_experts, self.dim) * a_scale + a_off
-            self._acting = (w1, b1, wm.contiguous(), bm.contiguous())
+                z, d = self.num_experts, self.dim
+                first = self.gate[0] if self.independent else self.backbone[0]
+                w1 = first.weight / o_scale
+                b1 = first.bias - w1 @ o_off
+                if self.independent:
+                    layers = [(lin.weight.transpose(1, 2), lin.bias)
+                              for lin in self.expert_nets if isinstance(lin, StackedLinear)]
+                    w, b = layers[0]
+                    layers[0] = (w / o_scale, b - (w / o_scale) @ o_off)
+                    wm = self.mean_head.weight.transpose(1, 2)
+                else:
+                    layers = []
+                    wm = self.mean_head.weight.view(z, d, -1)
+                layers.append((wm * a_scale[:, None], self.mean_head.bias.view(z, d) * a_scale
+                               + a_off))
+            experts = tuple((w.contiguous(), b.contiguous()) for w, b in layers)
+            self._acting = (w1, b1, experts)
         return self._acting
 
     @torch.no_grad()
@@ -218,34 +323,49 @@ class MixtureOfExperts(nn.Module):
                 diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         """Policy interface: raw `(B, T_o, obs_dim)` -> the chosen expert's mean `(B, T_a, A)`.
 
-        One backbone pass; only the chosen expert's mean is computed, with the normalizers
-        folded into the first and last layers. `info` holds the (first state's) expert, and
-        with `diagnostics` the gating entropy and the mixture log-likelihood of the action (raw
-        action units).
+        The gating (after the backbone, 'shared'), then only the chosen expert's mean (its own
+        MLP, 'independent'), with the normalizers folded into the first and last layers.
+        `info` holds the (first state's) expert, and with `diagnostics` the gating entropy and
+        the mixture log-likelihood of the action (raw action units).
         """
         b = obs_window.shape[0]
-        w1, b1, wm, bm = self._acting_params()
-        h = F.linear(obs_window.reshape(b, -1), w1, b1)
+        w1, b1, experts = self._acting_params()
+        x = obs_window.reshape(b, -1)
+        h = F.linear(x, w1, b1)
         for layer in self._trunk:
             h = layer(h)
-        logits = self.gate(h)
+        if self.independent:           # h: the gating; the chosen expert reads x
+            logits, feature, h = h, None, x
+        else:                          # h: the backbone feature, read by gating and heads
+            logits, feature = self.gate(h), h
+        last = len(experts) - 1
         if b == 1:
             i = self._select_one(logits, generator)
-            action = F.linear(h, wm[i], bm[i])
+            for k, (w, bias) in enumerate(experts):
+                h = F.linear(h, w[i], bias[i])
+                h = F.mish(h) if k < last else h
         else:
             idx = self.select(logits, generator)
             i = int(idx[0])
-            action = torch.einsum('bh,bdh->bd', h, wm[idx]) + bm[idx]
+            for k, (w, bias) in enumerate(experts):
+                h = torch.bmm(w[idx], h[:, :, None])[:, :, 0] + bias[idx]
+                h = F.mish(h) if k < last else h
+        action = h
         info: dict[str, float] = {'expert': float(i)}
         if diagnostics:
             log_gate = F.log_softmax(logits[:1], dim=-1)
             info['gating_entropy'] = float(-(log_gate.exp() * log_gate).sum())
             a_norm = self.action_normalizer.normalize(
                 action[:1].view(1, self.action_horizon, self.action_dim)).view(1, 1, -1)
-            comp = self.component_log_prob(a_norm, self.means(h[:1]), self.scales(h[:1]))
+            f = Features(feature[:1], feature[:1]) if feature is not None else \
+                self.features(self.obs_normalizer.normalize(obs_window[:1]).reshape(1, -1))
+            comp = self.component_log_prob(a_norm, self.means(f), self.scales(f))
             log_det = self.action_horizon * self.action_normalizer.scale.log().sum()
             info['log_prob'] = float(torch.logsumexp(log_gate + comp[:, 0], -1) - log_det)
         return action.view(b, self.action_horizon, self.action_dim), info
+
+    def describe(self) -> dict[str, Any]:
+        return {'expert_mode': str(self.expert_mode)}
 
     def to_config(self) -> dict[str, Any]:
         return {'obs_dim': self.obs_dim, 'action_dim': self.action_dim,

@@ -1,12 +1,13 @@
 """Export a checkpoint (VDD-MoE, the Gaussian BC / EM-MoE baselines, the teacher) to ONNX.
 
 The graphs and their metadata are described in `vdd_ros.core.onnx_policy`, which runs them.
-MoE: the acting graph of `MixtureOfExperts.predict` (first layer and mean head with the
-normalizers folded in, gating, expert choice from the `expert` code and `u`, only the chosen
-expert's mean). Teacher: one call of `DiffusionTeacher.denoise` on the raw observation window
-(normalised in the graph), the action normalizer applied to a second output. Mish runs as
-`NegatedMish`. The file is written atomically; torch and onnx are needed here, never to run
-the file.
+MoE: the acting graph of `MixtureOfExperts.predict` (the normalizers folded into the first
+and last layers; the gating, the expert choice from the `expert` code and `u`, then only the
+chosen expert's mean: its head on the shared backbone, or its own MLP with weights gathered
+from the stacked `(Z, in, out)` ones). Teacher: one call of `DiffusionTeacher.denoise` on the
+raw observation window (normalised in the graph), the action normalizer applied to a second
+output. Mish runs as `NegatedMish`. The file is written atomically; torch and onnx are needed
+here, never to run the file.
 """
 from __future__ import annotations
 
@@ -63,39 +64,49 @@ def fast_mish(seq: nn.Sequential) -> nn.Sequential:
 
 class MoEActing(nn.Module):
     """`MixtureOfExperts.predict` as a graph: `(obs, u, expert) -> (action, expert_index,
-    logits)`; see `vdd_ros.core.onnx_policy` for the codes of `expert`."""
+    logits)`; see `vdd_ros.core.onnx_policy` for the codes of `expert`. Built from the folded
+    layers of `MixtureOfExperts._acting_params`."""
 
     def __init__(self, moe: MixtureOfExperts) -> None:
         super().__init__()
+        w1, b1, experts = moe._acting_params()
         with torch.no_grad():
-            first = moe.backbone[0]
-            o_off = moe.obs_normalizer.offset.repeat(moe.obs_horizon)
-            o_scale = moe.obs_normalizer.scale.repeat(moe.obs_horizon)
-            folded = nn.Linear(first.in_features, first.out_features)
-            folded.weight.copy_(first.weight / o_scale)
-            folded.bias.copy_(first.bias - folded.weight @ o_off)
-            a_off = moe.action_normalizer.offset.repeat(moe.action_horizon)
-            a_scale = moe.action_normalizer.scale.repeat(moe.action_horizon)
-            z, d = moe.num_experts, moe.dim
-            wm = moe.mean_head.weight.view(z, d, -1) * a_scale[:, None]
-            self.register_buffer('mean_w', wm.transpose(1, 2).contiguous())   # (Z, H, D)
-            self.register_buffer('mean_b', moe.mean_head.bias.view(z, d) * a_scale + a_off)
-        self.backbone = fast_mish(nn.Sequential(folded, *list(moe.backbone)[1:]))
-        self.gate = fast_mish(moe.gate)
+            folded = nn.Linear(w1.shape[1], w1.shape[0])
+            folded.weight.copy_(w1)
+            folded.bias.copy_(b1)
+        # the network before the choice: the backbone ('shared', the gating after it) or the
+        # gating encoder ('independent')
+        self.first = fast_mish(nn.Sequential(folded, *moe._trunk))
+        self.gate = None if moe.independent else fast_mish(moe.gate)
+        # the chosen expert's layers, (Z, in, out) each; a hidden layer outputs its negation
+        # for the NegatedMish after it (as fast_mish does)
+        self.layers = len(experts)
+        for k, (w, b) in enumerate(experts):
+            sign = -1.0 if k < self.layers - 1 else 1.0
+            self.register_buffer(f'w{k}', sign * w.transpose(1, 2).contiguous())
+            self.register_buffer(f'b{k}', sign * b)
+        self.mish = NegatedMish()
         self.action_shape = (moe.action_horizon, moe.action_dim)
 
     def forward(self, obs: torch.Tensor, u: torch.Tensor,
                 expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = self.backbone(obs.flatten(1))
-        logits = self.gate(h)
+        x = obs.flatten(1)
+        h = self.first(x)
+        if self.gate is None:
+            logits, h = h, x
+        else:
+            logits = self.gate(h)
         # inverse CDF of the gating at u (as MixtureOfExperts draws), the last expert
         # taking what rounding leaves above the last boundary
         cdf = torch.softmax(logits, -1).cumsum(-1)
         drawn = (cdf[:, :-1] <= u[:, None] * cdf[:, -1:]).sum(-1)
         auto = torch.where(expert == ARGMAX, logits.argmax(-1), drawn)
         index = torch.where(expert < 0, auto, expert)
-        action = torch.matmul(h[:, None], self.mean_w[index])[:, 0] + self.mean_b[index]
-        return action.reshape(-1, *self.action_shape), index, logits
+        for k in range(self.layers):
+            w, b = getattr(self, f'w{k}'), getattr(self, f'b{k}')
+            h = torch.matmul(h[:, None], w[index])[:, 0] + b[index]
+            h = self.mish(h) if k < self.layers - 1 else h
+        return h.reshape(-1, *self.action_shape), index, logits
 
 
 class TeacherStep(nn.Module):
@@ -134,6 +145,7 @@ def metadata(model: nn.Module, spec: PolicySpec, meta: dict[str, Any], opset: in
     }
     if model.kind == 'moe':
         out['moe'] = {'num_experts': model.num_experts, 'expert_mode': model.expert_mode,
+                      'experts': model.cfg.experts,
                       'expert_codes': {'sample': SAMPLE, 'argmax': ARGMAX, 'pinned': '>= 0'}}
     else:
         cfg = model.cfg
@@ -193,6 +205,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
     if out.suffix != '.onnx':
         raise UserError(f'--out: must name a .onnx file, got {out}')
     model, spec, meta = load_model(checkpoint)
+    if model.kind not in ('moe', 'teacher'):
+        raise UserError(f'{checkpoint}: a {model.kind} checkpoint; ONNX export covers MoE and '
+                        f'teacher checkpoints')
     if expert_mode is not None:
         if model.kind != 'moe':
             raise UserError(f'{checkpoint}: --expert-mode applies to MoE checkpoints, this is a '

@@ -16,13 +16,14 @@ from torch import nn
 
 from vdd_ros.core.config import TeacherConfig
 from vdd_ros.core.distributed import DataParallel
+from vdd_ros.core.model import PolicyModel
 from vdd_ros.core.nets import FourierEmbedding, ResidualMLP
 from vdd_ros.core.normalizer import Normalizer
 from vdd_ros.core.progress import ProgressCallback, ProgressTracker
 from vdd_ros.core.train_state import TrainingState
 
 
-class DiffusionTeacher(nn.Module):
+class DiffusionTeacher(PolicyModel):
     """Denoiser D(a; sigma, s) with EDM preconditioning and a few-step Euler/Heun sampler."""
 
     kind = 'teacher'
@@ -120,6 +121,9 @@ class DiffusionTeacher(nn.Module):
         flat = self.sample(obs, generator=generator)
         return self.action_normalizer.unnormalize(
             flat.reshape(-1, self.action_horizon, self.action_dim)), {}
+
+    def describe(self) -> dict[str, Any]:
+        return {'sampling_steps': int(self.sampling_steps)}
 
     def to_config(self) -> dict[str, Any]:
         return {'obs_dim': self.obs_dim, 'action_dim': self.action_dim,

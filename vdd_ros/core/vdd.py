@@ -142,12 +142,13 @@ def gating_loss(moe: MixtureOfExperts, obs: torch.Tensor,
 
 
 def expert_param_groups(moe: MixtureOfExperts, backbone_lr_scale: float) -> list[dict]:
-    """Optimizer groups: the expert heads, and the backbone at `backbone_lr_scale` (if > 0)."""
-    groups = [{'params': [*moe.mean_head.parameters(), *moe.scale_head.parameters()],
-               'lr_scale': 1.0}]
-    if backbone_lr_scale > 0:
-        groups.append({'params': list(moe.backbone.parameters()),
-                       'lr_scale': backbone_lr_scale})
+    """Optimizer groups of the expert step: every expert's own parameters at the full rate
+    (the heads of a shared backbone, or the whole MLP of an independent expert), and the
+    shared backbone, if any, at `backbone_lr_scale` (left out at 0: frozen)."""
+    groups = [{'params': list(moe.expert_parameters()), 'lr_scale': 1.0}]
+    trunk = list(moe.trunk_parameters())
+    if backbone_lr_scale > 0 and trunk:
+        groups.append({'params': trunk, 'lr_scale': backbone_lr_scale})
     return groups
 
 
@@ -177,7 +178,7 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
     device = obs.device
     gen = torch.Generator(device=device).manual_seed(seed)
     opt = torch.optim.Adam(expert_param_groups(moe, cfg.backbone_lr_scale), lr=cfg.lr)
-    gate_opt = torch.optim.Adam(moe.gate.parameters(), lr=cfg.gating_lr)
+    gate_opt = torch.optim.Adam(moe.gating_parameters(), lr=cfg.gating_lr)
     decay = linear_decay(cfg.iterations, cfg.final_lr_fraction)
     warmup = int(cfg.uniform_gating_fraction * cfg.iterations)
     n = obs.shape[0]
@@ -193,7 +194,7 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
     # the parameters the expert step trains (without the backbone at backbone_lr_scale 0):
     # only these are synchronised and clipped
     experts = [p for group in opt.param_groups for p in group['params']]
-    gate = list(moe.gate.parameters())
+    gate = list(moe.gating_parameters())
     tracker = ProgressTracker(stage, cfg.iterations, progress if dp.is_main else None, stop,
                               show_bar and dp.is_main, initial=start, history=history)
     moe.train()

@@ -131,7 +131,8 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
     """
     from tqdm import tqdm
 
-    from vdd_ros.sim.rollout import build_policy, describe_policy, evaluation_seeds, summarize
+    from vdd_ros.sim.rollout import (build_policy, check_unsealed, describe_policy,
+                                     evaluation_seeds, summarize)
     from vdd_ros.sim.tasks import get_task
 
     spec = get_task(task)
@@ -145,6 +146,7 @@ def evaluate_via_ros(policy: str | os.PathLike, task: str, episodes: int,
     if len(seeds) < episodes:
         raise UserError(f'{episodes} episodes need {episodes} seeds, got {len(seeds)}')
     seeds = seeds[:episodes]
+    check_unsealed(seeds)
     if not control_rate_hz > 0:
         raise UserError(f'control_rate_hz must be > 0, got {control_rate_hz}')
     built = build_policy(ref if ref in ORACLES else Path(ref).resolve(), task, device)

@@ -264,8 +264,8 @@ def tiny_moe_checkpoint(path: str | os.PathLike, task: str = 'lift_carry',
                                        num_layers=num_layers), spec.obs_dim, spec.action_dim,
                              action_horizon=chunk)
     with torch.no_grad():
-        model.mean_head.bias.copy_(torch.linspace(-0.9, 0.9, num_experts)
-                                   .repeat_interleave(spec.action_dim * chunk))
+        model.mean_head.bias.view(-1).copy_(torch.linspace(-0.9, 0.9, num_experts)
+                                           .repeat_interleave(spec.action_dim * chunk))
     return save_checkpoint(path, model, PolicySpec(obs_fields=list(spec.obs_fields),
                                                    action_dim=spec.action_dim, task=spec.name,
                                                    action_horizon=chunk,

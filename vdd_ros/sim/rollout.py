@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -99,9 +99,32 @@ def env_info(env: EnvRef) -> tuple[str, list[str], TaskSpec | None]:
     return spec.name, list(spec.modes), spec
 
 
+_SEALED = [0]   # > 0 while the test seeds are sealed (tuning)
+
+
+@contextlib.contextmanager
+def sealed_test_seeds() -> Iterator[None]:
+    """While inside, reading a test (evaluation) seed raises: tuning chooses settings on
+    validation seeds only, so nothing chosen can have seen the reported table's seeds."""
+    _SEALED[0] += 1
+    try:
+        yield
+    finally:
+        _SEALED[0] -= 1
+
+
+def check_unsealed(seeds: Iterable[int]) -> None:
+    """Raise RuntimeError if any of `seeds` is a test seed while they are sealed."""
+    if _SEALED[0] and any(EVAL_SEED_BASE <= int(s) < VALID_SEED_BASE for s in seeds):
+        raise RuntimeError('a test seed was read while tuning (the test seeds are sealed: '
+                           'tuning evaluates on validation seeds only)')
+
+
 def evaluation_seeds(n: int) -> list[int]:
-    """The first `n` evaluation seeds (disjoint from every collection seed)."""
-    return [EVAL_SEED_BASE + i for i in range(int(n))]
+    """The first `n` evaluation (test) seeds (disjoint from every collection seed)."""
+    seeds = [EVAL_SEED_BASE + i for i in range(int(n))]
+    check_unsealed(seeds)
+    return seeds
 
 
 def validation_seeds(n: int) -> list[int]:
@@ -345,6 +368,7 @@ def evaluate(policy: PolicyRef, task: EnvRef, episodes: int, workers: int = 1,
     elif len(seeds) < episodes:
         raise UserError(f'{episodes} episodes need {episodes} seeds, got {len(seeds)}')
     seeds = [int(s) for s in seeds[:episodes]]
+    check_unsealed(seeds)
     if video is not None and not str(video).lower().endswith('.gif'):
         raise UserError(f'--video must name a .gif file, got {video}')
     local = build_policy(policy, task, device)  # fails early, here, on a bad policy

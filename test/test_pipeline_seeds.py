@@ -1,0 +1,178 @@
+"""Training seeds, intervals, the registry of policy kinds and the tuning protocol: the stage
+graph for several seeds, the bootstrap intervals against known answers, and `vdd-ros tune`
+at a tiny size with the test seeds sealed."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from vdd_ros.cli import main
+from vdd_ros.errors import UserError
+from vdd_ros.pipeline import Context, build_stages, load_pipeline_config
+from vdd_ros.pipeline.runner import check_stage_name
+from vdd_ros.policies import EVALUATIONS, POLICY_KINDS, Evaluation, PolicyKind, register
+from vdd_ros.report import aggregate, check_targets, interval_summary
+from vdd_ros.sim.rollout import (EVAL_SEED_BASE, VALID_SEED_BASE, evaluate, evaluation_seeds,
+                                 sealed_test_seeds, validation_seeds)
+
+MODES = ['left', 'right']
+
+
+def _run(wins: list[bool], modes: list[str | None]) -> dict:
+    """An evaluation's figures from its episodes, as the rollout runner writes them."""
+    from vdd_ros.sim.rollout import mode_entropy
+    counts = {m: sum(w and d == m for w, d in zip(wins, modes)) for m in MODES}
+    return {'successes': sum(wins), 'episodes': len(wins), 'success_rate': np.mean(wins),
+            'mode_counts': counts, 'mode_entropy': mode_entropy(counts, len(MODES)),
+            'mean_length': 50.0, 'query_ms_p50': 1.0, 'query_ms_p99': 2.0,
+            'episodes_detail': [{'seed': EVAL_SEED_BASE + i, 'success': w, 'mode': d}
+                                for i, (w, d) in enumerate(zip(wins, modes))]}
+
+
+def test_stages_for_three_training_seeds_share_the_data_and_pair_teachers():
+    cfg = load_pipeline_config('lift_carry', None, {'seeds': 3, 'train.seed': 5})
+    ctx = Context('lift_carry', Path('/nonexistent'), cfg, cfg.train_config())
+    stages = {s.name: s for s in build_stages(ctx)}
+    assert ctx.seeds == [5, 6, 7]
+    for seed in ctx.seeds:
+        for kind in POLICY_KINDS.values():
+            stage = stages[f'seed_{seed}/{kind.name}']
+            assert stage.settings['seed'] == seed
+            want = ('collect', f'seed_{seed}/teacher') if kind.needs_teacher else ('collect',)
+            assert stage.deps == want
+        for name, (_, kind) in EVALUATIONS.items():
+            assert stages[f'seed_{seed}/eval_{name}'].deps == ('collect',
+                                                                f'seed_{seed}/{kind.name}')
+            assert stages[f'seed_{seed}/eval_{name}'].settings['split'] == 'test'
+    assert stages['video'].deps == ('seed_5/eval_vdd_moe',)
+    assert set(stages['report'].deps) == set(stages) - {'report'}
+    # --from names one stage, or a per-seed stage in every seed
+    check_stage_name('teacher', list(stages.values()))
+    check_stage_name('seed_6/eval_em_moe', list(stages.values()))
+    with pytest.raises(UserError, match="unknown stage 'seed_9/teacher'"):
+        check_stage_name('seed_9/teacher', list(stages.values()))
+
+
+def test_registry_rejects_a_name_twice():
+    kind = POLICY_KINDS['em_moe']
+    with pytest.raises(ValueError, match="'em_moe' is registered twice"):
+        register(kind)
+    clash = PolicyKind('other', 't', 'moe', 'baseline', ('moe',), 'c', kind.job,
+                       (Evaluation('teacher_1step', 'x', 'x'),))
+    with pytest.raises(ValueError, match="'teacher_1step' is registered twice"):
+        register(clash)
+    assert 'other' not in POLICY_KINDS
+
+
+def test_intervals_cover_known_answers():
+    # all successes: no spread at all
+    perfect = interval_summary([_run([True] * 40, ['left', 'right'] * 20)], MODES)
+    assert perfect['success_rate'] == 1.0 and perfect['success_ci'] == [1.0, 1.0]
+    assert perfect['mode_entropy'] == pytest.approx(1.0)
+    # one seed, 20 of 40: the binomial interval, about +- 1.96 sqrt(0.25 / 40) = 0.155
+    half = interval_summary([_run([True, False] * 20, ['left'] * 40)], MODES)
+    lo, hi = half['success_ci']
+    assert half['success_rate'] == 0.5 and 0.30 < lo < 0.40 and 0.60 < hi < 0.70
+    assert half['mode_entropy'] == 0.0 and half['entropy_ci'] == [0.0, 0.0]
+    # three seeds whose rates disagree: the interval spans the seeds' spread, far wider than
+    # the pooled rollouts alone would give
+    runs = [_run([True] * k + [False] * (40 - k), ['left', 'right'] * 20) for k in (4, 20, 36)]
+    spread = interval_summary(runs, MODES)
+    assert spread['success_rate'] == pytest.approx(0.5)
+    lo, hi = spread['success_ci']
+    assert lo < 0.25 and hi > 0.75
+    pooled = interval_summary([_run([True, False] * 60, ['left', 'right'] * 60)], MODES)
+    assert (pooled['success_ci'][1] - pooled['success_ci'][0]) < 0.5 * (hi - lo)
+
+
+def test_aggregate_pools_counts_and_keeps_each_seed():
+    runs = [_run([True, True, False, True], ['left', 'right', None, 'left']),
+            _run([True, False, False, False], ['right', None, None, None])]
+    m = aggregate(runs, [0, 1], MODES)
+    assert m['successes'] == 4 and m['episodes'] == 8 and m['seeds'] == 2
+    assert m['mode_counts'] == {'left': 2, 'right': 2}
+    assert m['success_rate'] == pytest.approx((0.75 + 0.25) / 2)
+    assert [r['seed'] for r in m['runs']] == [0, 1]
+    assert m['mode_entropy'] == pytest.approx((runs[0]['mode_entropy'] + 0.0) / 2)
+
+
+def test_mode_coverage_target_applies_to_four_modes():
+    four = ['a', 'b', 'c', 'd']
+    vdd = {'success_rate': 0.9, 'mode_entropy': 0.9, 'query_ms_p50': 0.1,
+           'mode_counts': {'a': 30, 'b': 30, 'c': 27, 'd': 3}}
+    teacher = {'success_rate': 0.9, 'mode_entropy': 1.0, 'query_ms_p50': 1.0}
+    rows = {t['name']: t for t in check_targets({'vdd_moe': vdd, 'teacher': teacher}, four)}
+    assert rows['mode_coverage']['value'] == pytest.approx(3 / 90)
+    assert not rows['mode_coverage']['met'] and rows['mode_entropy']['met']
+    two = check_targets({'vdd_moe': vdd, 'teacher': teacher}, ['a', 'b'])
+    assert 'mode_coverage' not in {t['name'] for t in two}
+
+
+def test_test_seeds_are_sealed_while_tuning():
+    with sealed_test_seeds():
+        assert validation_seeds(2) == [VALID_SEED_BASE, VALID_SEED_BASE + 1]
+        with pytest.raises(RuntimeError, match='test seed was read while tuning'):
+            evaluation_seeds(1)
+        with pytest.raises(RuntimeError, match='test seed was read while tuning'):
+            evaluate('scripted', 'lift_carry', 1, seeds=[EVAL_SEED_BASE + 7],
+                     show_progress=False)
+    assert evaluation_seeds(1) == [EVAL_SEED_BASE]
+
+
+TINY = {
+    'demos': 4, 'collect_workers': 1, 'eval_episodes': 2, 'eval_workers': 1,
+    'latency_queries': 20,
+    'train': {'teacher.iterations': 20, 'teacher.hidden_dim': 32, 'teacher.num_layers': 1,
+              'teacher.batch_size': 32, 'moe.hidden_dim': 32, 'moe.num_layers': 1,
+              'moe.num_experts': 2, 'vdd.iterations': 5, 'vdd.batch_size': 16,
+              'vdd.init_em_iterations': 5},
+}
+
+
+def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys):
+    config = tmp_path / 'pipeline.yaml'
+    config.write_text(yaml.safe_dump({'defaults': TINY, 'tasks': {'lift_carry': {}}}))
+    candidates = tmp_path / 'tune.yaml'
+    candidates.write_text(yaml.safe_dump({'candidates': {
+        'default': {}, 'shared': {'moe.experts': 'shared'},
+        'no_warm': {'vdd': {'init_em_iterations': 0}}}}, sort_keys=False))
+    results = tmp_path / 'results'
+    args = ['tune', '--task', 'lift_carry', '--config', str(config), '--candidates',
+            str(candidates), '--results', str(results), '--quiet']
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    ran = re.findall(r'^== \[\d+/\d+\] ([\w/]+): .* -- run ', out, re.M)
+    assert ran == ['collect', 'seed_0/teacher',
+                   *(f'tune/{c}/{s}' for c in ('default', 'shared', 'no_warm')
+                     for s in ('vdd_moe', 'eval_vdd_moe')), 'tune/report']
+    folder = results / 'lift_carry'
+    result = json.loads((folder / 'tune' / 'tune.json').read_text())
+    assert [r['candidate'] for r in result['rows']] == ['default', 'shared', 'no_warm']
+    assert result['rows'][2]['overrides'] == {'vdd.init_em_iterations': 0}
+    assert result['best'] in ('default', 'shared', 'no_warm') and result['split'] == 'valid'
+    for name in ('default', 'shared', 'no_warm'):
+        ev = json.loads((folder / 'tune' / name / 'eval' / 'vdd_moe.json').read_text())
+        assert [d['seed'] for d in ev['episodes_detail']] == validation_seeds(2)
+        assert ev['split'] == 'valid'
+    from vdd_ros.core.checkpoint import load_model
+    experts = [load_model(folder / 'tune' / c / 'vdd_moe')[0].cfg.experts
+               for c in ('default', 'shared')]
+    assert experts == ['independent', 'shared']
+    md = (folder / 'tune' / 'tune.md').read_text()
+    assert '`moe.experts=shared`' in md and 'validation' in md
+    assert (folder / 'tune' / 'candidates.png').read_bytes()[:4] == b'\x89PNG'
+    # the pipeline on the same folder reuses the data and the first seed's teacher
+    assert main(['pipeline', '--task', 'lift_carry', '--config', str(config), '--results',
+                 str(results), '--quiet', '--set', 'train.gaussian_bc.iterations=5',
+                 'train.em_moe.iterations=5', 'train.consistency.iterations=5',
+                 'train.consistency.batch_size=16']) in (0, 1)
+    decisions = dict(re.findall(r'^== \[\d+/\d+\] ([\w/]+): .* -- (run|skip) ',
+                                capsys.readouterr().out, re.M))
+    assert decisions['collect'] == decisions['seed_0/teacher'] == 'skip'
+    # a bad candidate file is one clear error naming the field, before any work
+    candidates.write_text(yaml.safe_dump({'candidates': {'x': {'vdd.lr': 'fast'}}}))
+    assert main(args) == 2
+    assert 'candidates.x.vdd.lr' in capsys.readouterr().err
