@@ -73,7 +73,7 @@ def test_pipeline_via_bags_end_to_end(tmp_path, capsys):
     assert metrics['settings']['dataset']['demos'] == 3
     report = (folder / 'report.md').read_text()
     assert '--via-bags' in report and '## Via bags' in report
-    assert '| VDD-MoE (over ROS) | 0.50 [0.00, 1.00] | 1/2 |' in report
+    assert '| VDD-MoE (over ROS) | 0.50 (1/2) |' in report
     assert (results / 'via_bags' / 'summary.md').is_file()
     assert not (results / 'summary.md').exists()     # the native summary is not touched
 
