@@ -36,7 +36,7 @@ from torch import nn
 
 from vdd_ros.core.config import ConsistencyConfig, TeacherConfig
 from vdd_ros.core.distributed import DataParallel
-from vdd_ros.core.model import PolicyModel
+from vdd_ros.core.model import DenoisingModel
 from vdd_ros.core.nets import FourierEmbedding, ResidualMLP
 from vdd_ros.core.normalizer import Normalizer
 from vdd_ros.core.progress import ProgressCallback, ProgressTracker
@@ -53,7 +53,7 @@ class Denoiser(Protocol):
                 sigma: torch.Tensor) -> torch.Tensor: ...
 
 
-class ConsistencyStudent(PolicyModel):
+class ConsistencyStudent(DenoisingModel):
     """Consistency function f(x, sigma; s) on the teacher's network: one call per action chunk.
 
     Same constructor, normalizers, module names and policy interface as DiffusionTeacher, so a
@@ -122,20 +122,6 @@ class ConsistencyStudent(PolicyModel):
             out = self.consistency(x, obs, sigma)
         return out
 
-    def predict(self, obs_window: torch.Tensor, generator: torch.Generator | None = None,
-                diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-        """Policy interface: raw `(B, T_o, obs_dim)` -> raw `(B, T_a, action_dim)`."""
-        obs = self.obs_normalizer.normalize(obs_window).reshape(obs_window.shape[0], -1)
-        flat = self.sample(obs, generator=generator)
-        return self.action_normalizer.unnormalize(
-            flat.reshape(-1, self.action_horizon, self.action_dim)), {}
-
-    def describe(self) -> dict[str, Any]:
-        return {'sampling_steps': int(self.sampling_steps)}
-
-    def to_config(self) -> dict[str, Any]:
-        return {'obs_dim': self.obs_dim, 'action_dim': self.action_dim,
-                'obs_horizon': self.obs_horizon, 'action_horizon': self.action_horizon}
 
 
 # -- consistency distillation -------------------------------------------------------------

@@ -21,6 +21,8 @@ class PolicyModel(nn.Module, abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.__dict__.get('abstract_base', False):
+            return
         kind = getattr(cls, 'kind', None)
         if not isinstance(kind, str) or not kind:
             raise TypeError(f'{cls.__name__}: a PolicyModel must set its checkpoint `kind`')
@@ -40,3 +42,35 @@ class PolicyModel(nn.Module, abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Facts an evaluation reports about how the model acts."""
         return {}
+
+
+class DenoisingModel(PolicyModel):
+    """Shared acting of the models that sample a flat normalised action chunk from noise (the
+    diffusion teacher, the consistency student): normalise the window, `sample`, unnormalise."""
+
+    abstract_base = True
+    obs_dim: int
+    action_dim: int
+    obs_horizon: int
+    action_horizon: int
+    sampling_steps: int
+
+    @abc.abstractmethod
+    def sample(self, obs: torch.Tensor, steps: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Flat normalised actions for flat normalised observations `(B, flat_obs)`."""
+
+    def predict(self, obs_window: torch.Tensor, generator: torch.Generator | None = None,
+                diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        """Policy interface: raw `(B, T_o, obs_dim)` -> raw `(B, T_a, action_dim)`."""
+        obs = self.obs_normalizer.normalize(obs_window).reshape(obs_window.shape[0], -1)
+        flat = self.sample(obs, generator=generator)
+        return self.action_normalizer.unnormalize(
+            flat.reshape(-1, self.action_horizon, self.action_dim)), {}
+
+    def describe(self) -> dict[str, Any]:
+        return {'sampling_steps': int(self.sampling_steps)}
+
+    def to_config(self) -> dict[str, Any]:
+        return {'obs_dim': self.obs_dim, 'action_dim': self.action_dim,
+                'obs_horizon': self.obs_horizon, 'action_horizon': self.action_horizon}

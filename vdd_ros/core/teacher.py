@@ -16,14 +16,14 @@ from torch import nn
 
 from vdd_ros.core.config import TeacherConfig
 from vdd_ros.core.distributed import DataParallel
-from vdd_ros.core.model import PolicyModel
+from vdd_ros.core.model import DenoisingModel
 from vdd_ros.core.nets import FourierEmbedding, ResidualMLP
 from vdd_ros.core.normalizer import Normalizer
 from vdd_ros.core.progress import ProgressCallback, ProgressTracker
 from vdd_ros.core.train_state import TrainingState
 
 
-class DiffusionTeacher(PolicyModel):
+class DiffusionTeacher(DenoisingModel):
     """Denoiser D(a; sigma, s) with EDM preconditioning and a few-step Euler/Heun sampler."""
 
     kind = 'teacher'
@@ -114,20 +114,6 @@ class DiffusionTeacher(PolicyModel):
             x = x_next
         return x
 
-    def predict(self, obs_window: torch.Tensor, generator: torch.Generator | None = None,
-                diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-        """Policy interface: raw `(B, T_o, obs_dim)` -> raw `(B, T_a, action_dim)`."""
-        obs = self.obs_normalizer.normalize(obs_window).reshape(obs_window.shape[0], -1)
-        flat = self.sample(obs, generator=generator)
-        return self.action_normalizer.unnormalize(
-            flat.reshape(-1, self.action_horizon, self.action_dim)), {}
-
-    def describe(self) -> dict[str, Any]:
-        return {'sampling_steps': int(self.sampling_steps)}
-
-    def to_config(self) -> dict[str, Any]:
-        return {'obs_dim': self.obs_dim, 'action_dim': self.action_dim,
-                'obs_horizon': self.obs_horizon, 'action_horizon': self.action_horizon}
 
 
 def train_teacher(teacher: DiffusionTeacher, obs: torch.Tensor, actions: torch.Tensor, *,
