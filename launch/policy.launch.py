@@ -19,12 +19,13 @@ from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
 from vdd_ros.ros.launch_args import describe, node_parameters, remappings
+from vdd_ros.sim.tasks import TASKS
 
 CONFIG = Path(__file__).parent.parent / 'config'  # share/vdd_ros/config once installed
 TOPICS = ['observation', 'action']
 # launch argument -> (default, description); an empty argument passes nothing
 ARGUMENTS = {
-    'task': ('', describe('task: lift_carry, pick_either or stack_either', CONFIG,
+    'task': ('', describe(f'task: {", ".join(TASKS)}', CONFIG,
                           'policy_node', 'task')),
     'checkpoint': ('', describe("checkpoint folder, or 'scripted' for the task's demonstrator",
                                 CONFIG, 'policy_node', 'checkpoint')),

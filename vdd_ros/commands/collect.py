@@ -5,6 +5,7 @@ import argparse
 
 from vdd_ros.core.io import check_writable
 from vdd_ros.errors import UserError
+from vdd_ros.sim.tasks import TASKS
 
 
 def _probs(text: str) -> list[float]:
@@ -16,8 +17,8 @@ def _probs(text: str) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--task', required=True,
-                        help="lift_carry, pick_either or stack_either; or Lift: robosuite's "
-                             "standard Lift with robomimic's observation keys (one mode)")
+                        help=f"{', '.join(TASKS)}; or Lift: robosuite's standard Lift with "
+                             "robomimic's observation keys (one mode)")
     parser.add_argument('--episodes', type=int, default=100,
                         help='successful demonstrations to keep (default 100)')
     parser.add_argument('--out', required=True, help='output .hdf5 file (written atomically)')

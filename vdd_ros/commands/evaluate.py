@@ -6,13 +6,14 @@ from typing import Any
 
 from vdd_ros.core.io import check_writable, write_json
 from vdd_ros.ros.evaluation import add_via_ros_arguments, evaluate_from_args
+from vdd_ros.sim.tasks import TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--policy', required=True,
                         help="checkpoint folder, 'scripted' or 'averaged' (the task's oracles)")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument('--task', help='lift_carry, pick_either or stack_either')
+    where.add_argument('--task', help=', '.join(TASKS))
     where.add_argument('--dataset-env', metavar='F.hdf5',
                        help="the robosuite environment this dataset was recorded in (its "
                             "env_args; observation keys from the policy's checkpoint)")
