@@ -240,6 +240,30 @@ class ConsistencyConfig:
         positive(self.grad_clip, 'grad_clip')
 
 
+VISION_ENCODERS = ('conv', 'resnet18')
+MOE_ENCODERS = ('teacher', 'own')
+
+
+@dataclass
+class VisionConfig:
+    """Camera observations (vision.py): each camera's image encoder and its augmentation."""
+
+    encoder: str = 'conv'        # conv (shallow, spatial softmax) or resnet18 (GroupNorm)
+    keypoints: int = 32          # spatial-softmax keypoints per camera
+    feature_dim: int = 64        # features per camera and time step
+    shift: int = 4               # random shift augmentation while training, in pixels
+    # the VDD-MoE's encoders: the teacher's, trained and frozen (it distils on the teacher's
+    # features), or its own, trained through the distillation loss
+    moe_encoder: str = 'teacher'
+
+    def validate(self) -> None:
+        one_of(self.encoder, VISION_ENCODERS, 'encoder')
+        one_of(self.moe_encoder, MOE_ENCODERS, 'moe_encoder')
+        at_least(self.keypoints, 1, 'keypoints')
+        at_least(self.feature_dim, 1, 'feature_dim')
+        at_least(self.shift, 0, 'shift')
+
+
 @dataclass
 class TrainConfig:
     """Everything needed to train the teacher, distil it and train the baselines."""
@@ -254,6 +278,7 @@ class TrainConfig:
     gaussian_bc: BaselineConfig = field(default_factory=BaselineConfig)
     em_moe: BaselineConfig = field(default_factory=BaselineConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def validate(self) -> None:
         at_least(self.seed, 0, 'seed')
