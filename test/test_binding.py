@@ -196,7 +196,8 @@ def test_derived_difference_is_b_minus_a_and_assemble_keeps_the_order():
         b.assemble({'eef': np.zeros(3)})
 
 
-@pytest.mark.parametrize('task', sorted(TASKS))
+# (camera tasks have no shipped binding yet: sensor_msgs/Image sources are not bound)
+@pytest.mark.parametrize('task', sorted(t for t in TASKS if not TASKS[t].cameras))
 def test_task_binding_has_the_tasks_features_in_order(task):
     b = binding_for_task(task)
     assert b.obs_fields == list(TASKS[task].obs_fields)

@@ -17,7 +17,8 @@ from vdd_ros.sim.rollout import run_episode  # noqa: E402
 
 
 def test_registry() -> None:
-    assert set(TASKS) == {'lift_carry', 'pick_either', 'stack_either', 'carry_four'}
+    assert set(TASKS) == {'lift_carry', 'pick_either', 'stack_either', 'carry_four',
+                          'pick_either_image'}
     for name, spec in TASKS.items():
         assert spec.name == name and len(spec.modes) >= 2 and spec.control_freq == 20
         assert 50 <= spec.horizon <= 200
@@ -25,6 +26,11 @@ def test_registry() -> None:
         if spec.goals:  # carry tasks: one mode per goal, in order
             assert spec.modes == [g.name for g in spec.goals]
     assert len(TASKS['carry_four'].modes) == 4
+    camera = TASKS['pick_either_image']
+    assert camera.family == 'pick_either' and camera.modes == TASKS['pick_either'].modes
+    assert [k for k, _ in camera.obs_fields] == [
+        'robot0_eef_pos', 'robot0_gripper_qpos', 'agentview_image', 'robot0_eye_in_hand_image']
+    assert dict(camera.obs_fields)['agentview_image'] == 64 * 64 * 3
     with pytest.raises(UserError, match='lift_carry, pick_either, stack_either, carry_four'):
         get_task('push_t')
 
@@ -119,6 +125,28 @@ def test_render_frame_upright() -> None:
     g = frame[green].astype(int)
     assert r[0] > r[1] + 40 and r[0] > r[2] + 40, r
     assert g[1] > g[0] + 20 and g[1] > g[2] + 20, g
+
+
+def test_camera_task_sees_the_cubes_upright_and_acts_like_its_base() -> None:
+    with SimEnv('pick_either_image', width=64, height=64) as env:
+        obs = env.reset(5)
+        assert obs.shape == (env.obs_dim,) and obs.dtype == np.float32
+        fields = env.raw_observation()
+        agent = fields['agentview_image'].reshape(64, 64, 3).astype(int)
+        red, green = env.project(env.cube_pos('cubeA')), env.project(env.cube_pos('cubeB'))
+        r, g = agent[red], agent[green]
+        assert r[0] > r[1] + 40 and r[0] > r[2] + 40, r
+        assert g[1] > g[0] + 20 and g[1] > g[2] + 20, g
+        assert np.array_equal(fields['robot0_eef_pos'], env.state_observation()[:3])
+        assert env.state_observation().shape == (get_task('pick_either').obs_dim,)
+        image = run_episode(env, make_oracle('pick_either_image'), 5, record=True)
+    with SimEnv('pick_either') as env:
+        state = run_episode(env, make_oracle('pick_either'), 5)
+    # the scripted oracle reads the simulator's state: the same episode as the base task's
+    assert image['success'] and (image['mode'], image['length']) == (state['mode'],
+                                                                     state['length'])
+    wrist = image['obs'][:, -64 * 64 * 3:]
+    assert wrist.min() >= 0 and wrist.max() <= 255 and np.ptp(wrist[0] - wrist[-1]) > 50
 
 
 @pytest.fixture(scope='module')

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from vdd_ros.core.config import ConfigError, TrainConfig, VisionConfig, from_dict
-from vdd_ros.core.vision import (ImageEncoder, ObservationEncoder, SpatialSoftmax,
-                                 camera_fields, image_side, random_shift)
+from vdd_ros.core.fields import camera_fields, image_side
+from vdd_ros.core.vision import ImageEncoder, ObservationEncoder, SpatialSoftmax, random_shift
 
 SIDE = 16
 FIELDS = [('eef', 3), ('agentview_image', SIDE * SIDE * 3), ('grip', 2),

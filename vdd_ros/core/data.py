@@ -13,6 +13,12 @@ obs[t] and states[t] are observed before actions[t]; next_obs[t] after it (obs[t
 given, the last observation repeated at the end). Genuine robomimic low-dim files load too
 (pick their observation keys by name).
 
+Cameras (fields `<camera>_image`, see core/vision.py) are stored as robomimic stores images:
+`obs/<camera>_image` uint8 `(T, H, W, 3)`, one gzip-compressed chunk per frame; their
+`next_obs` is a virtual dataset over the same frames (no second copy). A `Demo` holds the
+low-dimensional fields in `obs` and each camera in `frames`: arrays when written, `FrameRef`s
+(read on demand, never the whole file at once) when loaded.
+
 Filter keys (robomimic's `mask/<key>`): `load_dataset(filter_key=K)` trains on the demos of
 mask/K and validates on mask/valid, as robomimic trains on `train_filter_key` and validates on
 `valid`: the loaded demos are mask/K together with mask/valid, `train_idx` those of mask/K not
@@ -34,15 +40,59 @@ from typing import Any, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
+from vdd_ros.core.fields import camera_fields, is_camera, low_dim_fields
 from vdd_ros.errors import UserError
 
 _DEMO_RE = re.compile(r'^demo_(\d+)$')
 
 
+class FrameRef:
+    """One camera of one demo in a dataset file, read on demand: `ref[index]` ->
+    `(len(index), H, W, 3)` uint8. Each process keeps the file open (with a chunk cache)."""
+
+    _files: dict[str, h5py.File] = {}
+    CACHE_BYTES = 64 * 2 ** 20
+
+    def __init__(self, path: str, node: str, shape: tuple[int, ...]) -> None:
+        self.path, self.node, self.shape = str(path), node, tuple(int(v) for v in shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _dataset(self) -> h5py.Dataset:
+        f = FrameRef._files.get(self.path)
+        if f is None or not f.id.valid:
+            f = FrameRef._files[self.path] = h5py.File(self.path, 'r',
+                                                       rdcc_nbytes=self.CACHE_BYTES,
+                                                       rdcc_nslots=10007)
+        return f[self.node]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, slice):
+            return np.asarray(self._dataset()[index])
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        unique, inverse = np.unique(index, return_inverse=True)
+        return np.asarray(self._dataset()[unique])[inverse]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Close the files this process holds open (before rewriting one)."""
+        for f in cls._files.values():
+            if f.id.valid:
+                f.close()
+        cls._files.clear()
+
+
 @dataclass
 class Demo:
-    """One demonstration: observations (T, obs_dim) float32 and actions (T, A); `next_obs`
-    (T, obs_dim), when known, is the observation after each action."""
+    """One demonstration: the low-dimensional observation fields (T, low_dim) float32 and the
+    actions (T, A); `frames` maps each camera field to its images (T, H, W, 3) uint8 (an array
+    or a FrameRef); `next_obs` (T, low_dim), when known, is the observation after each
+    action."""
 
     obs: np.ndarray
     actions: np.ndarray
@@ -53,6 +103,7 @@ class Demo:
     seed: int | None = None
     name: str | None = None
     next_obs: np.ndarray | None = None
+    frames: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.obs.shape[0])
@@ -77,6 +128,11 @@ class DemoDataset:
     @property
     def obs_keys(self) -> list[str]:
         return [k for k, _ in self.obs_fields]
+
+    @property
+    def cameras(self) -> list[str]:
+        """The camera fields (stored as images, in each demo's `frames`)."""
+        return [k for k, _ in self.obs_fields if is_camera(k)]
 
     @property
     def modes(self) -> list[str]:
@@ -113,11 +169,17 @@ def split_indices(n: int, valid_fraction: float, seed: int = 0) -> tuple[list[in
 def _check_demos(demos: Sequence[Demo], obs_fields: list[tuple[str, int]]) -> int:
     if not demos:
         raise UserError('no demonstrations to write')
-    obs_dim = sum(int(n) for _, n in obs_fields)
+    obs_dim = sum(int(n) for _, n in low_dim_fields(obs_fields))
+    cameras = camera_fields(obs_fields)
     action_dim = None
     for i, d in enumerate(demos):
         if d.obs.ndim != 2 or d.obs.shape[1] != obs_dim:
             raise ValueError(f'demo {i}: obs shape {d.obs.shape}, expected (T, {obs_dim})')
+        for key, side in cameras:
+            if np.shape(d.frames.get(key)) != (len(d), side, side, 3):
+                raise ValueError(f'demo {i}: frames {key!r} of shape '
+                                 f'{np.shape(d.frames.get(key))}, expected '
+                                 f'({len(d)}, {side}, {side}, 3)')
         if d.actions.ndim != 2 or d.actions.shape[0] != d.obs.shape[0]:
             raise ValueError(f'demo {i}: actions shape {d.actions.shape} does not match obs '
                              f'{d.obs.shape}')
@@ -208,9 +270,19 @@ def _write_demo(g: h5py.Group, d: Demo, obs_fields: list[tuple[str, int]]) -> No
     for group, values in (('obs', obs), ('next_obs', following)):
         og = g.create_group(group)
         start = 0
-        for key, size in obs_fields:
+        for key, size in low_dim_fields(obs_fields):
             og.create_dataset(key, data=values[:, start:start + size])
             start += size
+    for key, images in d.frames.items():
+        images = np.asarray(images, dtype=np.uint8)
+        g['obs'].create_dataset(key, data=images, chunks=(1, *images.shape[1:]),
+                                compression='gzip', compression_opts=4)
+        # next_obs[t] = obs[t + 1], the last frame repeated: a view, not a copy
+        layout = h5py.VirtualLayout(shape=images.shape, dtype=np.uint8)
+        source = h5py.VirtualSource('.', f'{g.name}/obs/{key}', shape=images.shape)
+        layout[:T - 1] = source[1:T]
+        layout[T - 1] = source[T - 1]
+        g['next_obs'].create_virtual_dataset(key, layout)
     g.create_dataset('actions', data=np.asarray(d.actions, dtype=np.float32))
     rewards = np.zeros(T) if d.rewards is None else np.asarray(d.rewards, float)
     if d.dones is None:
@@ -452,11 +524,19 @@ def _read_demo(g: h5py.Group, name: str, path: Path, obs_keys: list[str],
     T = actions.shape[0]
     if T == 0:
         raise UserError(f'{path}: {name}/actions: empty demonstration (0 steps)')
-    parts = []
+    parts, frames = [], {}
     for key in obs_keys:
         if key not in og:
             raise UserError(f'{path}: {name} has no obs key {key!r} '
-                            f'(available: {", ".join(_low_dim_keys(og)) or "none"})')
+                            f'(available: {", ".join(sorted(og.keys())) or "none"})')
+        if is_camera(key):
+            frames[key] = _frames(path, og[key], f'{name}/obs/{key}', T)
+            size = int(np.prod(frames[key].shape[1:]))
+            if sizes.setdefault(key, size) != size:
+                raise UserError(f'{path}: {name}/obs/{key}: images of shape '
+                                f'{frames[key].shape[1:]}, {sizes[key] // 3} pixels in the '
+                                'demos before')
+            continue
         arr = read_array(path, og[key], f'{name}/obs/{key}')
         if arr.shape[0] != T:
             raise UserError(f'{path}: {name}/obs/{key} has {arr.shape[0]} steps, '
@@ -476,13 +556,30 @@ def _read_demo(g: h5py.Group, name: str, path: Path, obs_keys: list[str],
     def optional(key: str) -> np.ndarray | None:
         node = g.get(key)
         return np.asarray(node[()]) if isinstance(node, h5py.Dataset) else None
-    obs = np.concatenate(parts, axis=1)
-    return Demo(obs=obs, actions=actions,
+    obs = np.concatenate(parts, axis=1) if parts else np.zeros((T, 0), np.float32)
+    low_keys = [k for k in obs_keys if not is_camera(k)]
+    return Demo(obs=obs, actions=actions, frames=frames,
                 mode=None if mode is None else _text(mode), rewards=optional('rewards'),
                 dones=optional('dones'), states=optional('states') if load_states else None,
                 seed=seed, name=name,
-                next_obs=_next_obs(g, name, path, obs_keys, obs.shape) if load_next_obs
+                next_obs=_next_obs(g, name, path, low_keys, obs.shape) if load_next_obs
                 else None)
+
+
+def _frames(path: Path, node: Any, where: str, steps: int) -> FrameRef:
+    """A camera's images in a demo, checked (uint8, (steps, H, W, 3), square) but not read."""
+    if not isinstance(node, h5py.Dataset):
+        raise UserError(f'{path}: {where}: expected images, found a {type(node).__name__}')
+    shape = tuple(node.shape)
+    if node.dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+        raise UserError(f'{path}: {where}: expected uint8 RGB images (steps, H, W, 3), found '
+                        f'{node.dtype} of shape {shape}')
+    if shape[0] != steps:
+        raise UserError(f'{path}: {where} has {shape[0]} frames, actions have {steps} steps')
+    if shape[1] != shape[2] or shape[1] < 8:
+        raise UserError(f'{path}: {where}: {shape[1]}x{shape[2]} images; square images of at '
+                        'least 8x8 are supported')
+    return FrameRef(str(path), node.name, shape)
 
 
 def _next_obs(g: h5py.Group, name: str, path: Path, obs_keys: list[str],

@@ -58,6 +58,9 @@ class Policy(ABC):
 
     spec: PolicySpec
     info: dict[str, float]
+    # a scripted oracle of a camera task: it acts on the simulator's state observation (of the
+    # base task, `spec.obs_fields`), not on what the cameras see
+    privileged: bool = False
 
     @abstractmethod
     def reset(self, seed: int | None = None) -> None:

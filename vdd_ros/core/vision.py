@@ -23,7 +23,6 @@ then a random crop back to its size: DrQ's augmentation).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -31,29 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vdd_ros.core.config import VisionConfig
-
-IMAGE_SUFFIX = '_image'
-CHANNELS = 3
-
-
-def is_camera(key: str) -> bool:
-    """Whether an observation field is a camera (robomimic's `<camera>_image` naming)."""
-    return key.endswith(IMAGE_SUFFIX)
-
-
-def image_side(key: str, size: int) -> int:
-    """The side of a square RGB camera field of `size` values; ValueError otherwise."""
-    side = math.isqrt(max(size // CHANNELS, 0))
-    if side < 8 or side * side * CHANNELS != size:
-        raise ValueError(f'camera field {key!r}: {size} values are not a square RGB image '
-                         f'of at least 8x8 (H * W * 3)')
-    return side
-
-
-def camera_fields(fields: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-    """(key, side) of each camera field, in order."""
-    return [(k, image_side(k, n)) for k, n in fields if is_camera(k)]
-
+from vdd_ros.core.fields import CHANNELS, camera_fields, is_camera
 
 class SpatialSoftmax(nn.Module):
     """`(B, K, H, W)` maps -> `(B, 2K)`: each map's softmax-expected (x, y), in [-1, 1]

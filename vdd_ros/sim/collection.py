@@ -14,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vdd_ros.core.data import Demo, write_dataset
+from vdd_ros.core.fields import split_cameras
 from vdd_ros.errors import UserError
 from vdd_ros.sim.demonstrators import DEFAULT_NOISE, make_oracle
 from vdd_ros.sim.rollout import (EVAL_SEED_BASE, _WORKER, cached_env, run_episode,
@@ -35,6 +36,7 @@ def collect_episode(job: tuple[str, int, list[float] | None, float]) -> dict[str
     env = cached_env(standard_env(task) if task == 'Lift' else task)
     rec = run_episode(env, _oracle(task, mode_probs, noise), seed, record=True)
     rec.pop('latency_ms')
+    rec['obs'], rec['frames'] = split_cameras(rec['obs'], env.obs_fields)  # images as uint8
     rec['env_args'] = env.env_args()   # of this task's env (a worker may serve several tasks)
     rec['obs_fields'] = list(env.obs_fields)
     return rec
@@ -100,7 +102,8 @@ def collect(task: str, episodes: int, out: str, workers: int = 1, seed: int = 0,
         raise UserError(f'no successful {task} episode in {attempts} attempts; '
                         f'{out} was not written')
     demos = [Demo(obs=r['obs'], actions=r['actions'], mode=r['policy_mode'],
-                  rewards=r['rewards'], dones=r['dones'], states=r['states'], seed=r['seed'])
+                  rewards=r['rewards'], dones=r['dones'], states=r['states'], seed=r['seed'],
+                  frames=r['frames'])
              for r in kept]
     write_dataset(out, demos, kept[0]['obs_fields'], env_args or {},
                   valid_fraction=valid_fraction)

@@ -10,7 +10,9 @@ executes the probability-weighted mean of their actions: what a unimodal learner
 to. It fails on every task here.
 
 Oracles never import robosuite: they read positions from the observation fields named by the
-task, so the same object can drive the robot through ROS as a policy node.
+task, so the same object can drive the robot through ROS as a policy node. A camera task's
+oracle is its base task's and reads the base task's state observation (`privileged`: the
+rollout runner hands it `SimEnv.state_observation()`, not the images).
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def _scripted_phases(spec: TaskSpec, mode: str) -> list[Phase]:
         return _pick_phases('cube_pos') + [
             Phase('carry', carry, CLOSE, lambda o, n: False)]
 
-    if spec.name == 'pick_either':
+    if spec.family == 'pick_either':
         cube = f'{mode}_pos'
 
         def lift(o: Obs) -> tuple[np.ndarray, str]:
@@ -107,7 +109,7 @@ def _scripted_phases(spec: TaskSpec, mode: str) -> list[Phase]:
 
         return _pick_phases(cube) + [Phase('lift', lift, CLOSE, lambda o, n: False)]
 
-    if spec.name == 'stack_either':
+    if spec.family == 'stack_either':
         top, bottom = ('cubeA', 'cubeB') if mode == 'A_on_B' else ('cubeB', 'cubeA')
         tk, bk = f'{top}_pos', f'{bottom}_pos'
         rest = STACK_HALF[top] + STACK_HALF[bottom]
@@ -183,7 +185,8 @@ class OraclePolicy(Policy):
 
     `mode` is the mode chosen at `reset` (None for the averaging oracle); `info` holds
     `mode` (its index, -1 when averaging) and `phase` (the index of the current phase of the
-    first machine).
+    first machine). For a camera task it acts as its base task's oracle, on the base task's
+    state observation (`privileged`), and picks the same mode for the same seed.
     """
 
     def __init__(self, task: str, kind: str = 'scripted', seed: int | None = None,
@@ -191,7 +194,9 @@ class OraclePolicy(Policy):
         if kind not in ORACLE_KINDS:
             raise UserError(f'unknown oracle kind {kind!r}; known kinds: '
                             f'{", ".join(ORACLE_KINDS)}')
-        self.task_spec = get_task(task)
+        viewed = get_task(task)
+        self.task_spec = get_task(viewed.family)
+        self.privileged = viewed.family != viewed.name
         self.kind = kind
         self.modes = list(self.task_spec.modes)
         probs = np.full(len(self.modes), 1.0 / len(self.modes)) if mode_probs is None else \
@@ -204,7 +209,7 @@ class OraclePolicy(Policy):
             raise UserError(f'noise must be a non-negative number, got {noise}')
         self.noise = float(noise)
         self.spec = PolicySpec(obs_fields=list(self.task_spec.obs_fields),
-                               action_dim=self.task_spec.action_dim, task=self.task_spec.name)
+                               action_dim=self.task_spec.action_dim, task=viewed.name)
         slices = self.task_spec.obs_slices()
         self.machines = [PhaseMachine(_scripted_phases(self.task_spec, m), slices)
                          for m in self.modes]

@@ -1,9 +1,12 @@
-"""State-only robosuite environments for the multimodal tasks, behind one small interface.
+"""robosuite environments for the multimodal tasks, behind one small interface.
 
-`SimEnv` builds the task's robosuite environment (Panda, OSC pose-delta controller, no
-cameras), places the cubes in the task's regions, samples virtual goals where the task has
-them, flattens the observation into named fields, and classifies success and behaviour mode
-from the simulator state. robosuite is imported on first use only.
+`SimEnv` builds the task's robosuite environment (Panda, OSC pose-delta controller),
+places the cubes in the task's regions, samples virtual goals where the task has them,
+flattens the observation into named fields, and classifies success and behaviour mode from
+the simulator state. A camera task's observation is the robot's proprioception and its
+cameras' pixels (cameras.py; each image `H * W * 3` values 0-255 in the flat vector); its
+base task's state observation stays available to scripted oracles (`state_observation`).
+robosuite is imported on first use only.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from vdd_ros.sim.cameras import CameraRig
 from vdd_ros.sim.tasks import TABLE_Z, TaskSpec, get_task
 
 # Every robosuite environment is built with this seed, so that model-time randomness (the
@@ -162,6 +166,9 @@ class SimEnv(RobosuiteHolder):
             self._cubes = {'cubeA': (self._env.cubeA, self._env.cubeA_body_id),
                            'cubeB': (self._env.cubeB, self._env.cubeB_body_id)}
         self.half_sizes = {k: float(obj.size[2]) for k, (obj, _) in self._cubes.items()}
+        self._rig: CameraRig | None = None
+        if self.spec.cameras:
+            self._rig = CameraRig(self._env.sim, self.spec.cameras, self.spec.image_side)
         self._next_seed = seed
         self._seeded = False
         self.goals: dict[str, np.ndarray] = {}
@@ -169,6 +176,13 @@ class SimEnv(RobosuiteHolder):
         self._done = True
         self._success = False
         self._raw: dict[str, np.ndarray] = {}
+        self._obs = np.zeros(self.obs_dim, dtype=np.float32)
+
+    def close(self) -> None:
+        rig, self._rig = self._rig, None
+        if rig is not None:
+            rig.close()
+        super().close()
 
     # -- episode -----------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> np.ndarray:
@@ -185,14 +199,14 @@ class SimEnv(RobosuiteHolder):
         self.t = 0
         self._done = False
         self._success = self._check_success()
-        return self._flatten(self._raw)
+        return self._observe()
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
         """Apply one 7-d action for one control step."""
         self._raw, _, env_done = self._step_robosuite(action)
         self._success = self._check_success()
         self._done = bool(self._success or env_done or self.t >= self.horizon)
-        return self._flatten(self._raw), float(self._success), self._done
+        return self._observe(), float(self._success), self._done
 
     @property
     def done(self) -> bool:
@@ -204,12 +218,16 @@ class SimEnv(RobosuiteHolder):
 
     def observation(self) -> np.ndarray:
         """The latest flat observation."""
+        return self._obs.copy()
+
+    def state_observation(self) -> np.ndarray:
+        """The latest observation of the base task (cube and goal positions): what scripted
+        oracles read; `observation()` itself for a state task."""
         return self._flatten(self._raw)
 
     def raw_observation(self) -> dict[str, np.ndarray]:
         """The latest observation as named fields (the flat vector split by `obs_fields`)."""
-        flat = self._flatten(self._raw)
-        return {k: flat[s] for k, s in self.spec.obs_slices().items()}
+        return {k: self._obs[s] for k, s in self.spec.obs_slices().items()}
 
     def robot_state(self) -> dict[str, Any]:
         """The latest state by robosuite's names, float64 (what a robot's standard topics
@@ -242,7 +260,7 @@ class SimEnv(RobosuiteHolder):
         data.set_joint_qvel(joint, np.zeros(6))
         self._env.sim.forward()
         self._raw = self._env._get_observations(force_update=True)
-        return self._flatten(self._raw)
+        return self._observe()
 
     def object_physics(self, name: str, friction: float | None = None,
                        mass: float | None = None) -> tuple[np.ndarray, float]:
@@ -326,7 +344,20 @@ class SimEnv(RobosuiteHolder):
                                       TABLE_Z + rng.uniform(*g.height)])
         return goals
 
+    def _observe(self) -> np.ndarray:
+        """Compute (and keep) the flat observation of the current state; a camera task
+        renders its cameras here, once per step."""
+        if self._rig is None:
+            self._obs = self._flatten(self._raw)
+        else:
+            frames = self._rig.render()
+            self._obs = np.concatenate([
+                (frames[k] if k in frames else np.asarray(self._raw[k])).reshape(-1)
+                for k, _ in self.spec.obs_fields]).astype(np.float32)
+        return self._obs.copy()
+
     def _flatten(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        """The base task's state observation of robosuite's observation `raw`."""
         eef = raw['robot0_eef_pos']
         parts = [eef, raw['robot0_gripper_qpos']]
         if self.spec.env_name == 'Lift':
@@ -359,7 +390,7 @@ class SimEnv(RobosuiteHolder):
                 and bool(self._env.check_contact(self._cubes[top][0], self._cubes[bottom][0])))
 
     def _check_success(self) -> bool:
-        name = self.task
+        name = self.spec.family
         if self.spec.goals:
             if not self._lifted('cube', 0.03):
                 return False
@@ -383,7 +414,7 @@ class SimEnv(RobosuiteHolder):
         state has committed to it (carry tasks: the lifted cube within a quarter of the shortest
         goal-to-goal distance of one goal; two-cube tasks: exactly one cube lifted).
         """
-        name = self.task
+        name = self.spec.family
         if self.spec.goals:
             if not self._lifted('cube', 0.03):
                 return None

@@ -172,9 +172,10 @@ def build_policy(policy: PolicyRef, task: EnvRef, device: str = 'cpu') -> Policy
             raise UserError(f'policy {describe_policy(policy)} was made for task '
                             f'{pspec.task!r}, not {spec.name!r}')
         fields = [(str(k), int(n)) for k, n in pspec.obs_fields]
-        if fields != list(spec.obs_fields):
+        given = get_task(spec.family).obs_fields if built.privileged else spec.obs_fields
+        if fields != list(given):
             raise UserError(f'policy {describe_policy(policy)} expects observation fields '
-                            f'{fields}, task {spec.name} gives {list(spec.obs_fields)}')
+                            f'{fields}, task {spec.name} gives {list(given)}')
         if int(pspec.action_dim) != spec.action_dim:
             raise UserError(f'policy {describe_policy(policy)} outputs {pspec.action_dim} '
                             f'actions, task {spec.name} takes {spec.action_dim}')
@@ -188,7 +189,8 @@ def run_episode(env: Any, policy: Policy, seed: int, record: bool = False,
     Returns seed, success, mode, length, the oracle's mode (`policy_mode`, None for learned
     policies), per-action latencies in ms and, with `record`, the robomimic arrays (obs[t] and
     states[t] are seen before actions[t]; rewards[t] and dones[t] follow it). With `frames`,
-    appends one rendered frame per step.
+    appends one rendered frame per step. A `privileged` policy (a camera task's scripted
+    oracle) acts on the state observation; the recorded `obs` are the task's own.
     """
     obs = env.reset(seed)
     policy.reset(seed)
@@ -202,7 +204,8 @@ def run_episode(env: Any, policy: Policy, seed: int, record: bool = False,
             rec['obs'].append(obs)
             rec['states'].append(env.get_state())
         start = time.perf_counter()
-        action = np.asarray(policy.act(obs), dtype=np.float32).reshape(-1)
+        action = np.asarray(policy.act(env.state_observation() if policy.privileged else obs),
+                            dtype=np.float32).reshape(-1)
         latencies.append((time.perf_counter() - start) * 1e3)
         obs, reward, done = env.step(action)
         if record:

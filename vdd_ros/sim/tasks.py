@@ -12,13 +12,16 @@ pose-delta controller. Each has two or more behaviour modes whose average fails:
   front-left, front-right, back-left or back-right of it (front: +x, away from the robot;
   left: +y, as in lift_carry); the average of the four, straight above the cube, and the
   average of any two reach none.
+- `pick_either_image`: pick_either seen through cameras, the agentview and the wrist camera
+  (64x64 RGB), with the robot's proprioception and no object state. Its scenes, modes,
+  success and scripted demonstrator (which reads the simulator's state) are pick_either's.
 
 Observation fields, thresholds and placement ranges live here so that learners, oracles and
 ROS nodes agree on them without building an environment.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vdd_ros.errors import UserError
 
@@ -94,6 +97,11 @@ class TaskSpec:
     success_radius: float = 0.04
     # height a cube must rise above its resting height to count as lifted
     lift_height: float = 0.06
+    # camera tasks: the state task they view (its scenes, modes, success and demonstrator),
+    # the robosuite cameras (each an obs field `<camera>_image`) and their side in pixels
+    base: str = ''
+    cameras: tuple[str, ...] = ()
+    image_side: int = 64
 
     def __post_init__(self) -> None:
         if self.goals and list(self.modes) != [g.name for g in self.goals]:
@@ -102,6 +110,11 @@ class TaskSpec:
     @property
     def obs_dim(self) -> int:
         return int(sum(n for _, n in self.obs_fields))
+
+    @property
+    def family(self) -> str:
+        """The state task whose behaviour this is (its own name, or a camera task's base)."""
+        return self.base or self.name
 
     def obs_slices(self) -> dict[str, slice]:
         """Slice of the flat observation for each field name."""
@@ -159,6 +172,18 @@ TASKS: dict[str, TaskSpec] = {
         success_radius=0.04,
     ),
 }
+
+
+def _camera_task(base: str, cameras: tuple[str, ...], side: int = 64) -> TaskSpec:
+    """`base` seen through `cameras` (proprioception and images, no object state)."""
+    spec = TASKS[base]
+    return replace(spec, name=f'{base}_image', base=base, cameras=cameras, image_side=side,
+                   description=f'{spec.description}, seen through cameras',
+                   obs_fields=_ROBOT_FIELDS + [(f'{c}_image', side * side * 3)
+                                               for c in cameras])
+
+
+TASKS['pick_either_image'] = _camera_task('pick_either', ('agentview', 'robot0_eye_in_hand'))
 
 
 def get_task(name: str) -> TaskSpec:
