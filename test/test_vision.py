@@ -98,7 +98,7 @@ def test_camera_fields_and_sizes():
 
 @pytest.mark.parametrize('bad, match', [
     ({'encoder': 'vit'}, 'vision.encoder'), ({'shift': -1}, 'vision.shift'),
-    ({'moe_encoder': 'mine'}, 'vision.moe_encoder'), ({'keypoints': 0}, 'vision.keypoints')])
+    ({'feature_dim': 0}, 'vision.feature_dim'), ({'keypoints': 0}, 'vision.keypoints')])
 def test_vision_config_is_validated(bad, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(TrainConfig, {'vision': bad}, 'train.yaml')

@@ -7,6 +7,7 @@ cross-entropy for the gating). With one expert this is plain maximum-likelihood 
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,17 +33,21 @@ def train_em(moe: MixtureOfExperts, obs: torch.Tensor, actions: torch.Tensor,
              cfg: BaselineConfig, *, seed: int = 0, stage: str = 'em_moe',
              progress: ProgressCallback | None = None, stop: threading.Event | None = None,
              show_bar: bool = True, dp: DataParallel | None = None,
-             state: TrainingState | None = None) -> list[tuple[int, float]]:
+             state: TrainingState | None = None,
+             condition: Callable[[torch.Tensor], torch.Tensor] | None = None
+             ) -> list[tuple[int, float]]:
     """Fit `moe` to flat normalised `obs (N, F)`, `actions (N, D)` by stochastic EM.
 
-    With `dp` each rank takes its share of every global batch (distributed.py); with `state`
-    the loop resumes from and saves a training state (an empty history when the state is of
-    a later stage of the job, which this loop then skips).
+    `obs` are the networks' conditions, or windows that `condition` (the MoE's own encoder,
+    trained along) turns into them. With `dp` each rank takes its share of every global batch
+    (distributed.py); with `state` the loop resumes from and saves a training state (an empty
+    history when the state is of a later stage of the job, which this loop then skips).
     """
     dp = dp or DataParallel()
     device = obs.device
     gen = torch.Generator(device=device).manual_seed(seed)
-    opt = torch.optim.Adam(moe.parameters(), lr=cfg.lr)
+    params = [p for p in moe.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     decay = linear_decay(cfg.iterations, cfg.final_lr_fraction)
     n = obs.shape[0]
     batch = min(cfg.batch_size, n)
@@ -54,7 +59,6 @@ def train_em(moe: MixtureOfExperts, obs: torch.Tensor, actions: torch.Tensor,
         return []
     start, history = resumed
     dp.broadcast_(moe)
-    params = list(moe.parameters())
     tracker = ProgressTracker(stage, cfg.iterations, progress if dp.is_main else None, stop,
                               show_bar and dp.is_main, initial=start, history=history)
     moe.train()
@@ -62,7 +66,8 @@ def train_em(moe: MixtureOfExperts, obs: torch.Tensor, actions: torch.Tensor,
         for it in range(start, cfg.iterations):
             set_lr(opt, cfg.lr * decay(it))
             idx = torch.randint(n, (batch,), device=device, generator=gen)[rows]
-            loss = em_loss(moe, obs[idx], actions[idx])
+            batch_obs = obs[idx] if condition is None else condition(obs[idx])
+            loss = em_loss(moe, batch_obs, actions[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             (value,) = dp.sync(params, share, [loss], tracker.should_stop)

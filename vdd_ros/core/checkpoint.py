@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from vdd_ros.core.config import MoEConfig, TeacherConfig, from_dict, safe_yaml
+from vdd_ros.core.config import MoEConfig, TeacherConfig, VisionConfig, from_dict, safe_yaml
 from vdd_ros.core.policy import ChunkPolicy, ModelPolicy, PolicySpec
 from vdd_ros.errors import UserError
 
@@ -113,6 +113,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: Polic
             'method': method,
             'model': dataclasses.asdict(model.cfg),
             'spec': spec.to_dict(),
+            **({'vision': dataclasses.asdict(model.encoder.cfg)}
+               if model.encoder.has_cameras else {}),
             'train': train_config or {},
             'metrics': metrics or {},
         }
@@ -189,8 +191,15 @@ def load_model(path: str | os.PathLike,
         spec = PolicySpec.from_dict(meta['spec'])
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f'{path / CONFIG_FILE}: spec: invalid ({exc})') from None
+    vision = meta.get('vision')
+    if vision is not None:
+        vision = from_dict(VisionConfig, vision, f'{path / CONFIG_FILE} (vision)')
     cls = getattr(importlib.import_module(module), cls_name)
-    model = cls(cfg, spec.obs_dim, spec.action_dim, spec.obs_horizon, spec.action_horizon)
+    try:
+        model = cls(cfg, spec.obs_dim, spec.action_dim, spec.obs_horizon, spec.action_horizon,
+                    fields=spec.obs_fields, vision=vision)
+    except ValueError as exc:
+        raise UserError(f'{path / CONFIG_FILE}: spec: {exc}') from None
     state: dict[str, torch.Tensor] = {}
     for name in (WEIGHTS_FILE, NORMALIZER_FILE):
         try:

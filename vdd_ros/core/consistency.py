@@ -37,8 +37,6 @@ from torch import nn
 from vdd_ros.core.config import ConsistencyConfig, TeacherConfig
 from vdd_ros.core.distributed import DataParallel
 from vdd_ros.core.model import DenoisingModel
-from vdd_ros.core.nets import FourierEmbedding, ResidualMLP
-from vdd_ros.core.normalizer import Normalizer
 from vdd_ros.core.progress import ProgressCallback, ProgressTracker
 from vdd_ros.core.train_state import TrainingState
 from vdd_ros.core.vdd import linear_decay, set_lr
@@ -64,23 +62,15 @@ class ConsistencyStudent(DenoisingModel):
     kind = 'consistency'
 
     def __init__(self, cfg: TeacherConfig, obs_dim: int, action_dim: int, obs_horizon: int = 1,
-                 action_horizon: int = 1) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.obs_dim, self.action_dim = obs_dim, action_dim
-        self.obs_horizon, self.action_horizon = obs_horizon, action_horizon
-        self.flat_obs, self.flat_act = obs_dim * obs_horizon, action_dim * action_horizon
-        self.obs_normalizer = Normalizer(obs_dim)
-        self.action_normalizer = Normalizer(action_dim)
-        self.embed = FourierEmbedding(32)
-        self.net = ResidualMLP(self.flat_act + self.flat_obs + 32, cfg.hidden_dim,
-                               cfg.num_layers, self.flat_act)
+                 action_horizon: int = 1, **encoder: Any) -> None:
+        super().__init__(cfg, obs_dim, action_dim, obs_horizon, action_horizon, **encoder)
         self.sampling_steps = 1
 
-    def consistency(self, x: torch.Tensor, obs: torch.Tensor, sigma: torch.Tensor,
+    def consistency(self, x: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor,
                     net: nn.Module | None = None) -> torch.Tensor:
-        """f(x, sigma; s) for `x (..., flat_act)` at `sigma` (scalar or `x`'s leading shape),
-        with `net` in place of the student's network when given (the EMA target).
+        """f(x, sigma; s) for `x (..., flat_act)` at `sigma` (scalar or `x`'s leading shape)
+        given the condition `encode(obs)`, with `net` in place of the student's network when
+        given (the EMA target).
 
         The boundary offset sigma - sigma_min is taken in sigma's own dtype, so at sigma_min it
         is exactly 0 and f(x, sigma_min) = x bit for bit."""
@@ -90,8 +80,8 @@ class ConsistencyStudent(DenoisingModel):
         c_skip = sd ** 2 / (offset ** 2 + sd ** 2)
         c_out = sd * offset / (sigma ** 2 + sd ** 2).sqrt()
         c_in = 1.0 / (sigma ** 2 + sd ** 2).sqrt()
-        obs = obs.expand(*x.shape[:-1], obs.shape[-1])
-        h = torch.cat([c_in * x, obs, self.embed(sigma.log()[..., 0] / 4.0)], dim=-1)
+        cond = cond.expand(*x.shape[:-1], cond.shape[-1])
+        h = torch.cat([c_in * x, cond, self.embed(sigma.log()[..., 0] / 4.0)], dim=-1)
         return c_skip * x + c_out * (self.net if net is None else net)(h)
 
     # -- sampling ---------------------------------------------------------------------------
@@ -115,11 +105,12 @@ class ConsistencyStudent(DenoisingModel):
         sigmas = self.sigmas(steps, obs.device)
         shape = (obs.shape[0], self.flat_act)
         x = torch.randn(shape, device=obs.device, generator=generator) * sigmas[0]
-        out = self.consistency(x, obs, sigmas[0])
+        cond = self.encode(obs)
+        out = self.consistency(x, cond, sigmas[0])
         for sigma in sigmas[1:]:
             noise = torch.randn(shape, device=obs.device, generator=generator)
             x = out + (sigma ** 2 - self.cfg.sigma_min ** 2).sqrt() * noise
-            out = self.consistency(x, obs, sigma)
+            out = self.consistency(x, cond, sigma)
         return out
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from tqdm import tqdm
 
 from vdd_ros.core.baselines import train_em
 from vdd_ros.core.checkpoint import load_model, read_meta, save_checkpoint, tail_mean
@@ -26,6 +27,7 @@ from vdd_ros.core.config import (BaselineConfig, MoEConfig, TrainConfig, from_di
                                  to_dict)
 from vdd_ros.core.consistency import ConsistencyStudent, train_consistency
 from vdd_ros.core.data import load_dataset, make_windows
+from vdd_ros.core.fields import low_dim_fields
 from vdd_ros.core.distributed import DataParallel, data_parallel
 from vdd_ros.core.io import check_writable
 from vdd_ros.core.moe import MixtureOfExperts
@@ -35,19 +37,24 @@ from vdd_ros.core.scores import TeacherScore
 from vdd_ros.core.teacher import DiffusionTeacher, train_teacher
 from vdd_ros.core.train_state import TrainingState, fingerprint, state_folder
 from vdd_ros.core.vdd import distill
+from vdd_ros.core.windows import CameraWindows, fit_observations, low_columns, normalize_low
 from vdd_ros.errors import UserError
 
 Path_ = str | os.PathLike
 
 
+Windows = torch.Tensor | CameraWindows
+
+
 @dataclass
 class TrainingData:
-    """Flat normalised windows of the training demos, ready for a training loop."""
+    """Flat normalised windows of the training demos, ready for a training loop (camera
+    demos: windows assembled per batch, windows.py)."""
 
-    obs: torch.Tensor          # (N, obs_horizon * obs_dim)
+    obs: Windows               # (N, obs_horizon * obs_dim)
     actions: torch.Tensor      # (N, action_horizon * action_dim)
     spec: PolicySpec
-    valid_obs: torch.Tensor | None = None      # the validation demos' windows, alike
+    valid_obs: Windows | None = None           # the validation demos' windows, alike
     valid_actions: torch.Tensor | None = None
 
 
@@ -78,26 +85,33 @@ def prepare_data(dataset: Path_, cfg: TrainConfig, model: torch.nn.Module,
     if fit and steps < 2:
         raise UserError(f'{dataset}: the training demos ({", ".join(_names(demos))}) hold '
                         f'{steps} time step in all; fitting the normalisers needs at least 2')
+    fields = data.obs_fields
     obs, act = make_windows(demos, cfg.obs_horizon, cfg.action_horizon)
     obs_t, act_t = torch.as_tensor(obs).float(), torch.as_tensor(act).float()
     if fit:
-        model.obs_normalizer.fit(obs_t, 'standard')
+        fit_observations(model.obs_normalizer, obs_t, fields)
         model.action_normalizer.fit(act_t, 'minmax')
-    _check_normalised(dataset, demos, data.obs_fields, model)
-    obs_t = model.obs_normalizer.normalize(obs_t).reshape(len(obs_t), -1)
+    _check_normalised(dataset, demos, fields, model)
+
+    def windows(chosen: list[Any], low: torch.Tensor) -> torch.Tensor | CameraWindows:
+        low = normalize_low(model.obs_normalizer, low, fields)
+        if data.cameras:
+            return CameraWindows(chosen, fields, cfg.obs_horizon, low)
+        return low.reshape(len(low), -1)
+    obs_w = windows(demos, obs_t)
     act_t = model.action_normalizer.normalize(act_t).reshape(len(act_t), -1)
     valid = [data.demos[i] for i in data.valid_idx if i not in set(data.train_idx)]
     v_obs = v_act = None
     if valid:
         vo, va = make_windows(valid, cfg.obs_horizon, cfg.action_horizon)
-        v_obs = model.obs_normalizer.normalize(torch.as_tensor(vo).float()).reshape(len(vo), -1)
+        v_obs = windows(valid, torch.as_tensor(vo).float())
         v_act = model.action_normalizer.normalize(torch.as_tensor(va).float()) \
             .reshape(len(va), -1)
     task = data.env_args.get('task') if isinstance(data.env_args, dict) else None
     spec = PolicySpec(obs_fields=list(data.obs_fields), action_dim=data.action_dim,
                       obs_horizon=cfg.obs_horizon, action_horizon=cfg.action_horizon,
                       action_exec=cfg.action_exec, task=task)
-    return TrainingData(obs_t, act_t, spec, v_obs, v_act)
+    return TrainingData(obs_w, act_t, spec, v_obs, v_act)
 
 
 @torch.no_grad()
@@ -111,10 +125,13 @@ def validation_loss(model: torch.nn.Module, data: TrainingData) -> float | None:
     model.eval()
     gen = torch.Generator(device=device).manual_seed(0)
     total, count = 0.0, 0
-    for obs, act in zip(data.valid_obs.split(4096), data.valid_actions.split(4096)):
-        obs, act = obs.to(device), act.to(device)
+    n = len(data.valid_actions)
+    chunk = 4096 if isinstance(data.valid_obs, torch.Tensor) else 256
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n))
+        obs, act = data.valid_obs[rows].to(device), data.valid_actions[rows].to(device)
         loss = model.loss(act, obs, generator=gen) if model.kind == 'teacher' else \
-            -model.log_prob(act, obs).mean()
+            -model.log_prob(act, model.condition(obs)).mean()
         total += float(loss) * len(obs)
         count += len(obs)
     model.train(was)
@@ -129,25 +146,30 @@ def _check_normalised(dataset: Path_, demos: list[Any], fields: list[tuple[str, 
                       model: torch.nn.Module) -> None:
     """Every demo's observations and actions stay finite once normalised; else a UserError
     naming the demo, the key and the step (a normaliser that cannot represent the data)."""
-    keys = [key for key, size in fields for _ in range(size)]
+    keys = [key for key, size in low_dim_fields(fields) for _ in range(size)]
+    cols = low_columns(fields)
+    obs_norm = model.obs_normalizer
     for name, demo in zip(_names(demos), demos):
-        for part, values, norm in (('obs', demo.obs, model.obs_normalizer),
-                                   ('actions', demo.actions, model.action_normalizer)):
+        for part, values, offset, scale in (
+                ('obs', demo.obs, obs_norm.offset[cols], obs_norm.scale[cols]),
+                ('actions', demo.actions, model.action_normalizer.offset,
+                 model.action_normalizer.scale)):
             with torch.no_grad():
-                out = norm.normalize(torch.as_tensor(values, dtype=torch.float32))
+                out = (torch.as_tensor(values, dtype=torch.float32) - offset) / scale
             bad = (~torch.isfinite(out)).nonzero()
             if len(bad):
                 t, i = (int(v) for v in bad[0])
                 where = f'{name}/obs/{keys[i]}' if part == 'obs' else f'{name}/actions'
                 raise UserError(f'{dataset}: {where}: value {float(values[t, i]):g} at step '
                                 f'{t} is not finite once normalised (normaliser offset '
-                                f'{float(norm.offset[i]):g}, scale {float(norm.scale[i]):g})')
+                                f'{float(offset[i]):g}, scale {float(scale[i]):g})')
 
 
-def _dims(dataset: Path_, obs_keys: list[str] | None,
-          filter_key: str | None = None) -> tuple[int, int]:
+def _dims(dataset: Path_, obs_keys: list[str] | None, filter_key: str | None = None
+          ) -> tuple[int, int, list[tuple[str, int]]]:
+    """The dataset's observation size, action size and observation fields."""
     data = load_dataset(dataset, obs_keys, filter_key=filter_key)
-    return sum(n for _, n in data.obs_fields), data.action_dim
+    return sum(n for _, n in data.obs_fields), data.action_dim, list(data.obs_fields)
 
 
 def train_teacher_job(dataset: Path_, out: Path_, config: Path_ | None = None, *,
@@ -161,9 +183,9 @@ def train_teacher_job(dataset: Path_, out: Path_, config: Path_ | None = None, *
     cfg = load_train_config(config, overrides)
     with data_parallel(device) as dp:
         torch.manual_seed(cfg.seed)
-        obs_dim, action_dim = _dims(dataset, obs_keys, filter_key)
+        obs_dim, action_dim, fields = _dims(dataset, obs_keys, filter_key)
         teacher = DiffusionTeacher(cfg.teacher, obs_dim, action_dim, cfg.obs_horizon,
-                                   cfg.action_horizon)
+                                   cfg.action_horizon, fields=fields, vision=cfg.vision)
         data = prepare_data(dataset, cfg, teacher, obs_keys, filter_key=filter_key)
         teacher.to(dp.device)
         obs, actions = data.obs.to(dp.device), data.actions.to(dp.device)
@@ -204,16 +226,23 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
         teacher, spec, _ = load_model(teacher_ckpt, dp.device)
         cfg.obs_horizon, cfg.action_horizon = spec.obs_horizon, spec.action_horizon
         cfg.action_exec = spec.action_exec
-        moe = _moe_like(cfg.moe, spec)
+        moe = MixtureOfExperts(cfg.moe, spec.obs_dim, spec.action_dim, spec.obs_horizon,
+                               spec.action_horizon, fields=spec.obs_fields,
+                               vision=teacher.encoder.cfg)
         moe.obs_normalizer.load_state_dict(teacher.obs_normalizer.state_dict())
         moe.action_normalizer.load_state_dict(teacher.action_normalizer.state_dict())
+        moe.encoder.load_state_dict(teacher.encoder.state_dict())
+        moe.encoder.requires_grad_(False)              # the teacher's encoder, frozen
         keys = _check_like_teacher(dataset, spec, filter_key)
         data = prepare_data(dataset, cfg, moe, keys, fit=False, filter_key=filter_key)
         gen = torch.Generator().manual_seed(cfg.seed)
         moe.init_means(data.actions, gen)
         moe.to(dp.device)
         data.spec.task = spec.task
-        obs, actions = data.obs.to(dp.device), data.actions.to(dp.device)
+        # VDD and its warm start read the teacher's conditions (the windows themselves
+        # without cameras)
+        obs = conditions(teacher, data.obs.to(dp.device), show_bar and dp.is_main)
+        actions = data.actions.to(dp.device)
         warm = cfg.vdd.init_em_iterations
         stages = (WARM_START, 'vdd') if warm else ('vdd',)
         state = _training_state(out, 'vdd_moe', cfg, stages, checkpoint_every, resume, dp,
@@ -251,10 +280,11 @@ def baseline_job(method: str, dataset: Path_, out: Path_, config: Path_ | None =
     cfg = load_train_config(config, overrides)
     with data_parallel(device) as dp:
         torch.manual_seed(cfg.seed)
-        obs_dim, action_dim = _dims(dataset, obs_keys, filter_key)
+        obs_dim, action_dim, fields = _dims(dataset, obs_keys, filter_key)
         experts = 1 if method == 'gaussian_bc' else cfg.moe.num_experts
         mcfg = MoEConfig(**{**to_dict(cfg.moe), 'num_experts': experts})
-        moe = MixtureOfExperts(mcfg, obs_dim, action_dim, cfg.obs_horizon, cfg.action_horizon)
+        moe = MixtureOfExperts(mcfg, obs_dim, action_dim, cfg.obs_horizon, cfg.action_horizon,
+                               fields=fields, vision=cfg.vision)
         data = prepare_data(dataset, cfg, moe, obs_keys, filter_key=filter_key)
         moe.init_means(data.actions, torch.Generator().manual_seed(cfg.seed))
         moe.to(dp.device)
@@ -263,11 +293,30 @@ def baseline_job(method: str, dataset: Path_, out: Path_, config: Path_ | None =
         state = _training_state(out, method, cfg, (method,), checkpoint_every, resume, dp,
                                 obs, actions)
         history = train_em(moe, obs, actions, bcfg, seed=cfg.seed, stage=method,
-                           progress=progress, stop=stop, show_bar=show_bar, dp=dp, state=state)
+                           progress=progress, stop=stop, show_bar=show_bar, dp=dp, state=state,
+                           condition=moe.condition)
         path = _saver(out, data, method, cfg, dp)(moe, history)
         if len(history) >= bcfg.iterations:
             state.finish()
     return path
+
+
+@torch.no_grad()
+def conditions(teacher: DiffusionTeacher, obs: Windows, show_bar: bool = False,
+               chunk: int = 256) -> torch.Tensor:
+    """The teacher's conditions `encode(obs)` of every window (eval mode: no augmentation);
+    a tensor of windows without cameras is its own condition."""
+    if isinstance(obs, torch.Tensor):
+        return obs
+    was = teacher.training
+    teacher.eval()
+    n = len(obs)
+    out = []
+    for start in tqdm(range(0, n, chunk), desc='encode windows', disable=not show_bar,
+                      leave=False, dynamic_ncols=True):
+        out.append(teacher.encode(obs[torch.arange(start, min(start + chunk, n))]))
+    teacher.train(was)
+    return torch.cat(out)
 
 
 def _check_like_teacher(dataset: Path_, spec: PolicySpec,
@@ -286,17 +335,13 @@ def _check_like_teacher(dataset: Path_, spec: PolicySpec,
 
 def _training_state(out: Path_, job: str, cfg: TrainConfig, stages: tuple[str, ...],
                     every: int, resume: bool, dp: DataParallel,
-                    *data: torch.Tensor) -> TrainingState:
+                    *data: Windows) -> TrainingState:
     """The training state of a job writing `out`, identified by its config and its data."""
-    run = {'job': job, 'config': to_dict(cfg), 'data': fingerprint(*data)}
+    tensors = [t for d in data for t in (d.tensors() if isinstance(d, CameraWindows) else (d,))]
+    run = {'job': job, 'config': to_dict(cfg), 'data': fingerprint(*tensors)}
     dp.check_same(run['data'], 'the training data')
     return TrainingState(state_folder(out), every=every, run=run, stages=stages,
                          resume=resume, dp=dp)
-
-
-def _moe_like(cfg: MoEConfig, spec: PolicySpec) -> MixtureOfExperts:
-    return MixtureOfExperts(cfg, spec.obs_dim, spec.action_dim, spec.obs_horizon,
-                            spec.action_horizon)
 
 
 def _saver(out: Path_, data: TrainingData, method: str, cfg: TrainConfig,
@@ -347,13 +392,17 @@ def consistency_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Pat
         cfg.action_exec = spec.action_exec
         student = ConsistencyStudent(dataclasses.replace(teacher.cfg, sampling_steps=1),
                                      spec.obs_dim, spec.action_dim, spec.obs_horizon,
-                                     spec.action_horizon).to(dp.device)
-        student.load_state_dict(teacher.state_dict())     # normalizers and network
+                                     spec.action_horizon, fields=spec.obs_fields,
+                                     vision=teacher.encoder.cfg).to(dp.device)
+        student.load_state_dict(teacher.state_dict())     # normalizers, encoder and network
         keys = _check_like_teacher(dataset, spec, filter_key)
         data = prepare_data(dataset, cfg, student, keys, fit=False, filter_key=filter_key)
         data = dataclasses.replace(data, valid_obs=None, valid_actions=None)
         data.spec.task = spec.task
-        obs, actions = data.obs.to(dp.device), data.actions.to(dp.device)
+        # the student keeps the teacher's encoder (trained: the network only) and learns on
+        # the teacher's conditions
+        obs = conditions(teacher, data.obs.to(dp.device), show_bar and dp.is_main)
+        actions = data.actions.to(dp.device)
         state = _training_state(out, 'consistency', cfg, ('consistency',), checkpoint_every,
                                 resume, dp, obs, actions, *teacher.state_dict().values())
         save = _saver(out, data, 'consistency', cfg, dp)

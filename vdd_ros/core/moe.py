@@ -12,21 +12,25 @@ Two architectures (`MoEConfig.experts`), one interface (`features`, `means`, `sc
 Cholesky diagonals go through softplus plus a floor. Acting computes the gating, picks the
 expert and then only that expert's mean (independent: only that expert's MLP), with the
 normalizers folded into the first and last layers.
+
+The networks read the condition `condition(obs)` of the normalised window: the window itself,
+or with cameras the encoder's output (vision.py). The VDD-MoE gets the teacher's trained
+encoder, frozen, and distils on the teacher's conditions; the likelihood baselines train
+their own. Acting then encodes each frame once and runs the networks in one pass.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vdd_ros.core.config import MoEConfig, check_expert_mode
+from vdd_ros.core.config import MoEConfig, VisionConfig, check_expert_mode
 from vdd_ros.core.model import PolicyModel
 from vdd_ros.core.nets import mlp
-from vdd_ros.core.normalizer import Normalizer
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -67,17 +71,13 @@ class MixtureOfExperts(PolicyModel):
     kind = 'moe'
 
     def __init__(self, cfg: MoEConfig, obs_dim: int, action_dim: int, obs_horizon: int = 1,
-                 action_horizon: int = 1) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.obs_dim, self.action_dim = obs_dim, action_dim
-        self.obs_horizon, self.action_horizon = obs_horizon, action_horizon
-        self.flat_obs, self.dim = obs_dim * obs_horizon, action_dim * action_horizon
+                 action_horizon: int = 1, *, fields: Sequence[tuple[str, int]] | None = None,
+                 vision: VisionConfig | None = None) -> None:
+        super().__init__(cfg, obs_dim, action_dim, obs_horizon, action_horizon, fields, vision)
+        self.flat_obs, self.dim = self.encoder.out_dim, action_dim * action_horizon
         self.num_experts = z = cfg.num_experts
         self.full = cfg.covariance == 'full'
         self.independent = cfg.experts == 'independent'
-        self.obs_normalizer = Normalizer(obs_dim)
-        self.action_normalizer = Normalizer(action_dim)
         n_scale = self.dim * (self.dim + 1) // 2 if self.full else self.dim
         self.mean_head: nn.Module
         self.scale_head: nn.Module
@@ -151,8 +151,13 @@ class MixtureOfExperts(PolicyModel):
         """The gating network's parameters (trained by the gating step only)."""
         yield from self.gate.parameters()
 
+    def condition(self, obs: torch.Tensor) -> torch.Tensor:
+        """What the networks read, `(B, flat_obs)`, of normalised windows `(B, T_o * obs_dim)`
+        (the windows themselves without cameras)."""
+        return self.encoder(obs)
+
     def features(self, obs: torch.Tensor) -> Features:
-        """What the heads and the gating read for flat normalised obs `(B, flat_obs)`."""
+        """What the heads and the gating read for conditions `(B, flat_obs)`."""
         if self.independent:
             return Features(self.expert_nets(obs), obs)
         h = self.backbone(obs)
@@ -185,7 +190,7 @@ class MixtureOfExperts(PolicyModel):
         return chol
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flat normalised obs `(B, flat_obs)` -> log gating, means, scales."""
+        """Conditions `(B, flat_obs)` -> log gating, means, scales."""
         h = self.features(obs)
         return self.log_gating(h), self.means(h), self.scales(h)
 
@@ -209,7 +214,7 @@ class MixtureOfExperts(PolicyModel):
         return diag.log().sum(-1) + 0.5 * self.dim * (1 + LOG_2PI)
 
     def log_prob(self, a: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        """Mixture log-density of flat actions `(B, D)` given flat obs `(B, flat_obs)`."""
+        """Mixture log-density of flat actions `(B, D)` given conditions `(B, flat_obs)`."""
         log_gate, means, scales = self(obs)
         comp = self.component_log_prob(a[:, None], means, scales)[:, 0]
         return torch.logsumexp(log_gate + comp, dim=-1)
@@ -297,6 +302,9 @@ class MixtureOfExperts(PolicyModel):
             with torch.no_grad():
                 o_off = self.obs_normalizer.offset.repeat(self.obs_horizon)
                 o_scale = self.obs_normalizer.scale.repeat(self.obs_horizon)
+                if self.encoder.has_cameras:      # the networks read the encoder's output
+                    o_off = o_off.new_zeros(self.flat_obs)
+                    o_scale = o_off.new_ones(self.flat_obs)
                 a_off = self.action_normalizer.offset.repeat(self.action_horizon)
                 a_scale = self.action_normalizer.scale.repeat(self.action_horizon)
                 z, d = self.num_experts, self.dim
@@ -331,6 +339,8 @@ class MixtureOfExperts(PolicyModel):
         b = obs_window.shape[0]
         w1, b1, experts = self._acting_params()
         x = obs_window.reshape(b, -1)
+        if self.encoder.has_cameras:
+            x = self.encoder(self.obs_normalizer.normalize(obs_window).reshape(b, -1))
         h = F.linear(x, w1, b1)
         for layer in self._trunk:
             h = layer(h)
@@ -358,7 +368,8 @@ class MixtureOfExperts(PolicyModel):
             a_norm = self.action_normalizer.normalize(
                 action[:1].view(1, self.action_horizon, self.action_dim)).view(1, 1, -1)
             f = Features(feature[:1], feature[:1]) if feature is not None else \
-                self.features(self.obs_normalizer.normalize(obs_window[:1]).reshape(1, -1))
+                self.features(self.condition(
+                    self.obs_normalizer.normalize(obs_window[:1]).reshape(1, -1)))
             comp = self.component_log_prob(a_norm, self.means(f), self.scales(f))
             log_det = self.action_horizon * self.action_normalizer.scale.log().sum()
             info['log_prob'] = float(torch.logsumexp(log_gate + comp[:, 0], -1) - log_det)

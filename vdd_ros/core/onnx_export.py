@@ -208,6 +208,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
     if model.kind not in ('moe', 'teacher'):
         raise UserError(f'{checkpoint}: a {model.kind} checkpoint; ONNX export covers MoE and '
                         f'teacher checkpoints')
+    if model.encoder.has_cameras:
+        cameras = ', '.join(k for k, _ in model.encoder.cameras)
+        raise UserError(f'{checkpoint}: a camera policy ({cameras}); ONNX export covers '
+                        'state policies only')
     if expert_mode is not None:
         if model.kind != 'moe':
             raise UserError(f'{checkpoint}: --expert-mode applies to MoE checkpoints, this is a '

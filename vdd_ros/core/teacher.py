@@ -14,11 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vdd_ros.core.config import TeacherConfig
 from vdd_ros.core.distributed import DataParallel
 from vdd_ros.core.model import DenoisingModel
-from vdd_ros.core.nets import FourierEmbedding, ResidualMLP
-from vdd_ros.core.normalizer import Normalizer
 from vdd_ros.core.progress import ProgressCallback, ProgressTracker
 from vdd_ros.core.train_state import TrainingState
 
@@ -28,37 +25,24 @@ class DiffusionTeacher(DenoisingModel):
 
     kind = 'teacher'
 
-    def __init__(self, cfg: TeacherConfig, obs_dim: int, action_dim: int, obs_horizon: int = 1,
-                 action_horizon: int = 1) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.obs_dim, self.action_dim = obs_dim, action_dim
-        self.obs_horizon, self.action_horizon = obs_horizon, action_horizon
-        self.flat_obs, self.flat_act = obs_dim * obs_horizon, action_dim * action_horizon
-        self.obs_normalizer = Normalizer(obs_dim)
-        self.action_normalizer = Normalizer(action_dim)
-        self.embed = FourierEmbedding(32)
-        self.net = ResidualMLP(self.flat_act + self.flat_obs + 32, cfg.hidden_dim,
-                               cfg.num_layers, self.flat_act)
-        self.sampling_steps = cfg.sampling_steps
-
     # -- EDM preconditioning ---------------------------------------------------------------
-    def denoise(self, a: torch.Tensor, obs: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """D(a; sigma, s): the denoised action for noisy `a` (..., flat_act) at level `sigma`."""
+    def denoise(self, a: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """D(a; sigma, s): the denoised action for noisy `a` (..., flat_act) at level `sigma`,
+        given the condition `encode(obs)` of the observation window."""
         sd = self.cfg.sigma_data
         sigma = sigma.to(a.dtype).expand(a.shape[:-1])[..., None]
         c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
         c_in = 1.0 / (sigma ** 2 + sd ** 2).sqrt()
         c_noise = sigma.log()[..., 0] / 4.0
-        obs = obs.expand(*a.shape[:-1], obs.shape[-1])
-        h = torch.cat([c_in * a, obs, self.embed(c_noise)], dim=-1)
+        cond = cond.expand(*a.shape[:-1], cond.shape[-1])
+        h = torch.cat([c_in * a, cond, self.embed(c_noise)], dim=-1)
         return c_skip * a + c_out * self.net(h)
 
-    def score(self, a: torch.Tensor, obs: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def score(self, a: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Score of the sigma-smoothed action distribution: (D(a; sigma, s) - a) / sigma^2."""
         sig = sigma.to(a.dtype).expand(a.shape[:-1])[..., None]
-        return (self.denoise(a, obs, sigma) - a) / sig ** 2
+        return (self.denoise(a, cond, sigma) - a) / sig ** 2
 
     def training_draws(self, batch: int, device: torch.device | str = 'cpu',
                        generator: torch.Generator | None = None
@@ -71,13 +55,14 @@ class DiffusionTeacher(DenoisingModel):
     def loss(self, a0: torch.Tensor, obs: torch.Tensor,
              generator: torch.Generator | None = None,
              draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """EDM denoising loss with log-normal training noise (from `draws` when given)."""
+        """EDM denoising loss with log-normal training noise (from `draws` when given) for
+        normalised windows `obs` (encoded here: augmented while training)."""
         cfg = self.cfg
         if draws is None:
             draws = self.training_draws(a0.shape[0], a0.device, generator)
         n, noise = draws
         sigma = (cfg.noise_mean + cfg.noise_std * n).exp()
-        denoised = self.denoise(a0 + sigma[:, None] * noise, obs, sigma)
+        denoised = self.denoise(a0 + sigma[:, None] * noise, self.encode(obs, generator), sigma)
         sd = cfg.sigma_data
         weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
         return (weight[:, None] * (denoised - a0) ** 2).mean()
@@ -100,16 +85,17 @@ class DiffusionTeacher(DenoisingModel):
         sigmas = self.sigmas(steps, obs.device)
         x = torch.randn(obs.shape[0], self.flat_act, device=obs.device,
                         generator=generator) * sigmas[0]
+        cond = self.encode(obs)
         for i in range(steps):
             sigma = sigmas[i]
-            denoised = self.denoise(x, obs, sigma)
+            denoised = self.denoise(x, cond, sigma)
             if i == steps - 1:
                 return denoised
             nxt = sigmas[i + 1]
             d = (x - denoised) / sigma
             x_next = x + (nxt - sigma) * d
             if self.cfg.sampler == 'heun':
-                d2 = (x_next - self.denoise(x_next, obs, nxt)) / nxt
+                d2 = (x_next - self.denoise(x_next, cond, nxt)) / nxt
                 x_next = x + (nxt - sigma) * (d + d2) / 2
             x = x_next
         return x
@@ -135,8 +121,10 @@ def train_teacher(teacher: DiffusionTeacher, obs: torch.Tensor, actions: torch.T
     dp = dp or DataParallel()
     device = obs.device
     gen = torch.Generator(device=device).manual_seed(seed)
-    ema = copy.deepcopy(teacher.net).requires_grad_(False)
-    opt = torch.optim.AdamW(teacher.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = _trained(teacher)
+    ema = copy.deepcopy(trained).requires_grad_(False)
+    params = list(trained.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda it: 0.5 * (1 + math.cos(math.pi * min(it / iterations, 1.0))))
     n = obs.shape[0]
@@ -147,7 +135,6 @@ def train_teacher(teacher: DiffusionTeacher, obs: torch.Tensor, actions: torch.T
     start, history = state.restore('teacher', parts) if state is not None else (0, [])
     dp.broadcast_(teacher)
     dp.broadcast_(ema)
-    params = list(teacher.net.parameters())
     tracker = ProgressTracker('teacher', iterations, progress if dp.is_main else None, stop,
                               show_bar and dp.is_main, initial=start, history=history)
     teacher.train()
@@ -177,16 +164,24 @@ def train_teacher(teacher: DiffusionTeacher, obs: torch.Tensor, actions: torch.T
                 break
     finally:
         tracker.close()
-    teacher.net.load_state_dict(ema.state_dict())
+    trained.load_state_dict(ema.state_dict())
     teacher.eval()
     return tracker.history
 
 
+def _trained(teacher: DiffusionTeacher) -> nn.Module:
+    """What training updates (and averages): the network, and the camera encoders if any."""
+    if not teacher.encoder.has_cameras:
+        return teacher.net
+    return nn.ModuleDict({'net': teacher.net, 'encoder': teacher.encoder})
+
+
 def _with_ema(teacher: DiffusionTeacher, ema: nn.Module, fn: Any) -> None:
     """Call fn(teacher) with the EMA weights swapped in, then restore the live weights."""
-    live = copy.deepcopy(teacher.net.state_dict())
-    teacher.net.load_state_dict(ema.state_dict())
+    trained = _trained(teacher)
+    live = copy.deepcopy(trained.state_dict())
+    trained.load_state_dict(ema.state_dict())
     try:
         fn(teacher)
     finally:
-        teacher.net.load_state_dict(live)
+        trained.load_state_dict(live)

@@ -156,8 +156,9 @@ class ObservationEncoder(nn.Module):
         self.starts = [s for _, s in images]
         self.register_buffer('low_index', torch.tensor(low, dtype=torch.long), persistent=False)
         self.encoders = nn.ModuleDict()
+        self.cfg = cfg or VisionConfig()
         if self.cameras:
-            cfg = cfg or VisionConfig()
+            cfg = self.cfg
             self.shift = int(cfg.shift)
             self.encoders.update({k: ImageEncoder(cfg, side) for k, side in self.cameras})
             self.feature_dim = int(cfg.feature_dim)
