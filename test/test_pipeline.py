@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from vdd_ros import pipeline
+from vdd_ros.policies import POLICY_KINDS
 from vdd_ros.cli import main
 from vdd_ros.core.config import TrainConfig
 from vdd_ros.errors import ConfigError, UserError
@@ -268,6 +269,17 @@ def test_shipped_config_is_valid_for_every_task():
         cfg = pipeline.load_pipeline_config(task)
         assert cfg.eval_episodes >= 50
         assert cfg.train_config().teacher.iterations == cfg.train['teacher.iterations']
+
+
+def test_state_tasks_share_one_training_configuration():
+    from vdd_ros.sim.tasks import TASKS
+    base = pipeline.load_pipeline_config('lift_carry')
+    for task, spec in TASKS.items():
+        cfg = pipeline.load_pipeline_config(task)
+        if not spec.cameras:
+            assert cfg.train == base.train and cfg.policies is None, task
+        else:   # a camera task: smaller image batches and a subset of the policies
+            assert cfg.policies and set(cfg.policies) < set(POLICY_KINDS)
 
 
 def test_task_sections_merge_over_the_defaults(tmp_path):

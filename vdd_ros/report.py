@@ -55,7 +55,7 @@ RUN_FIELDS = ('successes', 'episodes', 'success_rate', 'mode_counts', 'mode_entr
               'mean_length', 'query_ms_p50', 'query_ms_p99')
 # Fields taken from the first seed's evaluation (the same for every seed)
 FIRST_FIELDS = ('label', 'via_ros', 'sampling_steps', 'expert_mode', 'control_rate_hz',
-                'workers', 'device')
+                'workers', 'device', 'query_count')
 # Fields averaged over the seeds
 MEAN_FIELDS = ('mean_length', 'mean_length_success', 'latency_ms_p50', 'latency_ms_p99',
                'latency_ms_mean', 'query_ms_p50', 'query_ms_p99', 'query_ms_mean',
@@ -222,7 +222,10 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
         modes = list(get_task(folder.name).modes)
     policies: dict[str, dict[str, Any]] = {}
     eval_seeds: list[int] = []
-    for name in EVALUATIONS:
+    trained = config.get('policies') or list(POLICY_KINDS)
+    for name, (_, kind) in EVALUATIONS.items():
+        if kind.name not in trained:
+            continue
         runs = [_read_json(folder / f'seed_{s}' / 'eval' / f'{name}.json') for s in seeds]
         policies[name] = aggregate(runs, seeds, modes)
         eval_seeds = [d['seed'] for d in runs[0].get('episodes_detail', [])]
@@ -243,7 +246,7 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
         stages[data['stage']] = {'wall_s': data.get('wall_s'), 'finished': data.get('finished'),
                                  'info': data.get('info', {})}
     training = {}
-    for kind in POLICY_KINDS:
+    for kind in trained:
         curves = [read_training(folder / f'seed_{s}' / kind) for s in seeds]
         training[kind] = {'iterations': curves[0]['iterations'],
                           'loss_history': _downsample(curves[0]['loss_history']),
@@ -807,16 +810,24 @@ def _status(wins: int, decided: int, needed: int) -> str:
     return 'MISSED'
 
 
+def _state_tasks(tasks: Mapping[str, Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The metrics of the state tasks (the cross-task targets are over these; camera tasks
+    have their own figures)."""
+    from vdd_ros.sim.tasks import TASKS
+    return [m for t, m in tasks.items() if t not in TASKS or not TASKS[t].cameras]
+
+
 def cross_task_status(tasks: Mapping[str, Mapping[str, Any]]) -> str:
     """'met', 'MISSED', or 'pending' while too few tasks have results to decide."""
-    wins = sum(bool(m['beats_baselines']) for m in tasks.values())
-    return _status(wins, len(tasks), CROSS_TASK_WINS)
+    state = _state_tasks(tasks)
+    wins = sum(bool(m['beats_baselines']) for m in state)
+    return _status(wins, len(state), CROSS_TASK_WINS)
 
 
 def consistency_status(tasks: Mapping[str, Mapping[str, Any]]) -> str:
     """The same for the comparison with consistency distillation."""
-    rows = [m.get('versus_consistency') for m in tasks.values()]
-    return _status(sum(bool(r and r['met']) for r in rows), len(tasks), CONSISTENCY_WINS)
+    rows = [m.get('versus_consistency') for m in _state_tasks(tasks)]
+    return _status(sum(bool(r and r['met']) for r in rows), len(rows), CONSISTENCY_WINS)
 
 
 def write_summary(results: str | os.PathLike) -> Path | None:

@@ -40,7 +40,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
-from vdd_ros.core.fields import camera_fields, is_camera, low_dim_fields
+from vdd_ros.core.fields import camera_fields, is_camera, join_cameras, low_dim_fields
 from vdd_ros.errors import UserError
 
 _DEMO_RE = re.compile(r'^demo_(\d+)$')
@@ -107,6 +107,13 @@ class Demo:
 
     def __len__(self) -> int:
         return int(self.obs.shape[0])
+
+    def flat(self, fields: Sequence[tuple[str, int]], t: int) -> np.ndarray:
+        """The whole flat observation of step `t` (cameras inline), float32."""
+        if not self.frames:
+            return np.asarray(self.obs[t], dtype=np.float32)
+        return join_cameras(self.obs[t], {k: np.asarray(v[[t]])[0]
+                                          for k, v in self.frames.items()}, fields)
 
 
 @dataclass

@@ -30,6 +30,7 @@ class PipelineConfig:
     video_episodes_per_mode: int = 1     # VDD-MoE episodes rendered per behaviour mode
     latency_queries: int = 300           # timed single-observation queries per policy
     horizon: int | None = None           # --dataset runs: steps per episode (None: longest demo)
+    policies: list[str] | None = None    # the policy kinds trained (None: every registered one)
     train: dict[str, Any] = field(default_factory=dict)  # dotted TrainConfig overrides
 
     def validate(self) -> None:
@@ -43,6 +44,16 @@ class PipelineConfig:
         positive(self.ros_control_rate_hz, 'ros_control_rate_hz')
         if self.teacher_steps is not None:
             at_least(self.teacher_steps, 1, 'teacher_steps')
+        if self.policies is not None:
+            from vdd_ros.policies import POLICY_KINDS, STUDENT, TEACHER
+            for i, name in enumerate(self.policies):
+                if name not in POLICY_KINDS:
+                    raise ConfigError(f'policies[{i}]: unknown policy kind {name!r} (known: '
+                                      f'{", ".join(POLICY_KINDS)})')
+            missing = [n for n in (TEACHER, STUDENT) if n not in self.policies]
+            if missing or len(set(self.policies)) != len(self.policies):
+                raise ConfigError(f'policies: must list {TEACHER} and {STUDENT}, each kind '
+                                  f'once, got {self.policies}')
         if not isinstance(self.train, Mapping):
             raise ConfigError(f'train: expected a mapping of dotted training keys, got '
                               f'{self.train!r}')
@@ -58,6 +69,11 @@ class PipelineConfig:
                                                           self.train), 'train')
         except ConfigError as exc:
             raise ConfigError(str(exc).replace('train: ', 'train.', 1)) from None
+
+    def kinds(self) -> list[str]:
+        """The policy kinds this run trains, in registry order."""
+        from vdd_ros.policies import POLICY_KINDS
+        return [k for k in POLICY_KINDS if self.policies is None or k in self.policies]
 
     def training_seeds(self) -> list[int]:
         """The training seeds: `seeds` consecutive ones from `train.seed`."""

@@ -22,10 +22,11 @@ def query_latency(policy: Any, dataset: Path, queries: int, warmup: int = 20
     from vdd_ros.core.bench import time_calls
     from vdd_ros.core.data import load_dataset
     data = load_dataset(dataset, [k for k, _ in policy.spec.obs_fields])
-    observations = [(i, t, demo.obs[t]) for i, demo in enumerate(data.demos)
-                    for t in range(len(demo))]
+    steps = [(i, t) for i, demo in enumerate(data.demos) for t in range(len(demo))]
+    steps = (steps * (1 + (queries + warmup) // max(len(steps), 1)))[:queries + warmup]
+    observations = [(i, t, data.demos[i].flat(data.obs_fields, t)) for i, t in steps]
     policy.spec = dataclasses.replace(policy.spec, action_exec=1)
-    cursor = iter(observations * (1 + (queries + warmup) // max(len(observations), 1)))
+    cursor = iter(observations)
 
     def step() -> None:
         episode, t, obs = next(cursor)

@@ -128,9 +128,11 @@ def build_stages(ctx: Context) -> list[Stage]:
     data = stages[-1].name
     for seed in ctx.seeds:
         prefix = seed_dir(seed)
-        stages += [training_stage(ctx, kind, seed, data, prefix)
-                   for kind in POLICY_KINDS.values()]
+        kinds = cfg.kinds()
+        stages += [training_stage(ctx, POLICY_KINDS[k], seed, data, prefix) for k in kinds]
         for name, (evaluation, kind) in EVALUATIONS.items():
+            if kind.name not in kinds:
+                continue
             ros = via_ros(ctx, name)
             stages.append(Stage(f'{prefix}/eval_{name}',
                                 f'evaluate: {evaluation.label} (seed {seed})',

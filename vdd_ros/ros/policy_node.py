@@ -281,9 +281,11 @@ class PolicyNode(VddNode):
         diag_period = self.param('diagnostics_period_s', 1.0, 'seconds between two diagnostics '
                                  f'messages, in [{DIAG_PERIOD_S[0]:g}, {DIAG_PERIOD_S[1]:g}]',
                                  read_only=True, dynamic=True)
-        max_bytes = self.param('max_observation_bytes', 64 * 1024, 'serialized observations '
-                               'larger than this are rejected before decoding, in '
-                               f'[{OBS_BYTES[0]}, {OBS_BYTES[1]}]', read_only=True)
+        max_bytes = self.param('max_observation_bytes', 0, 'serialized observations larger '
+                               'than this are rejected before decoding, in '
+                               f'[{OBS_BYTES[0]}, {OBS_BYTES[1]}]; 0: 64 KiB, or the '
+                               "policy's observation size and 4 KiB when that is larger "
+                               '(camera policies)', read_only=True)
         seed = self.param('seed', -1, 'seed of the first episode (-1: random); an '
                           'observation with @episode reseeds', read_only=True)
         self.stats_file = str(self.param('stats_file', '', 'JSON file that receives the final '
@@ -322,8 +324,9 @@ class PolicyNode(VddNode):
         self.obs_timeout = self._timeout(timeout)
         diag_period = self.number('diagnostics_period_s', diag_period, DIAG_PERIOD_S[0],
                                   inclusive=True, high=DIAG_PERIOD_S[1])
-        self.max_bytes = int(self.number('max_observation_bytes', max_bytes, OBS_BYTES[0],
-                                         inclusive=True, high=OBS_BYTES[1]))
+        self.max_bytes = 0 if max_bytes == 0 else int(self.number(
+            'max_observation_bytes', max_bytes, OBS_BYTES[0], inclusive=True, high=OBS_BYTES[1],
+            note='or 0: sized for the policy'))
         if not -1 <= seed <= UINT32_MAX:
             raise UserError(f'parameter seed: must be -1 or in [0, {UINT32_MAX}], got {seed}')
         if steps < 0:
@@ -390,7 +393,9 @@ class PolicyNode(VddNode):
 
         if self.binding is None:
             self.action_pub = self.create_publisher(Float32MultiArray, 'action', ACTION_QOS)
-            self._reader = LabelledReader(self.fields, self.policy.spec.obs_dim, self.max_bytes)
+            obs_dim = self.policy.spec.obs_dim
+            self.max_bytes = self.max_bytes or max(64 * 1024, 4 * obs_dim + 4096)
+            self._reader = LabelledReader(self.fields, obs_dim, self.max_bytes)
             self._writer = LabelledWriter(self.action_dim)
             # acting on arrival takes the node's lock; in act_on tick the callback only
             # hands the observation over (see _on_observation), so the control thread never
@@ -467,6 +472,7 @@ class PolicyNode(VddNode):
         b = self.binding
         self._now_handle = self.get_clock().handle
         self.book = SourceBook(b)
+        self.max_bytes = self.max_bytes or 64 * 1024
         self.readers = {t: TopicReader(b, t, k, self.max_bytes)
                         for t, k in b.observation_topics().items()}
         self.writers = [SinkWriter(s) for s in b.action]
