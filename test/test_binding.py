@@ -4,16 +4,18 @@ reproducing the simulator's observation exactly."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
 from bagkit import KINDS, Rclpy
 
-from vdd_ros.binding import (Binding, BindingMismatch, Derived, binding_for_task, bindings_dir,
-                             labelled_binding, load_binding, marker_json, normalise_type,
-                             parse_marker, trajectory_times)
+from vdd_ros.binding import (Binding, BindingMismatch, Derived, Source, binding_for_task,
+                             bindings_dir, labelled_binding, load_binding, marker_json,
+                             normalise_type, parse_marker, trajectory_times)
 from vdd_ros.errors import ConfigError
 from vdd_ros.sim.tasks import TASKS
 
@@ -196,8 +198,7 @@ def test_derived_difference_is_b_minus_a_and_assemble_keeps_the_order():
         b.assemble({'eef': np.zeros(3)})
 
 
-# (camera tasks have no shipped binding yet: sensor_msgs/Image sources are not bound)
-@pytest.mark.parametrize('task', sorted(t for t in TASKS if not TASKS[t].cameras))
+@pytest.mark.parametrize('task', sorted(TASKS))
 def test_task_binding_has_the_tasks_features_in_order(task):
     b = binding_for_task(task)
     assert b.obs_fields == list(TASKS[task].obs_fields)
@@ -231,6 +232,54 @@ def test_task_binding_reproduces_the_simulators_observation_bitwise(task):
             for topic in b.observation_topics():
                 latest.update(b.read(topic, msgs[topic]))
             assert np.array_equal(b.assemble(latest), env.observation())
+
+
+def _image(width=4, height=3, encoding='rgb8', step=None, data=None):
+    step = width * 3 if step is None else step
+    pixels = np.arange(height * step, dtype=np.uint8) if data is None else data
+    return SimpleNamespace(header=SimpleNamespace(stamp=SimpleNamespace(sec=1, nanosec=0),
+                                                  frame_id='cam'),
+                           width=width, height=height, encoding=encoding, step=step,
+                           is_bigendian=0, data=bytes(pixels))
+
+
+CAMERA = {'feature': 'front_image', 'topic': '/cam/image_raw', 'type': 'sensor_msgs/Image',
+          'width': 4, 'height': 3}
+
+
+def test_an_image_source_reads_rgb8_pixels_row_major_skipping_row_padding():
+    src = Source.from_dict(CAMERA, 'obs[0]')
+    assert src.size == 36 and src.to_dict()['width'] == 4
+    assert Source.from_dict(src.to_dict(), 'again') == src
+    plain = src.extract(_image())
+    assert plain.dtype == np.float32 and plain.tolist() == list(range(36))
+    padded = src.extract(_image(step=14))          # 2 bytes of padding per row
+    rows = np.arange(42).reshape(3, 14)[:, :12].reshape(-1)
+    assert padded.tolist() == rows.tolist()
+
+
+@pytest.mark.parametrize('msg, text', [
+    (_image(encoding='bgr8'), "encoding 'bgr8', the binding expects rgb8"),
+    (_image(encoding='mono8'), "encoding 'mono8', the binding expects rgb8"),
+    (_image(width=5), 'a 5x3 image, the binding expects 4x3'),
+    (_image(data=np.zeros(30, np.uint8)), 'truncated image: 30 bytes, 3 rows of step 12 '
+                                          'need 36'),
+    (_image(step=6), 'step 6 bytes is shorter than a row of 4 rgb8 pixels'),
+])
+def test_a_wrong_image_is_one_error_naming_the_topic(msg, text):
+    with pytest.raises(BindingMismatch, match=re.escape(f'/cam/image_raw: {text}')):
+        Source.from_dict(CAMERA, 'obs[0]').extract(msg)
+
+
+@pytest.mark.parametrize('change, text', [
+    ({'feature': 'front'}, 'a camera feature is named <camera>_image'),
+    ({'width': 0}, 'width: expected a positive number'),
+    ({'height': 2.5}, 'width and height are whole numbers'),
+    ({'joints': ['a']}, 'joints: not used by Image'),
+])
+def test_image_sources_are_validated(change, text):
+    with pytest.raises(ConfigError, match=re.escape(text)):
+        Source.from_dict({**CAMERA, **change}, 'observation[0]')
 
 
 # -- action -----------------------------------------------------------------------------------

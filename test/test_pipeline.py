@@ -16,7 +16,7 @@ from vdd_ros.cli import main
 from vdd_ros.core.config import TrainConfig
 from vdd_ros.errors import ConfigError, UserError
 from vdd_ros.pipeline import stages as pipeline_stages
-from vdd_ros.policies import EVALUATIONS, POLICY_KINDS
+from vdd_ros.policies import EVALUATIONS
 
 PNG = b'\x89PNG\r\n\x1a\n'
 STAGES = ['collect', *(f'seed_0/{k}' for k in POLICY_KINDS),

@@ -23,7 +23,8 @@ from vdd_ros.sim.env import SimEnv
 PERIOD = 50_000_000
 
 
-@pytest.mark.parametrize('task', ['lift_carry', 'pick_either', 'carry_four'])
+@pytest.mark.parametrize('task', ['lift_carry', 'pick_either', 'carry_four',
+                                  'pick_either_image'])
 def test_the_standard_messages_assemble_the_simulators_observation_bitwise(task):
     binding = binding_for_task(task)
     rng = np.random.default_rng(0)
@@ -61,6 +62,24 @@ def test_a_binding_the_simulator_cannot_feed_is_rejected_naming_what_is_missing(
             data[section][i][key] = value
             with pytest.raises(UserError, match=text):
                 check_binding(Binding.from_dict(data), state, env.action_dim)
+
+
+def test_camera_sources_must_match_the_simulators_cameras():
+    base = binding_for_task('pick_either_image').to_dict()
+    with SimEnv('pick_either_image') as env:
+        env.reset(0)
+        state = env.robot_state()
+        assert state['cameras']['agentview'].shape == (64, 64, 3)
+        for key, value, text in [
+                ('width', 32, r'/cameras/agentview/image_raw carries 64x64 images, the binding '
+                              r'expects 32x64'),
+                ('frame_id', 'world', "published in frame 'agentview', the binding expects "
+                                      "'world'"),
+                ('topic', '/cameras/front/image_raw', 'publishes no /cameras/front/image_raw')]:
+            data = json.loads(json.dumps(base))
+            data['observation'][2][key] = value
+            with pytest.raises(UserError, match=text):
+                check_binding(Binding.from_dict(data, 'b.yaml'), state, env.action_dim)
 
 
 def test_lockstep_sim_node_publishes_the_observation_and_steps_on_the_commands():

@@ -29,6 +29,10 @@ Sources by type (types are written `pkg/Name` or `pkg/msg/Name`, kept as `pkg/ms
 - `std_msgs/Float64MultiArray`, `std_msgs/Float32MultiArray`: `slice: [start, stop]` of data,
   or `label` + `size`: the field of a labelled array (vdd_ros's own wire format, see
   ros/conversions.py: one layout dimension per field, `@`-labelled dimensions carry metadata);
+- `sensor_msgs/Image`: a camera, `width` x `height` pixels, encoding `rgb8` (the feature is
+  named `<camera>_image`, its values the pixels 0-255, row-major, as core/fields.py lays a
+  camera out); another encoding (bgr8, mono8, ...), another size or a buffer shorter than
+  `step * height` is rejected; no cv_bridge: the buffer is read with numpy;
 - derived: `{feature: F, difference: [A, B]}` is B - A of two earlier features (`A_to_B`).
 
 Every source has `max_age_s` (default 0.5): an older message is stale. Its time is the header
@@ -81,11 +85,13 @@ TWIST_STAMPED = 'geometry_msgs/msg/TwistStamped'
 JOINT_TRAJECTORY = 'trajectory_msgs/msg/JointTrajectory'
 STRING = 'std_msgs/msg/String'
 CLOCK = 'rosgraph_msgs/msg/Clock'
+IMAGE = 'sensor_msgs/msg/Image'
+IMAGE_ENCODING = 'rgb8'
 
-SOURCE_TYPES = (JOINT_STATE, POSE_STAMPED, FLOAT64_ARRAY, FLOAT32_ARRAY)
+SOURCE_TYPES = (JOINT_STATE, POSE_STAMPED, FLOAT64_ARRAY, FLOAT32_ARRAY, IMAGE)
 SINK_TYPES = (FLOAT64_ARRAY, FLOAT32_ARRAY, TWIST_STAMPED, POSE_STAMPED, JOINT_TRAJECTORY)
 ARRAYS = (FLOAT64_ARRAY, FLOAT32_ARRAY)
-HAS_HEADER = (JOINT_STATE, POSE_STAMPED, TWIST_STAMPED, JOINT_TRAJECTORY)
+HAS_HEADER = (JOINT_STATE, POSE_STAMPED, TWIST_STAMPED, JOINT_TRAJECTORY, IMAGE)
 POSE_FIELDS = {'position': 3, 'orientation': 4, 'pose': 7}
 JOINT_FIELDS = ('position', 'velocity', 'effort')
 DEFAULT_MAX_AGE_S = 0.5
@@ -270,10 +276,12 @@ class Source:
     max_age_s: float = DEFAULT_MAX_AGE_S
     frame_id: str | None = None
     stamp_from: str = 'header'             # 'header' or 'arrival'
+    width: int = 0                         # Image
+    height: int = 0                        # Image
     _index: dict = dc_field(default_factory=dict, compare=False, repr=False)
 
     KEYS = ('feature', 'topic', 'type', 'field', 'joints', 'slice', 'label', 'size',
-            'max_age_s', 'frame_id', 'stamp')
+            'max_age_s', 'frame_id', 'stamp', 'width', 'height')
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Source:
@@ -289,15 +297,24 @@ class Source:
         if kind in HAS_HEADER and s.has('frame_id'):
             common['frame_id'] = s.str('frame_id')
         if kind == JOINT_STATE:
-            s.only(('slice', 'label', 'size'), 'JointState')
+            s.only(('slice', 'label', 'size', 'width', 'height'), 'JointState')
             joints = s.names('joints')
             return cls(**common, field=s.str('field', 'position', JOINT_FIELDS),
                        joints=joints, size=len(joints))
         if kind == POSE_STAMPED:
-            s.only(('slice', 'label', 'size', 'joints'), 'PoseStamped')
+            s.only(('slice', 'label', 'size', 'joints', 'width', 'height'), 'PoseStamped')
             fld = s.str('field', 'pose', tuple(POSE_FIELDS))
             return cls(**common, field=fld, size=POSE_FIELDS[fld])
-        s.only(('field', 'joints', 'frame_id'), _short(kind))
+        if kind == IMAGE:
+            s.only(('slice', 'label', 'size', 'joints', 'field'), 'Image')
+            if not common['feature'].endswith('_image'):
+                raise s.fail('feature', f'a camera feature is named <camera>_image, got '
+                             f'{common["feature"]!r}')
+            width, height = (int(s.number(k, 0)) for k in ('width', 'height'))
+            if width != s.data['width'] or height != s.data['height']:
+                raise s.fail('width', 'width and height are whole numbers of pixels')
+            return cls(**common, width=width, height=height, size=width * height * 3)
+        s.only(('field', 'joints', 'frame_id', 'width', 'height'), _short(kind))
         if s.has('label'):
             s.only(('slice',), 'a labelled array (give label and size)')
             size = s.data.get('size')
@@ -320,6 +337,8 @@ class Source:
             out['slice'] = list(self.slice)
         if self.label is not None:
             out.update(label=self.label, size=self.size)
+        if self.type == IMAGE:
+            out.update(width=self.width, height=self.height)
         if self.frame_id is not None:
             out['frame_id'] = self.frame_id
         out['max_age_s'] = self.max_age_s
@@ -345,11 +364,35 @@ class Source:
                 values = np.array((q.x, q.y, q.z, q.w), dtype=np.float64)
             else:
                 values = np.array((p.x, p.y, p.z, q.x, q.y, q.z, q.w), dtype=np.float64)
+        elif kind == IMAGE:
+            return self._pixels(msg)
         elif self.label is not None:
             values = _labelled_field(msg, self.label, self.size, self.topic, offsets)
         else:
             values = _array_slice(msg, self.slice[0], self.slice[1], self.topic)
         return _finite(values, self.topic, f'{self.feature}')
+
+    def _pixels(self, msg: Any) -> np.ndarray:
+        """An rgb8 image's pixels, row-major (float32, 0-255); the buffer read with numpy,
+        rows past `width * 3` bytes of each `step` (padding) skipped."""
+        if msg.encoding != IMAGE_ENCODING:
+            raise BindingMismatch(f'{self.topic}: encoding {msg.encoding!r}, the binding '
+                                  f'expects {IMAGE_ENCODING}')
+        if (msg.width, msg.height) != (self.width, self.height):
+            raise BindingMismatch(f'{self.topic}: a {msg.width}x{msg.height} image, the '
+                                  f'binding expects {self.width}x{self.height}')
+        row = self.width * 3
+        if msg.step < row:
+            raise BindingMismatch(f'{self.topic}: step {msg.step} bytes is shorter than a '
+                                  f'row of {self.width} rgb8 pixels ({row})')
+        data = np.asarray(msg.data, dtype=np.uint8) if isinstance(msg.data, (list, tuple)) \
+            else np.frombuffer(msg.data, dtype=np.uint8)
+        if data.size < msg.step * self.height:
+            raise BindingMismatch(f'{self.topic}: truncated image: {data.size} bytes, '
+                                  f'{self.height} rows of step {msg.step} need '
+                                  f'{msg.step * self.height}')
+        rows = data[:msg.step * self.height].reshape(self.height, msg.step)[:, :row]
+        return rows.reshape(-1).astype(np.float32)
 
     def applies(self, msg: Any) -> bool:
         """Whether a message is for this source: always, except a JointState that names none

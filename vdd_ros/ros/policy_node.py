@@ -114,7 +114,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from std_msgs.msg import Float32MultiArray, String
 from std_srvs.srv import Trigger
 
-from vdd_ros.binding import JOINT_TRAJECTORY, BindingMismatch, parse_marker
+from vdd_ros.binding import IMAGE, JOINT_TRAJECTORY, BindingMismatch, parse_marker
 from vdd_ros.core.config import check_expert_mode, is_integer
 from vdd_ros.core.confidence import LEVELS, ConfidenceMonitor, load_confidence
 from vdd_ros.core.policy import Policy
@@ -472,7 +472,8 @@ class PolicyNode(VddNode):
         b = self.binding
         self._now_handle = self.get_clock().handle
         self.book = SourceBook(b)
-        self.max_bytes = self.max_bytes or 64 * 1024
+        images = [s.size for s in b.sources if s.type == IMAGE]
+        self.max_bytes = self.max_bytes or max(64 * 1024, max(images, default=0) + 4096)
         self.readers = {t: TopicReader(b, t, k, self.max_bytes)
                         for t, k in b.observation_topics().items()}
         self.writers = [SinkWriter(s) for s in b.action]

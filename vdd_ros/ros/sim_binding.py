@@ -11,7 +11,10 @@ Published at every step, all with header.stamp = the step's simulation time and 
 - `/objects/<cube>/pose` (PoseStamped): each cube (`cube`, or `cubeA` and `cubeB`);
 - `/goals/<name>/pose` (PoseStamped): each virtual goal (lift_carry: `left`, `right`;
   carry_four: `front_left`, `front_right`, `back_left`, `back_right`), with the identity
-  orientation.
+  orientation;
+- `/cameras/<camera>/image_raw` (sensor_msgs/Image, rgb8, frame_id the camera's name): each
+  camera of a camera task (pick_either_image: `agentview`, `robot0_eye_in_hand`), the frame
+  rendered for that step.
 
 The numbers are robosuite's float64 values, unchanged, so a binding reading them (the shipped
 config/bindings/<task>.yaml) assembles exactly SimEnv's observation. Publishers are RELIABLE,
@@ -32,7 +35,8 @@ from typing import Any, Callable
 import numpy as np
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-from vdd_ros.binding import JOINT_STATE, POSE_STAMPED, Binding, BindingMismatch
+from vdd_ros.binding import (IMAGE, IMAGE_ENCODING, JOINT_STATE, POSE_STAMPED, Binding,
+                             BindingMismatch)
 from vdd_ros.errors import UserError
 from vdd_ros.ros.binding_io import message_class, to_time
 
@@ -49,7 +53,18 @@ def sim_topics(state: dict[str, Any]) -> dict[str, str]:
     topics = {'/joint_states': JOINT_STATE, '/eef_pose': POSE_STAMPED}
     topics.update({f'/objects/{k}/pose': POSE_STAMPED for k in state['objects']})
     topics.update({f'/goals/{k}/pose': POSE_STAMPED for k in state['goals']})
+    topics.update({camera_topic(k): IMAGE for k in state.get('cameras', {})})
     return topics
+
+
+def camera_topic(camera: str) -> str:
+    return f'/cameras/{camera}/image_raw'
+
+
+def _frame_of(topic: str, state: dict[str, Any]) -> str:
+    """The frame_id sim_node stamps on a topic: the camera's name for images, else world."""
+    cameras = {camera_topic(k): k for k in state.get('cameras', {})}
+    return cameras.get(topic, SIM_FRAME)
 
 
 def check_binding(binding: Binding, state: dict[str, Any], action_dim: int) -> None:
@@ -69,9 +84,15 @@ def check_binding(binding: Binding, state: dict[str, Any], action_dim: int) -> N
         if missing:
             raise UserError(f'{where}: {src.topic} has no joint {missing[0]!r} (joints: '
                             f'{", ".join(state["joints"])})')
-        if src.frame_id is not None and src.frame_id != SIM_FRAME:
-            raise UserError(f'{where}: {src.topic} is published in frame {SIM_FRAME!r}, the '
+        frame = _frame_of(src.topic, state)
+        if src.frame_id is not None and src.frame_id != frame:
+            raise UserError(f'{where}: {src.topic} is published in frame {frame!r}, the '
                             f'binding expects {src.frame_id!r}')
+        if src.type == IMAGE:
+            side = state['cameras'][src.topic.split('/')[2]].shape[:2]
+            if (src.height, src.width) != tuple(side):
+                raise UserError(f'{where}: {src.topic} carries {side[1]}x{side[0]} images, '
+                                f'the binding expects {src.width}x{src.height}')
     if binding.action_dim != action_dim:
         raise UserError(f'{where}: the sinks take {binding.action_dim} action values, the '
                         f'task needs {action_dim}')
@@ -104,7 +125,23 @@ def state_messages(state: dict[str, Any], stamp_ns: int) -> dict[str, Any]:
         out[f'/objects/{name}/pose'] = _pose(PoseStamped, pos, quat, stamp)
     for name, pos in state['goals'].items():
         out[f'/goals/{name}/pose'] = _pose(PoseStamped, pos, (0.0, 0.0, 0.0, 1.0), stamp)
+    for name, frame in state.get('cameras', {}).items():
+        out[camera_topic(name)] = image_message(frame, name, stamp)
     return out
+
+
+def image_message(frame: np.ndarray, frame_id: str, stamp: Any) -> Any:
+    """sensor_msgs/Image (rgb8, unpadded rows) of an (H, W, 3) uint8 frame."""
+    from sensor_msgs.msg import Image
+    msg = Image()
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = (int(v) for v in frame.shape[:2])
+    msg.encoding = IMAGE_ENCODING
+    msg.is_bigendian = 0
+    msg.step = msg.width * 3
+    msg.data = np.ascontiguousarray(frame, dtype=np.uint8).tobytes()
+    return msg
 
 
 class SimTopics:

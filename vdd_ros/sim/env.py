@@ -233,7 +233,8 @@ class SimEnv(RobosuiteHolder):
         """The latest state by robosuite's names, float64 (what a robot's standard topics
         carry; flattening it gives exactly `observation()`): `joints` (arm joints, then the
         gripper fingers), their `position` and `velocity`, `eef_pos`, `eef_quat` (x y z w),
-        `objects` {cube: (position, quaternion x y z w)} and `goals` {name: position}."""
+        `objects` {cube: (position, quaternion x y z w)}, `goals` {name: position} and, for a
+        camera task, `cameras` {camera: the step's (H, W, 3) uint8 frame}."""
         robot, raw = self._env.robots[0], self._raw
         gripper = self._gripper[robot.arms[0]] if isinstance(self._gripper, dict) \
             else self._gripper
@@ -243,7 +244,15 @@ class SimEnv(RobosuiteHolder):
             'velocity': np.concatenate([raw['robot0_joint_vel'], raw['robot0_gripper_qvel']]),
             'eef_pos': raw['robot0_eef_pos'], 'eef_quat': raw['robot0_eef_quat'],
             'objects': {k: (raw[f'{k}_pos'], raw[f'{k}_quat']) for k in self._cubes},
-            'goals': dict(self.goals)}
+            'goals': dict(self.goals),
+            **({'cameras': self.frames()} if self._rig is not None else {})}
+
+    def frames(self) -> dict[str, np.ndarray]:
+        """{camera: (H, W, 3) uint8} of the latest observation (a camera task's)."""
+        fields = self.raw_observation()
+        side = self.spec.image_side
+        return {c: fields[f'{c}_image'].reshape(side, side, 3).astype(np.uint8)
+                for c in self.spec.cameras}
 
     def get_state(self) -> np.ndarray:
         """The flattened MuJoCo state (time, qpos, qvel), as robomimic stores it."""
