@@ -59,6 +59,13 @@ def test_camera_windows_equal_the_in_memory_windows(tmp_path: Path) -> None:
     idx = torch.tensor([0, 7, 7, 19, 3])
     assert windows.shape == (len(expected), 3 * (2 + SIDE * SIDE * 3))
     assert torch.allclose(windows[idx], torch.as_tensor(expected[idx.numpy()]).reshape(5, -1))
+    # a cache smaller than one demo's frames keeps only the latest, and reads again
+    small = CameraWindows(data.demos, FIELDS, 3, torch.as_tensor(low), cache_bytes=1)
+    for rows in (idx, torch.arange(len(expected)).flip(0)):
+        assert torch.allclose(small[rows], torch.as_tensor(expected[rows.numpy()])
+                              .reshape(len(rows), -1))
+        assert len(small.cache) == 1
+    assert len(windows.cache) == len({int(d) for d in windows.demo[idx.numpy()].ravel()})
     FrameRef.close_all()
 
 
@@ -123,3 +130,21 @@ def test_onnx_export_refuses_camera_policies(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r'a camera policy \(front_image\); ONNX export '
                                         'covers state policies only'):
         export_checkpoint(ckpt, tmp_path / "moe.onnx")
+
+
+def test_loader_bench_measures_the_camera_windows(tmp_path: Path, capsys) -> None:
+    from vdd_ros.cli import main
+    path = _dataset(tmp_path / 'cams.hdf5', demos=6)
+    out = tmp_path / 'loader.json'
+    assert main(['bench', '--loader', str(path), '--batch', '8', '--json', str(out)]) == 0
+    import json
+    r = json.loads(out.read_text())
+    assert r['windows'] == 30 and r['cameras'] == ['front_image'] and r['batch'] == 8
+    assert r['loader_samples_per_s'] > 0 and r['train_samples_per_s'] > 0
+    assert 0 < r['loader_share'] < 1 and 'samples/s' in capsys.readouterr().out
+    state = tmp_path / 'state.hdf5'
+    write_dataset(state, [Demo(obs=np.zeros((4, 2), np.float32),
+                               actions=np.zeros((4, 2), np.float32))], [('eef', 2)], {})
+    assert main(['bench', '--loader', str(state), '--json', str(out)]) == 2
+    assert 'no camera fields' in capsys.readouterr().err
+    FrameRef.close_all()

@@ -20,6 +20,11 @@ TARGET_ONNX_OVER_TORCH = 0.5   # onnxruntime MoE act at most half the torch MoE 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--ros', action='store_true', help='benchmark policy_node over ROS '
                         '(control loops, deadline misses) instead of the bare policies')
+    parser.add_argument('--loader', metavar='F.hdf5', default=None,
+                        help="a camera dataset's training windows read per batch from the "
+                        'file, against a teacher training step (samples per second)')
+    parser.add_argument('--batch', type=int, default=64,
+                        help='with --loader: windows per batch (default: %(default)s)')
     parser.add_argument('--json', type=Path, default=None, help='where to write the results '
                         '(default: results/bench/latency.json, with --ros results/bench/ros.json)')
     parser.add_argument('--calls', type=int, default=2000,
@@ -43,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from vdd_ros.errors import UserError
     if args.ros:
         return ros_bench.run(args, args.json or Path('results/bench/ros.json'))
+    if args.loader is not None:
+        return _loader(args)
     args.json = args.json or Path('results/bench/latency.json')
     if args.calls < 1000:
         raise UserError(f'--calls: at least 1000 calls are needed for a p99, got {args.calls}')
@@ -78,6 +85,25 @@ def run(args: argparse.Namespace) -> int:
           f'(target <= {TARGET_ACT_OVER_FORWARD}x, {flag[r["met"]["act_over_forward"]]})')
     print(f'ONNX MoE act / torch MoE act: {r["onnx_moe_over_torch"]:.2f}x '
           f'(target <= {TARGET_ONNX_OVER_TORCH}x, {flag[r["met"]["onnx_moe_over_torch"]]})')
+    write_json(args.json, r)
+    print(f'wrote {args.json}')
+    return 0
+
+
+def _loader(args: argparse.Namespace) -> int:
+    from vdd_ros.core.bench import loader_benchmark
+    from vdd_ros.errors import UserError
+    args.json = args.json or Path('results/bench/loader.json')
+    if args.batch < 1:
+        raise UserError(f'--batch: must be >= 1, got {args.batch}')
+    check_writable(args.json, '--json')
+    r = loader_benchmark(args.loader, args.batch, threads=args.threads)
+    print(f'{r["windows"]} windows of {", ".join(r["cameras"])}, batch {r["batch"]}, '
+          f'{r["threads"]} thread(s)')
+    print(f'loader: {r["loader_samples_per_s"]:.0f} samples/s '
+          f'({r["loader_samples_per_s_cold"]:.0f} on the first pass)')
+    print(f'teacher training step: {r["train_samples_per_s"]:.0f} samples/s; the loader takes '
+          f'{100 * r["loader_share"]:.0f}% of a step')
     write_json(args.json, r)
     print(f'wrote {args.json}')
     return 0

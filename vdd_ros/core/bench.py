@@ -180,3 +180,54 @@ def matmul_floor(shapes: list[tuple[int, int]]) -> dict[str, Any]:
     return {'shapes': [list(s) for s in shapes], 'flops': int(sum(flops)),
             'matmul_gflops': measured['batched_gflops'], 'floor_ms': floor_ms,
             'numpy_batch1_ms': float(sum(measured['batch1_ms']))}
+
+
+def loader_benchmark(dataset: str, batch: int = 64, batches: int = 50, threads: int = 1,
+                     obs_horizon: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Samples per second of a camera dataset's windows assembled per batch from the file
+    (core/windows.py: random batches, HDF5 chunk cache warm after the first pass), against
+    the samples per second of one teacher training step (encoder, denoiser, backward, Adam)
+    at the same batch, `threads` torch threads."""
+    from vdd_ros.core.config import TrainConfig
+    from vdd_ros.core.data import load_dataset, make_windows
+    from vdd_ros.core.windows import CameraWindows
+    from vdd_ros.errors import UserError
+    data = load_dataset(dataset)
+    if not data.cameras:
+        raise UserError(f'{dataset}: no camera fields (the loader benchmark reads images)')
+    torch.set_num_threads(threads)
+    demos = data.train_demos() or data.demos
+    low, actions = make_windows(demos, obs_horizon, 8)
+    windows = CameraWindows(demos, data.obs_fields, obs_horizon, torch.as_tensor(low))
+    gen = torch.Generator().manual_seed(seed)
+    picks = [torch.randint(len(windows), (batch,), generator=gen) for _ in range(batches)]
+    start = time.perf_counter()
+    for idx in picks:
+        windows[idx]
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    obs = [windows[idx] for idx in picks]
+    warm = time.perf_counter() - start
+    cfg = TrainConfig()
+    teacher = DiffusionTeacher(cfg.teacher, data.obs_dim, data.action_dim, obs_horizon, 8,
+                               fields=data.obs_fields, vision=cfg.vision)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-4)
+    acts = torch.as_tensor(actions).reshape(len(actions), -1)
+    teacher.train()
+
+    def step(k: int) -> None:
+        loss = teacher.loss(acts[picks[k]], obs[k], generator=gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    step(0)
+    start = time.perf_counter()
+    for k in range(1, batches):
+        step(k)
+    train = (time.perf_counter() - start) / (batches - 1)
+    return {'dataset': str(dataset), 'batch': batch, 'batches': batches, 'threads': threads,
+            'windows': len(windows), 'cameras': data.cameras,
+            'loader_samples_per_s_cold': batch * batches / cold,
+            'loader_samples_per_s': batch * batches / warm,
+            'train_samples_per_s': batch / train,
+            'loader_share': (warm / batches) / (warm / batches + train)}

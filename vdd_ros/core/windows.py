@@ -3,13 +3,15 @@
 `make_windows` holds every window of a state dataset in memory. A camera dataset cannot be
 held so (a 64x64 RGB frame is 12288 values, two cameras and two time steps per window), so
 `CameraWindows` keeps the low-dimensional part of every window in memory, normalised, and
-reads the frames of a batch from the file (`FrameRef`: one read per demo and camera in the
-batch, through HDF5's chunk cache) when the batch is asked for. Indexing it as a trainer
-indexes a tensor of windows, `windows[idx]`, gives the same normalised flat windows
+reads the frames of a batch when the batch is asked for: each demo's frames of a camera in
+one read (`FrameRef`), kept in a least-recently-used cache of decoded uint8 frames bounded
+by `cache_bytes` (a dataset larger than it is read again as batches need it). Indexing it as
+a trainer indexes a tensor of windows, `windows[idx]`, gives the same normalised flat windows
 `(B, obs_horizon * obs_dim)` with pixels scaled to [0, 1].
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,9 +40,11 @@ class CameraWindows:
     of window n, step k are those of demo `demo[n, k]` at step `step[n, k]`.
     """
 
+    CACHE_BYTES = 512 * 2 ** 20
+
     def __init__(self, demos: Sequence[Demo], fields: Sequence[tuple[str, int]],
                  obs_horizon: int, low: torch.Tensor,
-                 device: torch.device | str = 'cpu') -> None:
+                 device: torch.device | str = 'cpu', cache_bytes: int = CACHE_BYTES) -> None:
         self.fields = [(str(k), int(n)) for k, n in fields]
         self.obs_horizon = int(obs_horizon)
         self.cameras = camera_fields(self.fields)
@@ -50,11 +54,14 @@ class CameraWindows:
         self.device = torch.device(device)
         self.obs_dim = sum(n for _, n in self.fields)
         self.shape = (len(self.demo), self.obs_horizon * self.obs_dim)
+        self.cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self.cache_bytes, self.cached_bytes = int(cache_bytes), 0
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def to(self, device: torch.device | str) -> 'CameraWindows':
+        """The same windows (sharing the frame cache) delivered on `device`."""
         out = object.__new__(CameraWindows)
         out.__dict__.update(self.__dict__, device=torch.device(device))
         return out
@@ -64,8 +71,7 @@ class CameraWindows:
         return (self.low, torch.from_numpy(self.demo), torch.from_numpy(self.step))
 
     def frames(self, demo: np.ndarray, step: np.ndarray) -> dict[str, np.ndarray]:
-        """Each camera's frames `(len(demo), H, W, 3)` uint8 at (demo, step) pairs: one read
-        per demo and camera."""
+        """Each camera's frames `(len(demo), H, W, 3)` uint8 at (demo, step) pairs."""
         out = {}
         order = np.argsort(demo, kind='stable')
         starts = np.flatnonzero(np.r_[True, np.diff(demo[order]) != 0, True])
@@ -73,9 +79,23 @@ class CameraWindows:
             images = np.empty((len(demo), side, side, 3), dtype=np.uint8)
             for a, b in zip(starts[:-1], starts[1:]):
                 rows = order[a:b]
-                images[rows] = self.refs[key][int(demo[rows[0]])][step[rows]]
+                images[rows] = self._demo_frames(key, int(demo[rows[0]]))[step[rows]]
             out[key] = images
         return out
+
+    def _demo_frames(self, key: str, demo: int) -> np.ndarray:
+        """One demo's frames of one camera, from the cache or read whole (one read)."""
+        found = self.cache.get((key, demo))
+        if found is not None:
+            self.cache.move_to_end((key, demo))
+            return found
+        frames = np.asarray(self.refs[key][demo][:])
+        self.cache[(key, demo)] = frames
+        self.cached_bytes += frames.nbytes
+        while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
+            _, old = self.cache.popitem(last=False)
+            self.cached_bytes -= old.nbytes
+        return frames
 
     def __getitem__(self, idx: Any) -> torch.Tensor:
         idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx).reshape(-1)
