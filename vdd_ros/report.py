@@ -59,6 +59,7 @@ FIRST_FIELDS = ('label', 'via_ros', 'sampling_steps', 'expert_mode', 'control_ra
 # Fields averaged over the seeds
 MEAN_FIELDS = ('mean_length', 'mean_length_success', 'latency_ms_p50', 'latency_ms_p99',
                'latency_ms_mean', 'query_ms_p50', 'query_ms_p99', 'query_ms_mean',
+               'encoder_ms_p50',
                'obs_to_action_ms_p50', 'obs_to_action_ms_p99', 'obs_to_action_ms_mean',
                'deadline_miss_rate', 'wall_s')
 
@@ -400,7 +401,13 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
         f"*Per-action latency*: one policy query per action (no action chunk amortises it), "
         f"batch 1, one CPU thread, on the demonstrations' observations "
         f"({p[TEACHER].get('query_count', '?')} timed queries per policy), mean over the "
-        f"seeds; the speed-up divides the teacher's p50 by each policy's.",
+        f"seeds; the speed-up divides the teacher's p50 by each policy's." + (
+            f" The image encoders alone take {_fmt(vdd['encoder_ms_p50'])} ms of the VDD-MoE's "
+            f"{_fmt(vdd['query_ms_p50'])} ms "
+            f"({100 * vdd['encoder_ms_p50'] / vdd['query_ms_p50']:.0f}%) and "
+            f"{_fmt(p[TEACHER].get('encoder_ms_p50'))} ms of the teacher's "
+            f"{_fmt(p[TEACHER]['query_ms_p50'])} ms (each encodes a window's frames once per "
+            f"query)." if vdd.get('encoder_ms_p50') else ''),
         f"*Control-step act()*: what the rollout runner measured per control step, where the "
         f"policy executes {s['train'].get('action_exec', '?')} actions of each predicted chunk "
         f"before querying again" + ("; for the VDD-MoE, the policy node's inference time."

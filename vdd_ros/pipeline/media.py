@@ -15,6 +15,8 @@ def query_latency(policy: Any, dataset: Path, queries: int, warmup: int = 20
     Every `act` call queries the network (the policy's `action_exec` is set to 1), on the
     demonstrations' observations in episode order, one thread, batch 1: the cost of each
     action when the policy is queried at every control step, as `vdd-ros bench` measures it.
+    A camera policy's image encoders are also timed alone on the same windows
+    (`encoder_ms_p50`), the part of each query that is the same for every policy kind.
     """
     import numpy as np
     import torch
@@ -33,15 +35,28 @@ def query_latency(policy: Any, dataset: Path, queries: int, warmup: int = 20
         if t == 0:
             policy.reset(episode)
         policy.act(obs)
+    model = policy.model
+    encoder = model.encoder if model.encoder.has_cameras else None
+    windows = iter([torch.from_numpy(np.stack([obs] * policy.spec.obs_horizon))[None]
+                    for _, _, obs in observations] if encoder is not None else [])
+
+    @torch.inference_mode()
+    def encode() -> None:
+        window = next(windows)
+        encoder(model.obs_normalizer.normalize(window).reshape(1, -1))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         ms = time_calls(step, queries, warmup)
+        encoder_ms = time_calls(encode, queries, warmup) if encoder is not None else None
     finally:
         torch.set_num_threads(threads)
-    return {'query_ms_p50': float(np.percentile(ms, 50)),
-            'query_ms_p99': float(np.percentile(ms, 99)), 'query_ms_mean': float(ms.mean()),
-            'query_count': int(queries)}
+    out = {'query_ms_p50': float(np.percentile(ms, 50)),
+           'query_ms_p99': float(np.percentile(ms, 99)), 'query_ms_mean': float(ms.mean()),
+           'query_count': int(queries)}
+    if encoder_ms is not None:     # a camera policy: its image encoders alone, per query
+        out['encoder_ms_p50'] = float(np.percentile(encoder_ms, 50))
+    return out
 
 
 def pick_mode_episodes(detail: list[dict[str, Any]], modes: list[str], per_mode: int
