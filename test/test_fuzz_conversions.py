@@ -225,3 +225,46 @@ def test_the_labelled_writer_serializes_what_action_to_msg_holds(actions):
         assert np.asarray(got.data, np.float32).tobytes() == values.tobytes()
         assert [(d.label, d.size, d.stride) for d in got.layout.dim] == \
             [(d.label, d.size, d.stride) for d in want.layout.dim]
+
+
+CAMERA_BINDING = {
+    'name': 'camera', 'rate_hz': 20,
+    'observation': [{'feature': 'front_image', 'topic': '/front/image_raw',
+                     'type': 'sensor_msgs/Image', 'width': 5, 'height': 4}],
+    'action': [{'topic': '/cmd', 'type': 'std_msgs/Float64MultiArray', 'slice': [0, 2]}]}
+
+
+@SETTINGS
+@given(width=st.one_of(st.just(5), st.integers(0, 7)),
+       height=st.one_of(st.just(4), st.integers(0, 6)),
+       step=st.one_of(st.integers(15, 20), st.integers(0, 30)),
+       encoding=st.one_of(st.just('rgb8'),
+                          st.sampled_from(['bgr8', 'mono8', 'rgba8', '16UC1', ''])),
+       extra=st.one_of(st.integers(0, 20), st.integers(-40, 20)), seed=st.integers(0, 2 ** 16))
+@example(width=5, height=4, step=15, encoding='rgb8', extra=0, seed=0)
+@example(width=5, height=4, step=17, encoding='rgb8', extra=0, seed=1)
+@example(width=5, height=4, step=15, encoding='rgb8', extra=-1, seed=2)
+def test_any_image_is_read_exactly_or_rejected_by_name(width, height, step, encoding, extra,
+                                                      seed):
+    """A camera source reads any sensor_msgs/Image (any size, row step, encoding, buffer
+    length) into exactly its rgb8 pixels, or rejects it with one error naming the topic."""
+    from sensor_msgs.msg import Image
+
+    from vdd_ros.binding import Binding, BindingMismatch
+    from vdd_ros.ros.binding_io import TopicReader
+    CASES['image'] += 1
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, max(step * height + extra, 0), dtype=np.uint8)
+    msg = Image(width=width, height=height, step=step, encoding=encoding, data=data.tobytes())
+    binding = Binding.from_dict(CAMERA_BINDING, 'camera.yaml')
+    reader = TopicReader(binding, '/front/image_raw', 'sensor_msgs/msg/Image', 1 << 20)
+    try:
+        _, values = reader.read(serialize_message(msg))
+    except (InvalidMessage, BindingMismatch) as exc:
+        assert '/front/image_raw' in str(exc)
+        return
+    CASES['image accepted'] += 1
+    pixels = data[:step * height].reshape(height, step)[:, :width * 3].reshape(-1)
+    assert (width, height, encoding) == (5, 4, 'rgb8') and step >= 15
+    assert values['front_image'].dtype == np.float32
+    assert np.array_equal(values['front_image'], pixels.astype(np.float32))
