@@ -172,7 +172,8 @@ def build_policy(policy: PolicyRef, task: EnvRef, device: str = 'cpu') -> Policy
             raise UserError(f'policy {describe_policy(policy)} was made for task '
                             f'{pspec.task!r}, not {spec.name!r}')
         fields = [(str(k), int(n)) for k, n in pspec.obs_fields]
-        given = get_task(spec.family).obs_fields if built.privileged else spec.obs_fields
+        privileged = getattr(built, 'privileged', False)
+        given = get_task(spec.family).obs_fields if privileged else spec.obs_fields
         if fields != list(given):
             raise UserError(f'policy {describe_policy(policy)} expects observation fields '
                             f'{fields}, task {spec.name} gives {list(given)}')
@@ -194,6 +195,7 @@ def run_episode(env: Any, policy: Policy, seed: int, record: bool = False,
     """
     obs = env.reset(seed)
     policy.reset(seed)
+    privileged = getattr(policy, 'privileged', False)  # (duck-typed policies have none)
     latencies: list[float] = []
     rec: dict[str, list] = {'obs': [], 'actions': [], 'rewards': [], 'dones': [], 'states': []}
     if frames is not None:
@@ -204,7 +206,7 @@ def run_episode(env: Any, policy: Policy, seed: int, record: bool = False,
             rec['obs'].append(obs)
             rec['states'].append(env.get_state())
         start = time.perf_counter()
-        action = np.asarray(policy.act(env.state_observation() if policy.privileged else obs),
+        action = np.asarray(policy.act(env.state_observation() if privileged else obs),
                             dtype=np.float32).reshape(-1)
         latencies.append((time.perf_counter() - start) * 1e3)
         obs, reward, done = env.step(action)
