@@ -56,6 +56,21 @@ def test_stages_for_three_training_seeds_share_the_data_and_pair_teachers():
         check_stage_name('seed_9/teacher', list(stages.values()))
 
 
+def test_a_camera_task_trains_its_policies_and_keys_them_by_the_encoder_settings():
+    def stages(task, **overrides):
+        cfg = load_pipeline_config(task, None, overrides)
+        return {s.name: s for s in build_stages(Context(task, Path('/x'), cfg,
+                                                        cfg.train_config()))}
+    camera = stages('pick_either_image')
+    trained = {n.split('/')[1] for n in camera if n.startswith('seed_0/') and
+               not n.startswith('seed_0/eval')}
+    assert trained == {'teacher', 'vdd_moe', 'gaussian_bc'}
+    assert camera['seed_0/teacher'].settings['vision']['encoder'] == 'conv'
+    wider = stages('pick_either_image', **{'train.vision.feature_dim': 32})
+    assert wider['seed_0/teacher'].settings != camera['seed_0/teacher'].settings
+    assert 'vision' not in stages('lift_carry')['seed_0/teacher'].settings
+
+
 def test_registry_rejects_a_name_twice():
     kind = POLICY_KINDS['em_moe']
     with pytest.raises(ValueError, match="'em_moe' is registered twice"):

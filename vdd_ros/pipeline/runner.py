@@ -72,6 +72,14 @@ class Context:
         from vdd_ros.sim.tasks import get_task
         return list(get_task(self.task).modes)
 
+    def cameras(self) -> bool:
+        """Whether the observation has cameras (the task's, or the imported dataset's keys)."""
+        from vdd_ros.core.fields import is_camera
+        if self.dataset is not None:
+            return any(is_camera(k) for k in self.dataset.get('obs_keys') or [])
+        from vdd_ros.sim.tasks import get_task
+        return bool(get_task(self.task).cameras)
+
     @property
     def seeds(self) -> list[int]:
         """The training seeds: `cfg.seeds` consecutive ones from `train.seed`."""

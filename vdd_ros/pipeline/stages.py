@@ -49,11 +49,13 @@ def dataset_source(path: str | os.PathLike, obs_keys: list[str] | None = None,
             'obs_keys': [k for k, _ in data.obs_fields], 'filter_key': filter_key}
 
 
-def train_settings(train: TrainConfig, kind: PolicyKind) -> dict[str, Any]:
-    """What keys a kind's training stage: the seed, the chunking and the kind's sections."""
+def train_settings(train: TrainConfig, kind: PolicyKind, cameras: bool = False
+                   ) -> dict[str, Any]:
+    """What keys a kind's training stage: the seed, the chunking and the kind's sections (and
+    the image encoders' settings when the observation has cameras)."""
     d = to_dict(train)
     return {k: d[k] for k in ('seed', 'obs_horizon', 'action_horizon', 'action_exec',
-                              *kind.sections)}
+                              *kind.sections, *(('vision',) if cameras else ()))}
 
 
 def data_stages(ctx: Context) -> list[Stage]:
@@ -82,7 +84,8 @@ def training_stage(ctx: Context, kind: PolicyKind, seed: int, data: str, prefix:
     train.seed = seed
     teacher = teacher or f'{prefix}/teacher'
     deps = (data, teacher) if kind.needs_teacher else (data,)
-    settings = {**train_settings(train, kind), 'overrides': dict(overrides or {})}
+    settings = {**train_settings(train, kind, ctx.cameras()),
+                'overrides': dict(overrides or {})}
     return Stage(f'{prefix}/{kind.name}', f'{kind.title} (seed {seed})', deps,
                  [f'{prefix}/{kind.name}'], settings,
                  functools.partial(_train, kind.name, seed=seed, prefix=prefix,
