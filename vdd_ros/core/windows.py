@@ -12,7 +12,7 @@ a trainer indexes a tensor of windows, `windows[idx]`, gives the same normalised
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,30 @@ import torch
 from vdd_ros.core.data import Demo
 from vdd_ros.core.fields import camera_fields, is_camera, join_cameras
 from vdd_ros.core.normalizer import Normalizer
+
+
+class FrameCache:
+    """Decoded frames by (camera, demo), least recently used first out once they hold more
+    than `limit` bytes (the latest entry always stays)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.bytes = int(limit), 0
+        self.entries: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: tuple[str, int], read: Callable[[], np.ndarray]) -> np.ndarray:
+        found = self.entries.get(key)
+        if found is not None:
+            self.entries.move_to_end(key)
+            return found
+        frames = self.entries[key] = read()
+        self.bytes += frames.nbytes
+        while self.bytes > self.limit and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+        return frames
 
 
 def window_steps(lengths: Sequence[int], obs_horizon: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,8 +78,7 @@ class CameraWindows:
         self.device = torch.device(device)
         self.obs_dim = sum(n for _, n in self.fields)
         self.shape = (len(self.demo), self.obs_horizon * self.obs_dim)
-        self.cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-        self.cache_bytes, self.cached_bytes = int(cache_bytes), 0
+        self.cache = FrameCache(cache_bytes)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -85,17 +108,7 @@ class CameraWindows:
 
     def _demo_frames(self, key: str, demo: int) -> np.ndarray:
         """One demo's frames of one camera, from the cache or read whole (one read)."""
-        found = self.cache.get((key, demo))
-        if found is not None:
-            self.cache.move_to_end((key, demo))
-            return found
-        frames = np.asarray(self.refs[key][demo][:])
-        self.cache[(key, demo)] = frames
-        self.cached_bytes += frames.nbytes
-        while self.cached_bytes > self.cache_bytes and len(self.cache) > 1:
-            _, old = self.cache.popitem(last=False)
-            self.cached_bytes -= old.nbytes
-        return frames
+        return self.cache.get((key, demo), lambda: np.asarray(self.refs[key][demo][:]))
 
     def __getitem__(self, idx: Any) -> torch.Tensor:
         idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx).reshape(-1)
