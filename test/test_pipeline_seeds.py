@@ -56,7 +56,7 @@ def test_stages_for_three_training_seeds_share_the_data_and_pair_teachers():
         check_stage_name('seed_9/teacher', list(stages.values()))
 
 
-def test_a_camera_task_trains_its_policies_and_keys_them_by_the_encoder_settings():
+def test_a_camera_task_keys_its_stages_by_the_image_and_encoder_settings():
     def stages(task, **overrides):
         cfg = load_pipeline_config(task, None, overrides)
         return {s.name: s for s in build_stages(Context(task, Path('/x'), cfg,
@@ -69,6 +69,9 @@ def test_a_camera_task_trains_its_policies_and_keys_them_by_the_encoder_settings
     wider = stages('pick_either_image', **{'train.vision.feature_dim': 32})
     assert wider['seed_0/teacher'].settings != camera['seed_0/teacher'].settings
     assert 'vision' not in stages('lift_carry')['seed_0/teacher'].settings
+    # a dataset rendered at another size or filter is collected anew
+    assert camera['collect'].settings['images'] == {'side': 32, 'supersample': 2}
+    assert 'images' not in stages('pick_either')['collect'].settings
 
 
 def test_registry_rejects_a_name_twice():

@@ -69,10 +69,10 @@ def test_camera_sources_must_match_the_simulators_cameras():
     with SimEnv('pick_either_image') as env:
         env.reset(0)
         state = env.robot_state()
-        assert state['cameras']['agentview'].shape == (64, 64, 3)
+        assert state['cameras']['agentview'].shape == (32, 32, 3)
         for key, value, text in [
-                ('width', 32, r'/cameras/agentview/image_raw carries 64x64 images, the binding '
-                              r'expects 32x64'),
+                ('width', 64, r'/cameras/agentview/image_raw carries 32x32 images, the binding '
+                              r'expects 64x32'),
                 ('frame_id', 'world', "published in frame 'agentview', the binding expects "
                                       "'world'"),
                 ('topic', '/cameras/front/image_raw', 'publishes no /cameras/front/image_raw')]:

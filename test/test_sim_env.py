@@ -128,11 +128,12 @@ def test_render_frame_upright() -> None:
 
 
 def test_camera_task_sees_the_cubes_upright_and_acts_like_its_base() -> None:
-    with SimEnv('pick_either_image', width=64, height=64) as env:
+    side = get_task('pick_either_image').image_side
+    with SimEnv('pick_either_image', width=side, height=side) as env:
         obs = env.reset(5)
         assert obs.shape == (env.obs_dim,) and obs.dtype == np.float32
         fields = env.raw_observation()
-        agent = fields['agentview_image'].reshape(64, 64, 3).astype(int)
+        agent = fields['agentview_image'].reshape(side, side, 3).astype(int)
         red, green = env.project(env.cube_pos('cubeA')), env.project(env.cube_pos('cubeB'))
         r, g = agent[red], agent[green]
         assert r[0] > r[1] + 40 and r[0] > r[2] + 40, r
@@ -145,7 +146,7 @@ def test_camera_task_sees_the_cubes_upright_and_acts_like_its_base() -> None:
     # the scripted oracle reads the simulator's state: the same episode as the base task's
     assert image['success'] and (image['mode'], image['length']) == (state['mode'],
                                                                      state['length'])
-    wrist = image['obs'][:, -64 * 64 * 3:]
+    wrist = image['obs'][:, -side * side * 3:]
     assert wrist.min() >= 0 and wrist.max() <= 255 and np.ptp(wrist[0] - wrist[-1]) > 50
 
 

@@ -61,7 +61,13 @@ def train_settings(train: TrainConfig, kind: PolicyKind, cameras: bool = False
 def data_stages(ctx: Context) -> list[Stage]:
     """The stage(s) that write demos.hdf5: collect, dataset, or record and bag2dataset."""
     cfg = ctx.cfg
-    collection = {'task': ctx.task, 'demos': cfg.demos, 'seed': cfg.collect_seed}
+    collection: dict[str, Any] = {'task': ctx.task, 'demos': cfg.demos,
+                                  'seed': cfg.collect_seed}
+    if ctx.dataset is None and ctx.cameras():
+        from vdd_ros.sim.cameras import SUPERSAMPLE
+        from vdd_ros.sim.tasks import get_task
+        collection['images'] = {'side': get_task(ctx.task).image_side,
+                                'supersample': SUPERSAMPLE}
     if ctx.dataset is not None:
         return [Stage('dataset', 'import the dataset', (), ['demos.hdf5'],
                       {**ctx.dataset, 'horizon': cfg.horizon}, _import_dataset)]
