@@ -1,6 +1,6 @@
 """Camera observations through training: the windows assembled per batch equal the in-memory
-windows, and a teacher, its VDD-MoE (on the teacher's frozen encoder) and Gaussian BC (its
-own encoder) learn an action that only the image shows."""
+windows, and a teacher, its VDD-MoE (on the teacher's frozen encoder, or on its own) and
+Gaussian BC (its own encoder) learn an action that only the image shows."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -97,6 +97,8 @@ def test_policies_learn_what_only_the_camera_shows(tmp_path: Path) -> None:
           'gaussian_bc.iterations': 400, 'gaussian_bc.batch_size': 32}
     teacher = train_teacher_job(path, tmp_path / 'teacher', overrides=ov, show_bar=False)
     moe = distill_job(teacher, path, tmp_path / 'moe', overrides=ov, show_bar=False)
+    own = distill_job(teacher, path, tmp_path / 'own', show_bar=False,
+                      overrides={**ov, 'vision.moe_encoder': 'own'})
     bc = baseline_job('gaussian_bc', path, tmp_path / 'bc', overrides=ov, show_bar=False)
     meta = read_meta(teacher)
     assert meta['vision']['feature_dim'] == 16 and meta['spec']['obs_fields'][1] == \
@@ -105,8 +107,14 @@ def test_policies_learn_what_only_the_camera_shows(tmp_path: Path) -> None:
     m_model, _, _ = load_model(moe)
     for a, b in zip(t_model.encoder.parameters(), m_model.encoder.parameters()):
         assert torch.equal(a, b)          # the MoE acts on the teacher's encoder, unchanged
+    # with moe_encoder own, the MoE trains encoders of its own (same architecture)
+    o_model, _, _ = load_model(own)
+    assert read_meta(own)['vision']['moe_encoder'] == 'own'
+    assert not any(torch.equal(a, b) for a, b in zip(t_model.encoder.parameters(),
+                                                     o_model.encoder.parameters()))
     rng = np.random.default_rng(7)
-    for name, ckpt in (('teacher', teacher), ('vdd_moe', moe), ('gaussian_bc', bc)):
+    for name, ckpt in (('teacher', teacher), ('vdd_moe', moe), ('vdd_moe_own', own),
+                       ('gaussian_bc', bc)):
         policy = load_policy(ckpt)
         right = 0
         for k in range(20):

@@ -69,6 +69,11 @@ def test_a_camera_task_keys_its_stages_by_the_image_and_encoder_settings():
     wider = stages('pick_either_image', **{'train.vision.feature_dim': 32})
     assert wider['seed_0/teacher'].settings != camera['seed_0/teacher'].settings
     assert 'vision' not in stages('lift_carry')['seed_0/teacher'].settings
+    # whose encoder the VDD-MoE uses keys its stage, not the teacher's or the baselines'
+    own = stages('pick_either_image', **{'train.vision.moe_encoder': 'own'})
+    assert own['seed_0/vdd_moe'].settings['vision']['moe_encoder'] == 'own'
+    for name in ('seed_0/teacher', 'seed_0/gaussian_bc'):
+        assert own[name].settings == camera[name].settings
     # a dataset rendered at another size or filter is collected anew
     assert camera['collect'].settings['images'] == {'side': 32, 'supersample': 2}
     assert 'images' not in stages('pick_either')['collect'].settings

@@ -241,21 +241,24 @@ class ConsistencyConfig:
 
 
 VISION_ENCODERS = ('conv', 'resnet18')
+MOE_ENCODERS = ('teacher', 'own')
 
 
 @dataclass
 class VisionConfig:
     """Camera observations (vision.py): each camera's image encoder and its augmentation. The
-    teacher trains its encoders; the VDD-MoE and the consistency student act on the teacher's,
-    frozen; the likelihood baselines train their own."""
+    teacher trains its encoders; the consistency student acts on the teacher's, frozen, and so
+    does the VDD-MoE by default (`moe_encoder`); the likelihood baselines train their own."""
 
     encoder: str = 'conv'        # conv (shallow, spatial softmax) or resnet18 (GroupNorm)
     keypoints: int = 32          # spatial-softmax keypoints per camera
     feature_dim: int = 64        # features per camera and time step
     shift: int = 4               # random shift augmentation while training, in pixels
+    moe_encoder: str = 'teacher'  # the VDD-MoE's: teacher (frozen copy) or own (trained by VDD)
 
     def validate(self) -> None:
         one_of(self.encoder, VISION_ENCODERS, 'encoder')
+        one_of(self.moe_encoder, MOE_ENCODERS, 'moe_encoder')
         at_least(self.keypoints, 1, 'keypoints')
         at_least(self.feature_dim, 1, 'feature_dim')
         at_least(self.shift, 0, 'shift')

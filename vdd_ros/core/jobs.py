@@ -37,13 +37,11 @@ from vdd_ros.core.scores import TeacherScore
 from vdd_ros.core.teacher import DiffusionTeacher, train_teacher
 from vdd_ros.core.train_state import TrainingState, fingerprint, state_folder
 from vdd_ros.core.vdd import distill
-from vdd_ros.core.windows import CameraWindows, fit_observations, low_columns, normalize_low
+from vdd_ros.core.windows import (CameraWindows, Windows, fit_observations, low_columns,
+                                  normalize_low)
 from vdd_ros.errors import UserError
 
 Path_ = str | os.PathLike
-
-
-Windows = torch.Tensor | CameraWindows
 
 
 @dataclass
@@ -226,22 +224,26 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
         teacher, spec, _ = load_model(teacher_ckpt, dp.device)
         cfg.obs_horizon, cfg.action_horizon = spec.obs_horizon, spec.action_horizon
         cfg.action_exec = spec.action_exec
+        # the teacher's encoder architecture (its weights too, unless moe_encoder is own)
+        vision = dataclasses.replace(teacher.encoder.cfg, moe_encoder=cfg.vision.moe_encoder)
         moe = MixtureOfExperts(cfg.moe, spec.obs_dim, spec.action_dim, spec.obs_horizon,
-                               spec.action_horizon, fields=spec.obs_fields,
-                               vision=teacher.encoder.cfg)
+                               spec.action_horizon, fields=spec.obs_fields, vision=vision)
         moe.obs_normalizer.load_state_dict(teacher.obs_normalizer.state_dict())
         moe.action_normalizer.load_state_dict(teacher.action_normalizer.state_dict())
-        moe.encoder.load_state_dict(teacher.encoder.state_dict())
-        moe.encoder.requires_grad_(False)              # the teacher's encoder, frozen
+        own = teacher.encoder.has_cameras and cfg.vision.moe_encoder == 'own'
+        if not own:
+            moe.encoder.load_state_dict(teacher.encoder.state_dict())
+            moe.encoder.requires_grad_(False)          # the teacher's encoder, frozen
         keys = _check_like_teacher(dataset, spec, filter_key)
         data = prepare_data(dataset, cfg, moe, keys, fit=False, filter_key=filter_key)
         gen = torch.Generator().manual_seed(cfg.seed)
         moe.init_means(data.actions, gen)
         moe.to(dp.device)
         data.spec.task = spec.task
-        # VDD and its warm start read the teacher's conditions (the windows themselves
-        # without cameras)
-        obs = conditions(teacher, data.obs.to(dp.device), show_bar and dp.is_main)
+        # the score reads the teacher's conditions (the windows themselves without cameras);
+        # so does the MoE, unless it trains its own encoders on the windows
+        windows = data.obs.to(dp.device)
+        obs = conditions(teacher, windows, show_bar and dp.is_main)
         actions = data.actions.to(dp.device)
         warm = cfg.vdd.init_em_iterations
         stages = (WARM_START, 'vdd') if warm else ('vdd',)
@@ -251,13 +253,15 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
         if warm:
             bcfg = BaselineConfig(iterations=warm, batch_size=cfg.vdd.batch_size,
                                   lr=cfg.vdd.init_em_lr)
-            train_em(moe, obs, actions, bcfg, seed=cfg.seed, stage=WARM_START,
-                     progress=progress, stop=stop, show_bar=show_bar, dp=dp, state=state)
+            train_em(moe, windows if own else obs, actions, bcfg, seed=cfg.seed,
+                     stage=WARM_START, progress=progress, stop=stop, show_bar=show_bar, dp=dp,
+                     state=state, condition=moe.condition if own else None)
             if dp.should_stop(stop is not None and stop.is_set()):
                 return save(moe)
         history = distill(moe, TeacherScore(teacher), obs, actions, cfg.vdd, seed=cfg.seed,
                           progress=progress, stop=stop, show_bar=show_bar, on_checkpoint=save,
-                          checkpoint_every=checkpoint_every, dp=dp, state=state)
+                          checkpoint_every=checkpoint_every, dp=dp, state=state,
+                          windows=windows if own else None)
         path = save(moe, history)
         if len(history) >= cfg.vdd.iterations:
             state.finish()

@@ -26,6 +26,7 @@ from vdd_ros.core.moe import LOG_2PI, MixtureOfExperts
 from vdd_ros.core.progress import ProgressCallback, ProgressTracker
 from vdd_ros.core.scores import ScoreFunction
 from vdd_ros.core.train_state import TrainingState
+from vdd_ros.core.windows import Windows
 
 
 class ExpertDraws(NamedTuple):
@@ -90,10 +91,13 @@ def smoothed_terms(moe: MixtureOfExperts, a: torch.Tensor, sigma: torch.Tensor,
 def expert_loss(moe: MixtureOfExperts, obs: torch.Tensor, score_fn: ScoreFunction,
                 cfg: VDDConfig, uniform_gating: bool = False,
                 generator: torch.Generator | None = None,
-                draws: ExpertDraws | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                draws: ExpertDraws | None = None, student: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """Surrogate of sum_z q(z|s) U_z(s), averaged over the batch of states `obs (B, F)`.
 
-    `draws` are `expert_draws` for these states; without them they are drawn from `generator`.
+    `obs` are what the score reads; `student` (default `obs`) what the MoE reads of the same
+    states: the conditions of its own encoder. `draws` are `expert_draws` for these states;
+    without them they are drawn from `generator`.
     Objective 'plain' scores the samples a = mu_z + L_z eps at sigma as they are; 'smoothed'
     scores a_sigma = a + sigma * noise and takes q~ and the entropy from the smoothed student
     (`smoothed_terms`). Either way <stopgrad(score), a> has the gradient of E[log pi_T(a)].
@@ -101,7 +105,7 @@ def expert_loss(moe: MixtureOfExperts, obs: torch.Tensor, score_fn: ScoreFunctio
     b, z, v = obs.shape[0], moe.num_experts, cfg.samples_per_expert
     eps, sigma, noise = expert_draws(moe, b, cfg, obs.device, generator) if draws is None \
         else draws
-    h = moe.features(obs)
+    h = moe.features(obs if student is None else student)
     if uniform_gating:
         log_gate = torch.full((b, z), -math.log(z), device=obs.device)
     else:
@@ -166,10 +170,14 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
             progress: ProgressCallback | None = None, stop: threading.Event | None = None,
             show_bar: bool = True, on_checkpoint: Callable[[MixtureOfExperts], Any] | None = None,
             checkpoint_every: int = 0, dp: DataParallel | None = None,
-            state: TrainingState | None = None, stage: str = 'vdd') -> list[tuple[int, float]]:
+            state: TrainingState | None = None, stage: str = 'vdd',
+            windows: Windows | None = None) -> list[tuple[int, float]]:
     """Train `moe` by VDD against `score_fn` on dataset states `obs (N, F)`.
 
-    `actions (N, D)` are the dataset actions for the gating step. Raises DivergenceError
+    `obs` are what the score reads. With `windows` (the same states as normalised windows)
+    the MoE reads its own encoder's conditions of them and trains that encoder with its
+    experts; without, it reads `obs`. `actions (N, D)` are the dataset actions for the gating
+    step. Raises DivergenceError
     naming the iteration if the loss turns NaN or Inf. Returns the loss history. With `dp`
     each rank takes its share of every global batch, teacher score calls included
     (distributed.py); with `state` the loop resumes from and saves a training state.
@@ -177,7 +185,10 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
     dp = dp or DataParallel()
     device = obs.device
     gen = torch.Generator(device=device).manual_seed(seed)
-    opt = torch.optim.Adam(expert_param_groups(moe, cfg.backbone_lr_scale), lr=cfg.lr)
+    groups = expert_param_groups(moe, cfg.backbone_lr_scale)
+    if windows is not None:
+        groups.append({'params': list(moe.encoder.parameters()), 'lr_scale': 1.0})
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
     gate_opt = torch.optim.Adam(moe.gating_parameters(), lr=cfg.gating_lr)
     decay = linear_decay(cfg.iterations, cfg.final_lr_fraction)
     warmup = int(cfg.uniform_gating_fraction * cfg.iterations)
@@ -206,7 +217,9 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
             for _ in range(cfg.expert_steps):
                 idx = torch.randint(n, (batch,), device=device, generator=gen)[rows]
                 draws = expert_draws(moe, batch, cfg, device, gen).take(rows)
-                loss, stats = expert_loss(moe, obs[idx], score_fn, cfg, uniform, draws=draws)
+                student = None if windows is None else moe.condition(windows[idx])
+                loss, stats = expert_loss(moe, obs[idx], score_fn, cfg, uniform, draws=draws,
+                                          student=student)
                 moe.zero_grad(set_to_none=True)   # (a frozen backbone's too: never summed)
                 loss.backward()
                 value, *logged = dp.sync(experts, share, [loss, *stats.values()],
@@ -218,7 +231,12 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
             if not uniform:
                 for _ in range(cfg.gating_steps):
                     idx = torch.randint(n, (batch,), device=device, generator=gen)[rows]
-                    g = gating_loss(moe, obs[idx], actions[idx])
+                    if windows is None:
+                        g = gating_loss(moe, obs[idx], actions[idx])
+                    else:
+                        with torch.no_grad():
+                            student = moe.condition(windows[idx])
+                        g = gating_loss(moe, student, actions[idx])
                     gate_opt.zero_grad(set_to_none=True)
                     g.backward()
                     (g_loss,) = dp.sync(gate, share, [g], tracker.should_stop)

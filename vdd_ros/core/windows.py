@@ -119,6 +119,10 @@ class CameraWindows:
         return torch.from_numpy(flat.reshape(len(idx), -1)).to(self.device)
 
 
+
+# training observations: flat normalised windows, or camera windows assembled per batch
+Windows = torch.Tensor | CameraWindows
+
 def camera_entries(fields: Sequence[tuple[str, int]]) -> np.ndarray:
     """Boolean mask of the flat observation's camera entries."""
     return np.concatenate([np.full(n, is_camera(k)) for k, n in fields])

@@ -52,10 +52,15 @@ def dataset_source(path: str | os.PathLike, obs_keys: list[str] | None = None,
 def train_settings(train: TrainConfig, kind: PolicyKind, cameras: bool = False
                    ) -> dict[str, Any]:
     """What keys a kind's training stage: the seed, the chunking and the kind's sections (and
-    the image encoders' settings when the observation has cameras)."""
+    the image encoders' settings when the observation has cameras; whose encoder the VDD-MoE
+    uses keys its own stage only)."""
     d = to_dict(train)
-    return {k: d[k] for k in ('seed', 'obs_horizon', 'action_horizon', 'action_exec',
-                              *kind.sections, *(('vision',) if cameras else ()))}
+    out = {k: d[k] for k in ('seed', 'obs_horizon', 'action_horizon', 'action_exec',
+                             *kind.sections)}
+    if cameras:
+        out['vision'] = {k: v for k, v in d['vision'].items()
+                         if k != 'moe_encoder' or 'vdd' in kind.sections}
+    return out
 
 
 def data_stages(ctx: Context) -> list[Stage]:
