@@ -76,6 +76,15 @@ class Rosbags:
     def string(text: str) -> Any:
         return T['std_msgs/msg/String'](data=text)
 
+    @classmethod
+    def image(cls, pixels: np.ndarray, stamp_ns: int = 0, frame_id: str = '',
+              encoding: str = 'rgb8') -> Any:
+        """sensor_msgs/Image of `(H, W, 3)` uint8 pixels, rows unpadded."""
+        h, w = pixels.shape[:2]
+        return T['sensor_msgs/msg/Image'](
+            header=cls.header(stamp_ns, frame_id), height=h, width=w, encoding=encoding,
+            is_bigendian=0, step=w * 3, data=np.ascontiguousarray(pixels, np.uint8).reshape(-1))
+
     @staticmethod
     def clock(stamp_ns: int) -> Any:
         return T['rosgraph_msgs/msg/Clock'](clock=T['builtin_interfaces/msg/Time'](

@@ -19,6 +19,7 @@ from vdd_ros.binding import (Binding, BindingMismatch, binding_for_task, labelle
                              marker_json)
 from vdd_ros.cli import main
 from vdd_ros.core.data import load_dataset
+from vdd_ros.errors import ConfigError
 
 JOINTS = [f'robot0_joint{i}' for i in range(1, 8)] + [
     'gripper0_right_finger_joint1', 'gripper0_right_finger_joint2']
@@ -197,6 +198,38 @@ def test_labelled_arrays_and_a_trajectory_sink_convert(tmp_path):
     assert np.array_equal(demo.actions, np.stack([-i, i], axis=1))
     lab = labelled_binding([('x', 2)], 2)
     assert lab.sources[0].label == 'x'
+
+
+def test_camera_frames_convert_to_robomimic_uint8_images(tmp_path):
+    b = Binding.from_dict({
+        'observation': [{'feature': 'q', 'topic': '/joint_states', 'type': JS, 'joints': ['a']},
+                        {'feature': 'front_image', 'topic': '/cam', 'type': 'sensor_msgs/Image',
+                         'width': 8, 'height': 8, 'frame_id': 'front'}],
+        'action': [{'topic': '/cmd', 'type': F64, 'slice': [0, 1]}]})
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+    msgs = []
+    for i in range(30):
+        t = 10**9 + i * P
+        msgs.append(('/joint_states', JS, t, R.joint_state(['a'], [i], stamp_ns=t)))
+        msgs.append(('/cam', 'sensor_msgs/msg/Image', t, R.image(frames[i], t, 'front')))
+        msgs.append(('/cmd', F64, t + 1, R.array([float(i)])))
+    bag = write_bag(tmp_path / 'bag', msgs, 'mcap')
+    convert([bag], b, tmp_path / 'd.hdf5', rate_hz=20, show_progress=False)
+    with h5py.File(tmp_path / 'd.hdf5') as f:
+        stored = f['data/demo_0/obs/front_image']
+        assert stored.dtype == np.uint8 and stored.shape == (30, 8, 8, 3)
+        assert stored.chunks == (1, 8, 8, 3) and stored.compression == 'gzip'
+        assert np.array_equal(f['data/demo_0/next_obs/front_image'][0], frames[1])
+    demo = load_dataset(tmp_path / 'd.hdf5').demos[0]
+    # tick k at command k: the frame and the joint of message k
+    assert np.array_equal(np.asarray(demo.frames['front_image'][np.arange(30)]), frames)
+    assert np.array_equal(demo.obs[:, 0], np.arange(30))
+    with pytest.raises(ConfigError, match=r'observation\[1\]\.width: camera images are '
+                                          r'square, at least 8x8.*got 8x6'):
+        bad = b.to_dict()
+        bad['observation'][1]['height'] = 6
+        Binding.from_dict(bad)
 
 
 # -- the fast CDR reader ----------------------------------------------------------------------

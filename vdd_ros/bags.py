@@ -62,7 +62,8 @@ from vdd_ros.binding import (CLOCK, FLOAT32_ARRAY, FLOAT64_ARRAY, JOINT_STATE, M
                              POSE_FIELDS, POSE_STAMPED, STRING, TWIST_STAMPED, Binding,
                              BindingMismatch, InvalidValues, Sink, Source, check_frame,
                              parse_marker)
-from vdd_ros.core.data import split_indices
+from vdd_ros.core.data import Demo, split_indices, write_demo
+from vdd_ros.core.fields import split_cameras
 from vdd_ros.errors import UserError
 
 NS = 1_000_000_000
@@ -487,25 +488,19 @@ class _Writer:
 
     def add(self, obs: np.ndarray, actions: np.ndarray, attrs: dict[str, Any],
             success: bool | None) -> None:
-        g = self.data.create_group(f'demo_{self.count}')
+        """A demo of flat observations (camera pixels inline, 0-255) and actions; `attrs`
+        (None values left out) go to its group, a successful end gets reward 1."""
         T = int(obs.shape[0])
-        g.attrs['num_samples'] = T
-        for k, v in attrs.items():
-            if v is not None:
-                g.attrs[k] = v
-        og = g.create_group('obs')
-        start = 0
-        for key, size in self.fields:
-            og.create_dataset(key, data=obs[:, start:start + size])
-            start += size
-        g.create_dataset('actions', data=actions.astype(np.float32))
+        low, frames = split_cameras(obs, self.fields)
         rewards = np.zeros(T)
         if success:
             rewards[-1] = 1.0
-        dones = np.zeros(T, dtype=np.int64)
-        dones[-1] = 1
-        g.create_dataset('rewards', data=rewards)
-        g.create_dataset('dones', data=dones)
+        g = self.data.create_group(f'demo_{self.count}')
+        write_demo(g, Demo(obs=low, actions=actions, rewards=rewards, frames=frames),
+                   self.fields)
+        for k, v in attrs.items():
+            if v is not None:
+                g.attrs[k] = v
         self.count += 1
         self.total += T
 

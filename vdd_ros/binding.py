@@ -313,6 +313,10 @@ class Source:
             width, height = (int(s.number(k, 0)) for k in ('width', 'height'))
             if width != s.data['width'] or height != s.data['height']:
                 raise s.fail('width', 'width and height are whole numbers of pixels')
+            if width != height or width < 8:
+                raise s.fail('width', f'camera images are square, at least 8x8 (the image '
+                                      f'encoders read square frames), got {width}x{height}: '
+                                      f'crop or resize upstream')
             return cls(**common, width=width, height=height, size=width * height * 3)
         s.only(('field', 'joints', 'frame_id', 'width', 'height'), _short(kind))
         if s.has('label'):

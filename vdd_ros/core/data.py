@@ -254,7 +254,7 @@ def write_dataset(path: str | os.PathLike, demos: Sequence[Demo],
             data.attrs['obs_fields'] = json.dumps(chosen)
             names = [f'demo_{i}' for i in range(len(demos))]
             for name, d in zip(names, demos):
-                _write_demo(data.create_group(name), d, obs_fields)
+                write_demo(data.create_group(name), d, obs_fields)
             mask = f.create_group('mask')
             for key, idx in split.items():
                 mask.create_dataset(key, data=np.array([names[i] for i in idx], dtype='S'))
@@ -264,7 +264,9 @@ def write_dataset(path: str | os.PathLike, demos: Sequence[Demo],
             tmp.unlink()
 
 
-def _write_demo(g: h5py.Group, d: Demo, obs_fields: list[tuple[str, int]]) -> None:
+def write_demo(g: h5py.Group, d: Demo, obs_fields: list[tuple[str, int]]) -> None:
+    """One demo into its (empty) robomimic group `g`: obs and next_obs per field, camera
+    frames as uint8 (T, H, W, 3) with one gzip chunk per frame, actions, rewards, dones."""
     T = len(d)
     g.attrs['num_samples'] = T
     if d.mode is not None:
