@@ -204,3 +204,12 @@ def test_carry_four_success_and_mode_classification(four_env: SimEnv) -> None:
     assert env.mode() is None
     _, reward, _ = env.step(np.zeros(7))
     assert reward == 0.0 and env.mode() is None
+
+
+def test_render_cost_times_each_camera_frame_of_a_camera_task() -> None:
+    from vdd_ros.sim.throughput import render_cost
+    r = render_cost('pick_either_image', frames=3)
+    assert r['cameras'] == ['agentview', 'robot0_eye_in_hand']
+    assert (r['side'], r['drawn_side']) == (32, 64) and r['ms_per_frame'] > 0
+    with pytest.raises(ValueError, match='pick_either has no cameras'):
+        render_cost('pick_either', frames=1)

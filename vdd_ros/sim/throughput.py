@@ -3,7 +3,8 @@
 `measure_throughput` times, in this process, (a) recorded scripted episodes exactly as a
 collection worker runs them (oracle, wrapper, classifiers, MuJoCo state capture) and (b) the
 same actions replayed on the same robosuite environment with nothing around it, alternating the
-two to share any CPU contention; then end-to-end `collect` runs with 1 and 2 workers.
+two to share any CPU contention; then end-to-end `collect` runs with 1 and 2 workers; for a
+camera task, the rendering cost per frame. `python -m vdd_ros.sim.throughput TASK...`.
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vdd_ros.sim.cameras import SUPERSAMPLE
 from vdd_ros.sim.collection import collect
 from vdd_ros.sim.demonstrators import make_oracle
 from vdd_ros.sim.env import SimEnv
 from vdd_ros.sim.rollout import run_episode
+from vdd_ros.sim.tasks import get_task
 
 
 def _bare_replay(env: SimEnv, episodes: list[tuple[int, np.ndarray]]) -> tuple[int, float]:
@@ -75,21 +78,58 @@ def parallel_throughput(task: str, episodes: int = 200,
     return out
 
 
+def render_cost(task: str, frames: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Milliseconds per camera frame of a camera task's rig (every camera rendered at the
+    states of a scripted episode, `frames` renders of each, best of three passes)."""
+    env = SimEnv(task)
+    try:
+        rec = run_episode(env, make_oracle(task), seed, record=True)
+        states = rec['states']
+        rig = env._rig
+        if rig is None:
+            raise ValueError(f'{task} has no cameras')
+        sim = env._env.sim
+        per_pass = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for i in range(frames):
+                sim.set_state_from_flattened(states[i % len(states)])
+                sim.forward()
+                rig.render()
+            per_pass.append((time.perf_counter() - start) / (frames * len(rig.cameras)))
+        return {'task': task, 'cameras': list(rig.cameras), 'side': rig.side,
+                'drawn_side': rig.side * SUPERSAMPLE, 'frames': frames,
+                'ms_per_frame': 1e3 * min(per_pass)}
+    finally:
+        env.close()
+
+
 def measure_throughput(task: str = 'pick_either', episodes: int = 20, repeats: int = 3,
                        parallel_episodes: int = 200) -> dict[str, Any]:
-    """Both measurements, plus the load average at the start (contention from others)."""
+    """Both measurements (and a camera task's rendering cost), plus the load average at the
+    start (contention from others)."""
     load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
-    return {'load_avg_1min': load,
-            'per_worker': per_worker_throughput(task, episodes, repeats),
-            'parallel': parallel_throughput(task, parallel_episodes)}
+    out = {'load_avg_1min': load,
+           'per_worker': per_worker_throughput(task, episodes, repeats),
+           'parallel': parallel_throughput(task, parallel_episodes)}
+    if get_task(task).cameras:
+        out['render'] = render_cost(task)
+    return out
 
 
 if __name__ == '__main__':
+    import argparse
     import json
-    import sys
 
     import torch
     torch.set_num_threads(1)
-    tasks = sys.argv[1:] or ['pick_either']
-    for name in tasks:
-        print(json.dumps(measure_throughput(name), indent=1), flush=True)
+    parser = argparse.ArgumentParser(prog='python -m vdd_ros.sim.throughput')
+    parser.add_argument('tasks', nargs='*', default=['pick_either'])
+    parser.add_argument('--episodes', type=int, default=20, help='per-worker episodes')
+    parser.add_argument('--parallel-episodes', type=int, default=200,
+                        help='episodes of each end-to-end collect run')
+    args = parser.parse_args()
+    for name in args.tasks:
+        print(json.dumps(measure_throughput(name, args.episodes,
+                                            parallel_episodes=args.parallel_episodes),
+                         indent=1), flush=True)
