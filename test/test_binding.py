@@ -234,7 +234,7 @@ def test_task_binding_reproduces_the_simulators_observation_bitwise(task):
             assert np.array_equal(b.assemble(latest), env.observation())
 
 
-def _image(width=4, height=3, encoding='rgb8', step=None, data=None):
+def _image(width=8, height=8, encoding='rgb8', step=None, data=None):
     step = width * 3 if step is None else step
     pixels = np.arange(height * step, dtype=np.uint8) if data is None else data
     return SimpleNamespace(header=SimpleNamespace(stamp=SimpleNamespace(sec=1, nanosec=0),
@@ -244,27 +244,27 @@ def _image(width=4, height=3, encoding='rgb8', step=None, data=None):
 
 
 CAMERA = {'feature': 'front_image', 'topic': '/cam/image_raw', 'type': 'sensor_msgs/Image',
-          'width': 4, 'height': 3}
+          'width': 8, 'height': 8}
 
 
 def test_an_image_source_reads_rgb8_pixels_row_major_skipping_row_padding():
     src = Source.from_dict(CAMERA, 'obs[0]')
-    assert src.size == 36 and src.to_dict()['width'] == 4
+    assert src.size == 192 and src.to_dict()['width'] == 8
     assert Source.from_dict(src.to_dict(), 'again') == src
     plain = src.extract(_image())
-    assert plain.dtype == np.float32 and plain.tolist() == list(range(36))
-    padded = src.extract(_image(step=14))          # 2 bytes of padding per row
-    rows = np.arange(42).reshape(3, 14)[:, :12].reshape(-1)
+    assert plain.dtype == np.float32 and plain.tolist() == list(range(192))
+    padded = src.extract(_image(step=26))          # 2 bytes of padding per row
+    rows = np.arange(208).reshape(8, 26)[:, :24].reshape(-1)
     assert padded.tolist() == rows.tolist()
 
 
 @pytest.mark.parametrize('msg, text', [
     (_image(encoding='bgr8'), "encoding 'bgr8', the binding expects rgb8"),
     (_image(encoding='mono8'), "encoding 'mono8', the binding expects rgb8"),
-    (_image(width=5), 'a 5x3 image, the binding expects 4x3'),
-    (_image(data=np.zeros(30, np.uint8)), 'truncated image: 30 bytes, 3 rows of step 12 '
-                                          'need 36'),
-    (_image(step=6), 'step 6 bytes is shorter than a row of 4 rgb8 pixels'),
+    (_image(width=5), 'a 5x8 image, the binding expects 8x8'),
+    (_image(data=np.zeros(30, np.uint8)), 'truncated image: 30 bytes, 8 rows of step 24 '
+                                          'need 192'),
+    (_image(step=6), 'step 6 bytes is shorter than a row of 8 rgb8 pixels'),
 ])
 def test_a_wrong_image_is_one_error_naming_the_topic(msg, text):
     with pytest.raises(BindingMismatch, match=re.escape(f'/cam/image_raw: {text}')):
@@ -275,6 +275,9 @@ def test_a_wrong_image_is_one_error_naming_the_topic(msg, text):
     ({'feature': 'front'}, 'a camera feature is named <camera>_image'),
     ({'width': 0}, 'width: expected a positive number'),
     ({'height': 2.5}, 'width and height are whole numbers'),
+    ({'height': 6}, 'camera images are square, at least 8x8 (the image encoders read square '
+                    'frames), got 8x6'),
+    ({'width': 4, 'height': 4}, 'at least 8x8'),
     ({'joints': ['a']}, 'joints: not used by Image'),
 ])
 def test_image_sources_are_validated(change, text):

@@ -70,14 +70,14 @@ def test_camera_sources_must_match_the_simulators_cameras():
         env.reset(0)
         state = env.robot_state()
         assert state['cameras']['agentview'].shape == (32, 32, 3)
-        for key, value, text in [
-                ('width', 64, r'/cameras/agentview/image_raw carries 32x32 images, the binding '
-                              r'expects 64x32'),
-                ('frame_id', 'world', "published in frame 'agentview', the binding expects "
-                                      "'world'"),
-                ('topic', '/cameras/front/image_raw', 'publishes no /cameras/front/image_raw')]:
+        for change, text in [
+                ({'width': 64, 'height': 64}, r'/cameras/agentview/image_raw carries 32x32 '
+                                              r'images, the binding expects 64x64'),
+                ({'frame_id': 'world'}, "published in frame 'agentview', the binding expects "
+                                        "'world'"),
+                ({'topic': '/cameras/front/image_raw'}, 'publishes no /cameras/front/image_raw')]:
             data = json.loads(json.dumps(base))
-            data['observation'][2][key] = value
+            data['observation'][2].update(change)
             with pytest.raises(UserError, match=text):
                 check_binding(Binding.from_dict(data, 'b.yaml'), state, env.action_dim)
 

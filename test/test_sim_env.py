@@ -30,7 +30,7 @@ def test_registry() -> None:
     assert camera.family == 'pick_either' and camera.modes == TASKS['pick_either'].modes
     assert [k for k, _ in camera.obs_fields] == [
         'robot0_eef_pos', 'robot0_gripper_qpos', 'agentview_image', 'robot0_eye_in_hand_image']
-    assert dict(camera.obs_fields)['agentview_image'] == 64 * 64 * 3
+    assert dict(camera.obs_fields)['agentview_image'] == 32 * 32 * 3 and camera.image_side == 32
     with pytest.raises(UserError, match='lift_carry, pick_either, stack_either, carry_four'):
         get_task('push_t')
 
