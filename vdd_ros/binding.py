@@ -29,10 +29,11 @@ Sources by type (types are written `pkg/Name` or `pkg/msg/Name`, kept as `pkg/ms
 - `std_msgs/Float64MultiArray`, `std_msgs/Float32MultiArray`: `slice: [start, stop]` of data,
   or `label` + `size`: the field of a labelled array (vdd_ros's own wire format, see
   ros/conversions.py: one layout dimension per field, `@`-labelled dimensions carry metadata);
-- `sensor_msgs/Image`: a camera, `width` x `height` pixels, encoding `rgb8` (the feature is
-  named `<camera>_image`, its values the pixels 0-255, row-major, as core/fields.py lays a
-  camera out); another encoding (bgr8, mono8, ...), another size or a buffer shorter than
-  `step * height` is rejected; no cv_bridge: the buffer is read with numpy;
+- `sensor_msgs/Image`: a camera, `width` x `height` pixels (square, at least 8x8), encoding
+  `rgb8` (the feature is named `<camera>_image`, its values the pixels 0-255, row-major, as
+  core/fields.py lays a camera out); another encoding (bgr8, mono8, ...), another size or a
+  buffer shorter than `step * height` is rejected; no cv_bridge: the buffer is read with
+  numpy;
 - derived: `{feature: F, difference: [A, B]}` is B - A of two earlier features (`A_to_B`).
 
 Every source has `max_age_s` (default 0.5): an older message is stale. Its time is the header
