@@ -34,6 +34,7 @@ def lift_oracle_factory():
 def test_mode_entropy() -> None:
     assert mode_entropy({'a': 5, 'b': 5}, 2) == pytest.approx(1.0)
     assert mode_entropy({'a': 4, 'b': 0}, 2) == 0.0
+    assert math.copysign(1.0, mode_entropy({'a': 4, 'b': 0}, 2)) == 1.0   # printed 0.00, not -0.00
     assert mode_entropy({'a': 0, 'b': 0}, 2) == 0.0
     p = np.array([0.75, 0.25])
     assert mode_entropy({'a': 3, 'b': 1}, 2) == pytest.approx(-(p * np.log(p)).sum()

@@ -317,7 +317,7 @@ def mode_entropy(counts: dict[str, int], n_modes: int) -> float:
     if total == 0 or n_modes < 2:
         return 0.0
     p = np.array([c / total for c in counts.values() if c > 0])
-    return float(-(p * np.log(p)).sum() / math.log(n_modes))
+    return max(0.0, float(-(p * np.log(p)).sum() / math.log(n_modes)))   # one mode: +0, not -0
 
 
 def summarize(records: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
