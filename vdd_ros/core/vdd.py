@@ -177,10 +177,10 @@ def distill(moe: MixtureOfExperts, score_fn: ScoreFunction, obs: torch.Tensor,
     `obs` are what the score reads. With `windows` (the same states as normalised windows)
     the MoE reads its own encoder's conditions of them and trains that encoder with its
     experts; without, it reads `obs`. `actions (N, D)` are the dataset actions for the gating
-    step. Raises DivergenceError
-    naming the iteration if the loss turns NaN or Inf. Returns the loss history. With `dp`
-    each rank takes its share of every global batch, teacher score calls included
-    (distributed.py); with `state` the loop resumes from and saves a training state.
+    step. Raises DivergenceError naming the iteration if the loss turns NaN or Inf. Returns the
+    loss history. With `dp` each rank takes its share of every global batch, teacher score
+    calls included (distributed.py); with `state` the loop resumes from and saves a training
+    state.
     """
     dp = dp or DataParallel()
     device = obs.device
