@@ -199,3 +199,52 @@ def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys):
     candidates.write_text(yaml.safe_dump({'candidates': {'x': {'vdd.lr': 'fast'}}}))
     assert main(args) == 2
     assert 'candidates.x.vdd.lr' in capsys.readouterr().err
+
+
+def test_tune_with_several_training_seeds_pairs_each_candidate_with_each_seeds_teacher():
+    from vdd_ros.pipeline.tune import TuneConfig, build_tune_stages
+    cfg = load_pipeline_config('carry_four', None, {'seeds': 2})
+    ctx = Context('carry_four', Path('/nonexistent'), cfg, cfg.train_config(),
+                  eval_split='valid')
+    tune = TuneConfig({'default': {}, 'uniform': {'vdd.uniform_gating_fraction': 0.3}})
+    tune.validate()
+    stages = {s.name: s for s in build_tune_stages(ctx, tune)}
+    for name in ('default', 'uniform'):
+        # the first seed's outputs stay in tune/<name> (cached single-seed runs are reused)
+        for prefix, seed in ((f'tune/{name}', 0), (f'tune/{name}/seed_1', 1)):
+            vdd = stages[f'{prefix}/vdd_moe']
+            assert f'seed_{seed}/teacher' in vdd.deps
+            assert stages[f'{prefix}/eval_vdd_moe'].deps[-1] == f'{prefix}/vdd_moe'
+    assert {'seed_0/teacher', 'seed_1/teacher'} <= set(stages)
+    assert set(stages['tune/report'].deps) >= {'tune/uniform/seed_1/eval_vdd_moe',
+                                                  'tune/default/eval_vdd_moe'}
+
+
+def test_tune_report_pools_seeds_and_names_the_rarest_mode():
+    from vdd_ros.pipeline.tune import rarest_mode_share, tune_markdown
+    a = _run([True] * 4, ['left', 'left', 'left', 'right'])
+    b = _run([True, True, False, True], ['left', 'left', 'right', 'left'])
+    assert rarest_mode_share([a, b], MODES) == pytest.approx(1 / 7)
+    assert rarest_mode_share([_run([False], [None])], MODES) is None
+    row = {'candidate': 'default', 'overrides': {}, **interval_summary([a, b], MODES),
+           'rarest_mode_share': rarest_mode_share([a, b], MODES)}
+    md = tune_markdown({'task': 'pick_either', 'episodes': 4, 'training_seeds': [0, 1],
+                        'rows': [row], 'best': 'default'})
+    assert 'training seeds 0, 1' in md and '| 14% |' in md
+
+
+def test_each_candidates_file_is_a_study_with_its_own_report(tmp_path, capsys):
+    from vdd_ros.pipeline.tune import TuneConfig, build_tune_stages, report_files
+    assert report_files('tune') == ('tune/report', ['tune/tune.json', 'tune/tune.md',
+                                                    'tune/candidates.png'])
+    cfg = load_pipeline_config('carry_four', None, {})
+    ctx = Context('carry_four', Path('/nonexistent'), cfg, cfg.train_config())
+    report = build_tune_stages(ctx, TuneConfig({'default': {}}), 'tune_modes')[-1]
+    assert report.name == 'tune/tune_modes_report'
+    assert report.outputs == ['tune/tune_modes.json', 'tune/tune_modes.md', 'tune/tune_modes.png']
+    bad = tmp_path / 'my study.yaml'
+    bad.write_text(yaml.safe_dump({'candidates': {'default': {}}}))
+    assert main(['tune', '--task', 'carry_four', '--candidates', str(bad), '--results',
+                 str(tmp_path / 'results')]) == 2
+    assert "my study.yaml: the file name names the study" in capsys.readouterr().err
+    assert not (tmp_path / 'results').exists()

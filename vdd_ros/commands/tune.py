@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = load_pipeline_config(args.task, args.config, parse_overrides(args.set))
+    study = 'tune' if args.candidates is None else args.candidates.stem
+    if not study.replace('_', 'a').replace('-', 'a').isalnum() or not study.isascii():
+        raise UserError(f'--candidates {args.candidates}: the file name names the study\'s '
+                        f'report; use letters, digits, _ and - (e.g. tune_modes.yaml)')
     tune = load_tune_config(args.candidates)
     if args.only:
         unknown = [n for n in args.only if n not in tune.candidates]
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         run_tune(args.task, cfg, tune, args.results, device=args.device, force=args.force,
-                 rerun_from=args.rerun_from, show_progress=not args.quiet)
+                 rerun_from=args.rerun_from, show_progress=not args.quiet, study=study)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0

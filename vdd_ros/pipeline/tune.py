@@ -1,13 +1,17 @@
 """`vdd-ros tune`: candidate settings of the VDD-MoE, each scored on validation seeds only.
 
 The candidates (config/tune.yaml) are dotted training overrides. In the task's results
-folder, next to the pipeline's stages and sharing its cached data and first-seed teacher
-(a candidate that changes `teacher.*` trains its own), each candidate gets
+folder, next to the pipeline's stages and sharing its cached data and teachers (a candidate
+that changes `teacher.*` trains its own), each candidate gets, for every training seed of the
+pipeline config (`seeds`: the first alone by default, `--set seeds=3` for three)
 
-    tune/<candidate>/vdd_moe -> tune/<candidate>/eval_vdd_moe (validation seeds, in process)
+    tune/<candidate>[/seed_<s>]/vdd_moe -> .../eval_vdd_moe (validation seeds, in process)
 
-and `tune/report` writes tune/tune.json, tune/tune.md and tune/candidates.png: validation
-success and mode entropy with 95% intervals, per candidate. This is both the tuning protocol
+(the first seed's outputs directly in tune/<candidate>), and `tune/report` writes
+tune/tune.json, tune/tune.md and tune/candidates.png: validation success, mode entropy (95%
+intervals over seeds and rollouts) and the rarest mode's share, per candidate. Each candidates
+file is one study, reported under its file name: tune_modes.yaml -> `tune/tune_modes_report`,
+tune/tune_modes.{json,md} and tune/tune_modes.png. This is both the tuning protocol
 (the defaults are chosen from it) and the ablation table. The test seeds are sealed for the
 whole run (`sealed_test_seeds`): reading one raises, so tuning cannot leak into the report.
 """
@@ -65,50 +69,76 @@ def load_tune_config(path: str | os.PathLike | None = None) -> TuneConfig:
     return from_dict(TuneConfig, read_yaml_mapping(path), str(path))
 
 
-def build_tune_stages(ctx: Context, tune: TuneConfig) -> list[Stage]:
-    """The data stage, the shared teacher, each candidate's VDD-MoE and its validation
-    evaluation, and the tuning report."""
+def report_files(study: str) -> tuple[str, list[str]]:
+    """The report stage of a study (its candidates file's name) and its outputs."""
+    if study == 'tune':
+        return 'tune/report', ['tune/tune.json', 'tune/tune.md', 'tune/candidates.png']
+    return f'tune/{study}_report', [f'tune/{study}.{ext}' for ext in ('json', 'md', 'png')]
+
+
+def build_tune_stages(ctx: Context, tune: TuneConfig, study: str = 'tune') -> list[Stage]:
+    """The data stage, the teachers, each candidate's VDD-MoE and its validation evaluation
+    for every training seed, and the study's report."""
     stages = data_stages(ctx)
     data = stages[-1].name
-    seed = ctx.seeds[0]
     teacher = POLICY_KINDS[TEACHER]
-    stages.append(training_stage(ctx, teacher, seed, data, seed_dir(seed)))
+    for seed in ctx.seeds:
+        stages.append(training_stage(ctx, teacher, seed, data, seed_dir(seed)))
     for name, overrides in tune.candidates.items():
-        prefix = f'tune/{name}'
         own_teacher = any(k.startswith(f'{TEACHER}.') for k in overrides)
-        if own_teacher:
-            stages.append(training_stage(ctx, teacher, seed, data, prefix, overrides))
-        source = f'{prefix}/{TEACHER}' if own_teacher else f'{seed_dir(seed)}/{TEACHER}'
-        stages.append(training_stage(ctx, POLICY_KINDS[STUDENT], seed, data, prefix, overrides,
-                                     teacher=source))
-        stages.append(Stage(
-            f'{prefix}/eval_{STUDENT}', f'validation episodes: {name}',
-            (data, f'{prefix}/{STUDENT}'), [f'{prefix}/eval/{STUDENT}.json'],
-            {'episodes': ctx.cfg.eval_episodes, 'split': 'valid',
-             'latency_queries': ctx.cfg.latency_queries, 'expert_mode': ctx.cfg.expert_mode},
-            functools.partial(_evaluate, STUDENT, prefix=prefix, ros=False)))
-    stages.append(Stage('tune/report', 'tuning report', tuple(s.name for s in stages),
-                        ['tune/tune.json', 'tune/tune.md', 'tune/candidates.png'],
+        for seed in ctx.seeds:
+            prefix = candidate_dir(ctx, name, seed)
+            if own_teacher:
+                stages.append(training_stage(ctx, teacher, seed, data, prefix, overrides))
+            source = f'{prefix}/{TEACHER}' if own_teacher else f'{seed_dir(seed)}/{TEACHER}'
+            stages.append(training_stage(ctx, POLICY_KINDS[STUDENT], seed, data, prefix,
+                                         overrides, teacher=source))
+            stages.append(Stage(
+                f'{prefix}/eval_{STUDENT}', f'validation episodes: {name}, seed {seed}',
+                (data, f'{prefix}/{STUDENT}'), [f'{prefix}/eval/{STUDENT}.json'],
+                {'episodes': ctx.cfg.eval_episodes, 'split': 'valid',
+                 'latency_queries': ctx.cfg.latency_queries,
+                 'expert_mode': ctx.cfg.expert_mode},
+                functools.partial(_evaluate, STUDENT, prefix=prefix, ros=False)))
+    name, outputs = report_files(study)
+    stages.append(Stage(name, 'tuning report', tuple(s.name for s in stages), outputs,
                         {'candidates': tune.candidates},
-                        functools.partial(_tune_report, tune)))
+                        functools.partial(_tune_report, tune, outputs)))
     return stages
 
 
-def _tune_report(tune: TuneConfig, ctx: Context) -> dict[str, Any]:
+def candidate_dir(ctx: Context, name: str, seed: int) -> str:
+    """Where a candidate's models and evaluations of one training seed go: tune/<name> for
+    the first seed, tune/<name>/seed_<s> for later ones."""
+    return f'tune/{name}' if seed == ctx.seeds[0] else f'tune/{name}/{seed_dir(seed)}'
+
+
+def rarest_mode_share(runs: list[Mapping[str, Any]], modes: list[str]) -> float | None:
+    """The smallest share of a mode among the successful rollouts of `runs`, pooled."""
+    won = [d['mode'] for run in runs for d in run['episodes_detail'] if d['success']]
+    if not modes or not won:
+        return None
+    return min(won.count(m) for m in modes) / len(won)
+
+
+def _tune_report(tune: TuneConfig, outputs: list[str], ctx: Context) -> dict[str, Any]:
     import json
 
     from vdd_ros.report import interval_summary, plot_candidates
-    rows = []
+    rows, modes = [], ctx.modes()
     for name, overrides in tune.candidates.items():
-        ev = json.loads(ctx.path(f'tune/{name}/eval/{STUDENT}.json').read_text())
+        evs = [json.loads(ctx.path(f'{candidate_dir(ctx, name, s)}/eval/{STUDENT}.json')
+                          .read_text()) for s in ctx.seeds]
         rows.append({'candidate': name, 'overrides': overrides,
-                     **interval_summary([ev], ctx.modes())})
+                     **interval_summary(evs, modes),
+                     'rarest_mode_share': rarest_mode_share(evs, modes)})
     best = max(rows, key=lambda r: (round(r['success_rate'], 6), r['mode_entropy'] or 0.0))
     result = {'task': ctx.task, 'split': 'valid', 'episodes': ctx.cfg.eval_episodes,
-              'training_seed': ctx.seeds[0], 'rows': rows, 'best': best['candidate']}
-    write_json(ctx.path('tune/tune.json'), result)
-    write_text(ctx.path('tune/tune.md'), tune_markdown(result))
-    plot_candidates(result, ctx.path('tune/candidates.png'))
+              'training_seeds': ctx.seeds, 'rows': rows, 'best': best['candidate']}
+    json_file, md_file, png_file = outputs
+    write_json(ctx.path(json_file), result)
+    write_text(ctx.path(md_file), tune_markdown(result, Path(png_file).name))
+    plot_candidates(result, ctx.path(png_file))
     for r in rows:
         ctx.log(f"  {r['candidate']:<20} success {r['success_rate']:.2f} "
                 f"[{r['success_ci'][0]:.2f}, {r['success_ci'][1]:.2f}]"
@@ -117,41 +147,49 @@ def _tune_report(tune: TuneConfig, ctx: Context) -> dict[str, Any]:
     return {'best': best['candidate']}
 
 
-def tune_markdown(result: Mapping[str, Any]) -> str:
+def tune_markdown(result: Mapping[str, Any], plot: str = 'candidates.png') -> str:
     """tune.md: the candidates and their validation scores."""
-    lines = ['| candidate | overrides | validation success [95% CI] | mode entropy [95% CI] |',
-             '|---|---|---|---|']
+    lines = ['| candidate | overrides | validation success [95% CI] | mode entropy [95% CI] '
+             '| rarest mode |', '|---|---|---|---|---|']
     for r in result['rows']:
         over = ', '.join(f'`{k}={v}`' for k, v in r['overrides'].items()) or '(defaults)'
         ent = '-' if r['mode_entropy'] is None else \
             f"{r['mode_entropy']:.2f} [{r['entropy_ci'][0]:.2f}, {r['entropy_ci'][1]:.2f}]"
+        rare = r.get('rarest_mode_share')
         lines.append(f"| {r['candidate']} | {over} | {r['success_rate']:.2f} "
-                     f"[{r['success_ci'][0]:.2f}, {r['success_ci'][1]:.2f}] | {ent} |")
+                     f"[{r['success_ci'][0]:.2f}, {r['success_ci'][1]:.2f}] | {ent} | "
+                     + ('-' if rare is None else f'{rare:.0%}') + ' |')
+    seeds = result.get('training_seeds', [result.get('training_seed')])
+    where = (f'training seed {seeds[0]}; intervals: bootstrap over rollouts' if len(seeds) == 1
+             else f'training seeds {", ".join(map(str, seeds))}; intervals: two-level '
+                  f'bootstrap over the seeds, then each seed\'s rollouts')
     return (f"# Tuning the VDD-MoE on `{result['task']}` (validation seeds)\n\n"
-            f"{result['episodes']} validation episodes per candidate (seeds from 2000000; the "
-            f"test seeds are sealed while tuning), training seed {result['training_seed']}. "
-            f"Intervals: bootstrap over rollouts. Highest validation success (then entropy): "
-            f"**{result['best']}**.\n\n" + '\n'.join(lines) + '\n\n'
-            '![candidates](candidates.png)\n')
+            f"{result['episodes']} validation episodes per candidate and training seed (seeds "
+            f"from 2000000; the test seeds are sealed while tuning), {where}. The rarest mode "
+            f"is the smallest share of a mode among the successful rollouts, pooled over the "
+            f"seeds. Highest validation success (then entropy): **{result['best']}**.\n\n"
+            + '\n'.join(lines) + f'\n\n![candidates]({plot})\n')
 
 
 def run_tune(task: str, cfg: PipelineConfig, tune: TuneConfig,
              results: str | os.PathLike = 'results', *, device: str = 'cpu',
              force: bool = False, rerun_from: str | None = None, show_progress: bool = True,
-             log: Any = print) -> dict[str, Any]:
-    """Run (or resume) the tuning stages of `task`; returns tune.json's content."""
+             log: Any = print, study: str = 'tune') -> dict[str, Any]:
+    """Run (or resume) the tuning stages of `task` for the study `study` (its candidates
+    file's name); returns its JSON report's content."""
     import json
 
     from vdd_ros.sim.rollout import sealed_test_seeds
     ctx = Context(task, Path(results) / task, cfg, cfg.train_config(), device, show_progress,
                   log, eval_split='valid')
-    stages = build_tune_stages(ctx, tune)
+    stages = build_tune_stages(ctx, tune, study)
     check_stage_name(rerun_from, stages)
     check_writable(ctx.folder, 'results folder', folder=True)
     ctx.folder.mkdir(parents=True, exist_ok=True)
     with task_lock(ctx.folder), sealed_test_seeds():
         remove_stale_temporaries(ctx.folder)
         run_stages(ctx, stages, force, rerun_from)
-    log(f'tuning report: {ctx.path("tune/tune.md")}')
-    return json.loads(ctx.path('tune/tune.json').read_text())
+    json_file, md_file, _ = report_files(study)[1]
+    log(f'tuning report: {ctx.path(md_file)}')
+    return json.loads(ctx.path(json_file).read_text())
 
