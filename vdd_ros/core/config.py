@@ -96,7 +96,7 @@ class MoEConfig:
     gating_hidden_dim: int = 64
     covariance: str = 'diag'
     init_std: float = 0.5
-    min_std: float = 1e-3
+    min_std: float = 0.05
     expert_mode: str = 'sample'
     experts: str = 'independent'
 

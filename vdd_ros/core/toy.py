@@ -73,7 +73,8 @@ class UnequalConfig(RingConfig):
     std: float = 0.25
     weights: list[float] = field(default_factory=lambda: [0.35, 0.25, 0.2, 0.12, 0.08])
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(
-        num_experts=5, hidden_dim=64, num_layers=2, covariance='full', init_std=0.5))
+        num_experts=5, hidden_dim=64, num_layers=2, covariance='full', init_std=0.5,
+        min_std=1e-3))
     vdd: VDDConfig = field(default_factory=lambda: VDDConfig(
         iterations=2000, batch_size=256, lr=3e-3, gating_lr=3e-3, final_lr_fraction=0.05,
         uniform_gating_fraction=0.5, init_em_iterations=0, backbone_lr_scale=1.0,
@@ -97,7 +98,9 @@ class ToyConfig(RingConfig):
         hidden_dim=128, num_layers=3, sigma_data=1.0, sigma_max=3.0, sampling_steps=8,
         iterations=4000, batch_size=512, lr=1e-3))
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(
-        num_experts=8, hidden_dim=64, num_layers=2, covariance='full', init_std=0.5))
+        num_experts=8, hidden_dim=64, num_layers=2, covariance='full', init_std=0.5,
+        min_std=1e-3))
+    # (the toys keep their own std floor: their experts have no near-deterministic phase)
     # no warm start here: the backbone trains with the heads, and a uniform gating for the
     # first half keeps two experts from sharing one ring mode
     vdd: VDDConfig = field(default_factory=lambda: VDDConfig(
