@@ -226,3 +226,32 @@ def test_the_state_is_named_tensors_and_json_that_rebuild_an_optimizer(tmp_path)
     tensors = {}
     assert unflatten(json.loads(json.dumps(flatten(tree, 'p', tensors))), tensors)['s'][1] \
         == (1, None)
+
+
+def test_the_warm_start_keeps_the_moe_floor_and_distillation_the_vdd_floor(data, tmp_path,
+                                                                          monkeypatch):
+    from vdd_ros.core import jobs
+    from vdd_ros.core.checkpoint import load_model
+    floors = {}
+
+    def spy(name, fn):
+        def wrapped(moe, *args, **kwargs):
+            floors[name] = moe.cfg.min_std
+            return fn(moe, *args, **kwargs)
+        monkeypatch.setattr(jobs, name, wrapped)
+    spy('train_em', jobs.train_em)
+    spy('distill', jobs.distill)
+    dataset, teacher = data
+    out = distill_job(teacher, dataset, tmp_path / 'm', show_bar=False,
+                      overrides=_overrides('moe.min_std=0.2', 'vdd.min_std=0.003'))
+    assert floors == {'train_em': 0.2, 'distill': 0.003}
+    moe, _, meta = load_model(out)
+    assert meta['model']['min_std'] == moe.cfg.min_std == 0.003
+
+
+def test_a_vdd_floor_at_or_above_the_initial_std_is_refused_before_training(data, tmp_path):
+    dataset, teacher = data
+    with pytest.raises(UserError, match='vdd.min_std: must be below moe.init_std'):
+        distill_job(teacher, dataset, tmp_path / 'm', show_bar=False,
+                    overrides=_overrides('vdd.min_std=0.5'))
+    assert not (tmp_path / 'm').exists()

@@ -167,9 +167,14 @@ class VDDConfig:
     # and comes out too wide. 'smoothed': the student smoothed by N(0, sigma^2 I) is matched to
     # the teacher at the same sigma, whose optimum is the unsmoothed teacher (vdd.py)
     objective: str = 'plain'
+    # floor on the experts' std while distilling and in the distilled checkpoint (None: the
+    # MoE's own, moe.min_std, which then holds in the EM warm start only)
+    min_std: float | None = None
 
     def validate(self) -> None:
         one_of(self.objective, VDD_OBJECTIVES, 'objective')
+        if self.min_std is not None:
+            positive(self.min_std, 'min_std')
         for name in ('iterations', 'batch_size', 'samples_per_expert', 'expert_steps'):
             at_least(getattr(self, name), 1, name)
         at_least(self.init_em_iterations, 0, 'init_em_iterations')
@@ -287,6 +292,8 @@ class TrainConfig:
         at_least(self.action_exec, 1, 'action_exec')
         _check(self.action_exec <= self.action_horizon, 'action_exec',
                f'must be <= action_horizon ({self.action_horizon}), got {self.action_exec}')
+        _check(self.vdd.min_std is None or self.vdd.min_std < self.moe.init_std, 'vdd.min_std',
+               f'must be below moe.init_std ({self.moe.init_std}), got {self.vdd.min_std}')
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:

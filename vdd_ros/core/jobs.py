@@ -258,6 +258,8 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
                      state=state, condition=moe.condition if own else None)
             if dp.should_stop(stop is not None and stop.is_set()):
                 return save(moe)
+        if cfg.vdd.min_std is not None:
+            moe.set_min_std(cfg.vdd.min_std)
         history = distill(moe, TeacherScore(teacher), obs, actions, cfg.vdd, seed=cfg.seed,
                           progress=progress, stop=stop, show_bar=show_bar, on_checkpoint=save,
                           checkpoint_every=checkpoint_every, dp=dp, state=state,

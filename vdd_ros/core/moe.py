@@ -20,6 +20,7 @@ their own. Acting then encodes each frame once and runs the networks in one pass
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -274,6 +275,12 @@ class MixtureOfExperts(PolicyModel):
         if mode == 'argmax':
             return int(logits[0].argmax())
         return int(self.select(logits, generator)[0])
+
+    def set_min_std(self, value: float) -> None:
+        """Change the floor on the experts' standard deviations (kept in `cfg`, so a saved
+        checkpoint acts and scores with it)."""
+        self.cfg = dataclasses.replace(self.cfg, min_std=value)
+        self.cfg.validate()
 
     def train(self, mode: bool = True) -> 'MixtureOfExperts':
         self._acting = None
