@@ -248,3 +248,12 @@ def test_each_candidates_file_is_a_study_with_its_own_report(tmp_path, capsys):
                  str(tmp_path / 'results')]) == 2
     assert "my study.yaml: the file name names the study" in capsys.readouterr().err
     assert not (tmp_path / 'results').exists()
+
+
+@pytest.mark.parametrize('name', ['tune.yaml', 'tune_modes.yaml'])
+def test_the_shipped_candidate_files_are_valid_studies_of_distinct_settings(name):
+    from vdd_ros.pipeline.tune import load_tune_config
+    tune = load_tune_config(Path(__file__).resolve().parents[1] / 'config' / name)
+    assert tune.candidates['default'] == {}
+    settings = [tuple(sorted(c.items())) for c in tune.candidates.values()]
+    assert len(set(settings)) == len(settings) >= 2
