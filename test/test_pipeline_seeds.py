@@ -257,3 +257,17 @@ def test_the_shipped_candidate_files_are_valid_studies_of_distinct_settings(name
     assert tune.candidates['default'] == {}
     settings = [tuple(sorted(c.items())) for c in tune.candidates.values()]
     assert len(set(settings)) == len(settings) >= 2
+
+
+def test_an_unset_optional_setting_keys_no_stage_and_a_set_one_does():
+    from vdd_ros.core.config import TrainConfig
+    from vdd_ros.pipeline.runner import stage_key
+    from vdd_ros.pipeline.stages import train_settings
+    kind = POLICY_KINDS['vdd_moe']
+    unset = train_settings(TrainConfig(), kind)
+    assert 'min_std' not in unset['vdd'] and unset['moe']['min_std'] == 0.05
+    cfg = TrainConfig()
+    cfg.vdd.min_std = 0.001
+    floored = train_settings(cfg, kind)
+    assert floored['vdd']['min_std'] == 0.001
+    assert stage_key(unset, {}) != stage_key(floored, {})

@@ -55,8 +55,9 @@ def train_settings(train: TrainConfig, kind: PolicyKind, cameras: bool = False
     the image encoders' settings when the observation has cameras; whose encoder the VDD-MoE
     uses keys its own stage only)."""
     d = to_dict(train)
-    out = {k: d[k] for k in ('seed', 'obs_horizon', 'action_horizon', 'action_exec',
-                             *kind.sections)}
+    out = {k: d[k] for k in ('seed', 'obs_horizon', 'action_horizon', 'action_exec')}
+    # an optional setting left unset keys nothing, so adding one keeps earlier stages cached
+    out.update({k: {n: v for n, v in d[k].items() if v is not None} for k in kind.sections})
     if cameras:
         out['vision'] = {k: v for k, v in d['vision'].items()
                          if k != 'moe_encoder' or 'vdd' in kind.sections}
