@@ -168,11 +168,16 @@ def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     ran = re.findall(r'^== \[\d+/\d+\] ([\w/]+): .* -- run ', out, re.M)
-    assert ran == ['collect', 'seed_0/teacher',
+    assert ran == ['collect', 'seed_0/teacher', 'seed_0/eval_valid_teacher',
                    *(f'tune/{c}/{s}' for c in ('default', 'shared', 'no_warm')
                      for s in ('vdd_moe', 'eval_vdd_moe')), 'tune/report']
     folder = results / 'lift_carry'
     result = json.loads((folder / 'tune' / 'tune.json').read_text())
+    # the teacher is scored on the same validation seeds, as the candidates' reference
+    teacher = json.loads((folder / 'seed_0' / 'eval_valid' / 'teacher.json').read_text())
+    assert [d['seed'] for d in teacher['episodes_detail']] == validation_seeds(2)
+    assert result['teacher']['success_rate'] == teacher['success_rate']
+    assert all(isinstance(r['meets_targets'], bool) for r in result['rows'])
     assert [r['candidate'] for r in result['rows']] == ['default', 'shared', 'no_warm']
     assert result['rows'][2]['overrides'] == {'vdd.init_em_iterations': 0}
     assert result['best'] in ('default', 'shared', 'no_warm') and result['split'] == 'valid'
@@ -186,6 +191,7 @@ def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys):
     assert experts == ['independent', 'shared']
     md = (folder / 'tune' / 'tune.md').read_text()
     assert '`moe.experts=shared`' in md and 'validation' in md
+    assert '| *teacher* | (reference) |' in md and '| targets |' in md
     assert (folder / 'tune' / 'candidates.png').read_bytes()[:4] == b'\x89PNG'
     # the pipeline on the same folder reuses the data and the first seed's teacher
     assert main(['pipeline', '--task', 'lift_carry', '--config', str(config), '--results',
@@ -231,6 +237,33 @@ def test_tune_report_pools_seeds_and_names_the_rarest_mode():
     md = tune_markdown({'task': 'pick_either', 'episodes': 4, 'training_seeds': [0, 1],
                         'rows': [row], 'best': 'default'})
     assert 'training seeds 0, 1' in md and '| 14% |' in md
+
+
+def test_a_candidate_meets_the_targets_against_the_validation_teacher():
+    from vdd_ros.pipeline.tune import meets_targets, tune_markdown
+    teacher = {'success_rate': 0.90, 'mode_entropy': 0.80, 'rarest_mode_share': 0.2}
+
+    def row(success, entropy, rarest):
+        return {'success_rate': success, 'mode_entropy': entropy, 'rarest_mode_share': rarest}
+    # the margin (0.05) and the entropy fraction (0.85) are inclusive
+    assert meets_targets(row(0.85, 0.68, 0.2), teacher, 2)
+    assert not meets_targets(row(0.84, 0.99, 0.2), teacher, 2)
+    assert not meets_targets(row(0.95, 0.67, 0.2), teacher, 2)
+    # with four modes, every mode needs 10% of the successful rollouts
+    assert meets_targets(row(0.9, 0.8, 0.09), teacher, 2)
+    assert not meets_targets(row(0.9, 0.8, 0.09), teacher, 4)
+    assert meets_targets(row(0.9, 0.8, 0.10), teacher, 4)
+    # a task without modes is judged on success alone
+    plain = {'success_rate': 0.9, 'mode_entropy': None, 'rarest_mode_share': None}
+    assert meets_targets({**plain, 'success_rate': 0.86}, plain, 0)
+    ci = {'success_ci': [0.8, 1.0], 'entropy_ci': [0.7, 0.9]}
+    md = tune_markdown({'task': 'carry_four', 'episodes': 50, 'training_seeds': [0],
+                        'teacher': {**teacher, **ci}, 'best': 'a',
+                        'rows': [{'candidate': 'a', 'overrides': {}, **row(0.9, 0.8, 0.09),
+                                  **ci, 'meets_targets': False}]})
+    assert '| *teacher* | (reference) | 0.90 [0.80, 1.00] | 0.80 [0.70, 0.90] | 20% | |' in md
+    assert '| a | (defaults) | 0.90 [0.80, 1.00] | 0.80 [0.70, 0.90] | 9% | missed |' in md
+    assert '(here 0.85)' in md
 
 
 def test_each_candidates_file_is_a_study_with_its_own_report(tmp_path, capsys):

@@ -43,6 +43,7 @@ TARGETS = {
     'latency': "VDD-MoE per-action latency >= 8x lower than the teacher's (default steps)",
 }
 ENTROPY_FRACTION = 0.85
+SUCCESS_MARGIN = 0.05          # VDD-MoE success target: the teacher's minus this
 COVERAGE = 0.10          # least share of each mode, on tasks with at least COVERAGE_MODES
 COVERAGE_MODES = 4
 CROSS_TASK_WINS = 3      # tasks on which the VDD-MoE must beat both baselines on success
@@ -159,7 +160,7 @@ def check_targets(policies: Mapping[str, Mapping[str, Any]],
     vdd, teacher = policies[STUDENT], policies[TEACHER]
     speedup = teacher['query_ms_p50'] / max(vdd['query_ms_p50'], 1e-9)
     rows = [
-        ('success_vs_teacher', vdd['success_rate'], teacher['success_rate'] - 0.05),
+        ('success_vs_teacher', vdd['success_rate'], teacher['success_rate'] - SUCCESS_MARGIN),
         ('success_floor', vdd['success_rate'], 0.85),
         *([('mode_entropy', vdd['mode_entropy'], ENTROPY_FRACTION * teacher['mode_entropy'])]
           if modes else []),
@@ -591,7 +592,7 @@ def plot_success_entropy(metrics: Mapping[str, Any], path: Path) -> None:
         axes[0].annotate(f'{rate:.2f}', (i, rate), textcoords='offset points',
                          xytext=(6, 2), ha='left', fontsize=7)
     axes[0].axhline(0.85, ls='--', c='tab:red', lw=1, label='target 0.85')
-    axes[0].axhline(p[TEACHER]['success_rate'] - 0.05, ls=':', c='tab:blue', lw=1,
+    axes[0].axhline(p[TEACHER]['success_rate'] - SUCCESS_MARGIN, ls=':', c='tab:blue', lw=1,
                     label="teacher's - 0.05")
     axes[0].set_title('success rate (95% CI)')
     modes = list(p[TEACHER]['mode_counts'])
@@ -720,6 +721,13 @@ def plot_candidates(result: Mapping[str, Any], path: Path) -> None:
         ax.bar(x, values, color=colours)
         ax.errorbar(x, values, yerr=_errors(values, [r[ci] for r in rows]), fmt='none',
                     ecolor='k', capsize=3, lw=1)
+        teacher = (result.get('teacher') or {}).get(key)
+        if teacher is not None:
+            target = (teacher - SUCCESS_MARGIN if key == 'success_rate'
+                      else ENTROPY_FRACTION * teacher)
+            ax.axhline(teacher, color='tab:blue', lw=1, label='teacher')
+            ax.axhline(target, color='tab:red', lw=1, ls='--', label='target')
+            ax.legend(fontsize=7, loc='lower right')
         ax.set_xticks(x, [r['candidate'] for r in rows], rotation=35, ha='right', fontsize=7)
         ax.set_ylim(0, 1.1)
         ax.set_title(f"{result['task']}: {title} (95% CI)", fontsize=9)

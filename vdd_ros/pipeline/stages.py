@@ -372,9 +372,9 @@ def evaluation_seeds(ctx: Context) -> list[int]:
 
 
 def _evaluate(policy: str, ctx: Context, seed: int | None = None, prefix: str | None = None,
-              ros: bool | None = None) -> dict[str, Any]:
+              ros: bool | None = None, folder: str = 'eval') -> dict[str, Any]:
     """Evaluate `policy` (an evaluation's name) from `<prefix>/<its kind>` into
-    `<prefix>/eval/<policy>.json`, in process or through the ROS nodes (`via_ros`)."""
+    `<prefix>/<folder>/<policy>.json`, in process or through the ROS nodes (`via_ros`)."""
     from vdd_ros.sim.rollout import build_policy, evaluate
     cfg = ctx.cfg
     evaluation, kind = EVALUATIONS[policy]
@@ -408,7 +408,7 @@ def _evaluate(policy: str, ctx: Context, seed: int | None = None, prefix: str | 
     label = evaluation.label + (' (over ROS)' if ros else '')
     metrics.update(name=policy, label=label, checkpoint=kind.name, device=ctx.device,
                    split=ctx.eval_split)
-    write_json(ctx.path(f'{prefix}/eval/{policy}.json'), metrics)
+    write_json(ctx.path(f'{prefix}/{folder}/{policy}.json'), metrics)
     modes = f'({_counts(metrics["mode_counts"])}), mode entropy ' \
         f'{metrics["mode_entropy"]:.2f}' if metrics['mode_counts'] else '(no modes defined)'
     ctx.log(f'  success {metrics["successes"]}/{metrics["episodes"]} {modes}, '

@@ -7,9 +7,11 @@ pipeline config (`seeds`: the first alone by default, `--set seeds=3` for three)
 
     tune/<candidate>[/seed_<s>]/vdd_moe -> .../eval_vdd_moe (validation seeds, in process)
 
-(the first seed's outputs directly in tune/<candidate>), and `tune/report` writes
+(the first seed's outputs directly in tune/<candidate>); each seed's teacher is scored on
+the same validation seeds (seed_<s>/eval_valid/teacher.json), and `tune/report` writes
 tune/tune.json, tune/tune.md and tune/candidates.png: validation success, mode entropy (95%
-intervals over seeds and rollouts) and the rarest mode's share, per candidate. Each candidates
+intervals over seeds and rollouts) and the rarest mode's share, per candidate and for the
+teacher, and whether each candidate meets the targets against the teacher. Each candidates
 file is one study, reported under its file name: tune_modes.yaml -> `tune/tune_modes_report`,
 tune/tune_modes.{json,md} and tune/tune_modes.png. This is both the tuning protocol
 (the defaults are chosen from it) and the ablation table. The test seeds are sealed for the
@@ -31,8 +33,10 @@ from vdd_ros.pipeline.runner import (Context, Stage, check_stage_name,
                                      remove_stale_temporaries, run_stages, seed_dir, task_lock)
 from vdd_ros.pipeline.stages import _evaluate, data_stages, training_stage
 from vdd_ros.policies import POLICY_KINDS, STUDENT, TEACHER
+from vdd_ros.report import COVERAGE, COVERAGE_MODES, ENTROPY_FRACTION, SUCCESS_MARGIN
 
 CANDIDATE_NAME = 'candidate names are letters, digits and _'
+VALID_EVAL = 'eval_valid'        # a seed's folder for its teacher's validation evaluation
 
 
 @dataclass
@@ -84,6 +88,13 @@ def build_tune_stages(ctx: Context, tune: TuneConfig, study: str = 'tune') -> li
     teacher = POLICY_KINDS[TEACHER]
     for seed in ctx.seeds:
         stages.append(training_stage(ctx, teacher, seed, data, seed_dir(seed)))
+        stages.append(Stage(
+            teacher_eval_stage(seed), f'validation episodes: teacher, seed {seed}',
+            (data, f'{seed_dir(seed)}/{TEACHER}'), [teacher_eval_file(seed)],
+            {'episodes': ctx.cfg.eval_episodes, 'split': 'valid',
+             'latency_queries': ctx.cfg.latency_queries, 'steps': ctx.cfg.teacher_steps},
+            functools.partial(_evaluate, TEACHER, prefix=seed_dir(seed), ros=False,
+                              folder=VALID_EVAL)))
     for name, overrides in tune.candidates.items():
         own_teacher = any(k.startswith(f'{TEACHER}.') for k in overrides)
         for seed in ctx.seeds:
@@ -107,6 +118,17 @@ def build_tune_stages(ctx: Context, tune: TuneConfig, study: str = 'tune') -> li
     return stages
 
 
+def teacher_eval_stage(seed: int) -> str:
+    """The validation evaluation of a training seed's teacher: the reference every candidate
+    is judged against (shared by the studies; a candidate with its own teacher.* settings
+    is still judged against the shared teacher)."""
+    return f'{seed_dir(seed)}/{VALID_EVAL}_{TEACHER}'
+
+
+def teacher_eval_file(seed: int) -> str:
+    return f'{seed_dir(seed)}/{VALID_EVAL}/{TEACHER}.json'
+
+
 def candidate_dir(ctx: Context, name: str, seed: int) -> str:
     """Where a candidate's models and evaluations of one training seed go: tune/<name> for
     the first seed, tune/<name>/seed_<s> for later ones."""
@@ -125,16 +147,22 @@ def _tune_report(tune: TuneConfig, outputs: list[str], ctx: Context) -> dict[str
     import json
 
     from vdd_ros.report import interval_summary, plot_candidates
-    rows, modes = [], ctx.modes()
-    for name, overrides in tune.candidates.items():
-        evs = [json.loads(ctx.path(f'{candidate_dir(ctx, name, s)}/eval/{STUDENT}.json')
-                          .read_text()) for s in ctx.seeds]
-        rows.append({'candidate': name, 'overrides': overrides,
-                     **interval_summary(evs, modes),
-                     'rarest_mode_share': rarest_mode_share(evs, modes)})
+    modes = ctx.modes()
+
+    def scored(files: list[str]) -> dict[str, Any]:
+        evs = [json.loads(ctx.path(f).read_text()) for f in files]
+        return {**interval_summary(evs, modes), 'rarest_mode_share': rarest_mode_share(evs, modes)}
+
+    teacher = scored([teacher_eval_file(s) for s in ctx.seeds])
+    rows = [{'candidate': name, 'overrides': overrides,
+             **scored([f'{candidate_dir(ctx, name, s)}/eval/{STUDENT}.json' for s in ctx.seeds])}
+            for name, overrides in tune.candidates.items()]
+    for r in rows:
+        r['meets_targets'] = meets_targets(r, teacher, len(modes))
     best = max(rows, key=lambda r: (round(r['success_rate'], 6), r['mode_entropy'] or 0.0))
     result = {'task': ctx.task, 'split': 'valid', 'episodes': ctx.cfg.eval_episodes,
-              'training_seeds': ctx.seeds, 'rows': rows, 'best': best['candidate']}
+              'training_seeds': ctx.seeds, 'teacher': teacher, 'rows': rows,
+              'best': best['candidate']}
     json_file, md_file, png_file = outputs
     write_json(ctx.path(json_file), result)
     write_text(ctx.path(md_file), tune_markdown(result, Path(png_file).name))
@@ -147,28 +175,57 @@ def _tune_report(tune: TuneConfig, outputs: list[str], ctx: Context) -> dict[str
     return {'best': best['candidate']}
 
 
+def meets_targets(row: Mapping[str, Any], teacher: Mapping[str, Any], n_modes: int) -> bool:
+    """Whether a candidate meets the report's targets on the validation seeds: mean success
+    at least the teacher's minus SUCCESS_MARGIN, mode entropy at least ENTROPY_FRACTION of
+    the teacher's and, with COVERAGE_MODES modes or more, every mode at least COVERAGE of
+    the successful rollouts."""
+    tol = 1e-12
+    if row['success_rate'] < teacher['success_rate'] - SUCCESS_MARGIN - tol:
+        return False
+    if teacher['mode_entropy'] is not None and (
+            row['mode_entropy'] is None
+            or row['mode_entropy'] < ENTROPY_FRACTION * teacher['mode_entropy'] - tol):
+        return False
+    return n_modes < COVERAGE_MODES or (row['rarest_mode_share'] or 0.0) >= COVERAGE - tol
+
+
 def tune_markdown(result: Mapping[str, Any], plot: str = 'candidates.png') -> str:
-    """tune.md: the candidates and their validation scores."""
-    lines = ['| candidate | overrides | validation success [95% CI] | mode entropy [95% CI] '
-             '| rarest mode |', '|---|---|---|---|---|']
-    for r in result['rows']:
-        over = ', '.join(f'`{k}={v}`' for k, v in r['overrides'].items()) or '(defaults)'
+    """tune.md: the teacher's and the candidates' validation scores, and whether each
+    candidate meets the targets against the teacher."""
+    def cells(r: Mapping[str, Any]) -> str:
         ent = '-' if r['mode_entropy'] is None else \
             f"{r['mode_entropy']:.2f} [{r['entropy_ci'][0]:.2f}, {r['entropy_ci'][1]:.2f}]"
         rare = r.get('rarest_mode_share')
-        lines.append(f"| {r['candidate']} | {over} | {r['success_rate']:.2f} "
-                     f"[{r['success_ci'][0]:.2f}, {r['success_ci'][1]:.2f}] | {ent} | "
-                     + ('-' if rare is None else f'{rare:.0%}') + ' |')
+        return (f"{r['success_rate']:.2f} [{r['success_ci'][0]:.2f}, {r['success_ci'][1]:.2f}]"
+                f" | {ent} | " + ('-' if rare is None else f'{rare:.0%}'))
+
+    teacher = result.get('teacher')
+    lines = ['| candidate | overrides | validation success [95% CI] | mode entropy [95% CI] '
+             '| rarest mode | targets |', '|---|---|---|---|---|---|']
+    if teacher is not None:
+        lines.append(f'| *teacher* | (reference) | {cells(teacher)} | |')
+    for r in result['rows']:
+        over = ', '.join(f'`{k}={v}`' for k, v in r['overrides'].items()) or '(defaults)'
+        met = {True: 'met', False: 'missed', None: '-'}[r.get('meets_targets')]
+        lines.append(f"| {r['candidate']} | {over} | {cells(r)} | {met} |")
     seeds = result.get('training_seeds', [result.get('training_seed')])
     where = (f'training seed {seeds[0]}; intervals: bootstrap over rollouts' if len(seeds) == 1
              else f'training seeds {", ".join(map(str, seeds))}; intervals: two-level '
                   f'bootstrap over the seeds, then each seed\'s rollouts')
+    targets = '' if teacher is None else (
+        f" A candidate meets the targets with a mean success of at least the teacher's minus "
+        f"{SUCCESS_MARGIN} (here {teacher['success_rate'] - SUCCESS_MARGIN:.2f}), a mode "
+        f"entropy of at least {ENTROPY_FRACTION} times the teacher's and, with "
+        f"{COVERAGE_MODES} modes or more, every mode in at least {COVERAGE:.0%} of the "
+        f"successful rollouts; the teacher is each training seed's own, on the same "
+        f"validation seeds.")
     return (f"# Tuning the VDD-MoE on `{result['task']}` (validation seeds)\n\n"
             f"{result['episodes']} validation episodes per candidate and training seed (seeds "
             f"from 2000000; the test seeds are sealed while tuning), {where}. The rarest mode "
             f"is the smallest share of a mode among the successful rollouts, pooled over the "
-            f"seeds. Highest validation success (then entropy): **{result['best']}**.\n\n"
-            + '\n'.join(lines) + f'\n\n![candidates]({plot})\n')
+            f"seeds.{targets} Highest validation success (then entropy): "
+            f"**{result['best']}**.\n\n" + '\n'.join(lines) + f'\n\n![candidates]({plot})\n')
 
 
 def run_tune(task: str, cfg: PipelineConfig, tune: TuneConfig,
