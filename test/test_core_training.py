@@ -1,12 +1,13 @@
 """Training loops: VDD recovers the modes of an exact mixture score, baselines fit the data,
 divergence raises, early stop and progress callbacks work."""
 import dataclasses
+import math
 import threading
 
 import pytest
 import torch
 
-from vdd_ros.core.baselines import train_em
+from vdd_ros.core.baselines import em_loss, floor_scales, train_em
 from vdd_ros.core.config import BaselineConfig, MoEConfig, TeacherConfig, VDDConfig
 from vdd_ros.core.moe import MixtureOfExperts
 from vdd_ros.core.progress import DivergenceError
@@ -119,6 +120,46 @@ def test_gating_step_moves_toward_data_responsibilities(experts):
         loss.backward()
         opt.step()
     assert moe.log_gating(moe.features(obs[:1])).exp()[0, 0] > 0.9
+
+
+def test_an_e_step_floor_sets_the_gatings_targets_but_the_experts_fit_unfloored():
+    # a narrow expert (std 0.001) 2 stds from the action, a wide one (0.1) 0.48 stds from it
+    moe = MixtureOfExperts(MoEConfig(num_experts=2, hidden_dim=8, num_layers=1), 1, 1)
+    log_gate = torch.log(torch.tensor([[0.5, 0.5]])).requires_grad_()
+    means = torch.tensor([[[0.0], [0.05]]])
+    scales = torch.tensor([[[0.001], [0.1]]])
+    moe.forward = lambda obs: (log_gate, means, scales)
+    action = torch.tensor([[0.002]])
+
+    def responsibilities_and_loss(floor):
+        log_gate.grad = None
+        loss = em_loss(moe, torch.zeros(1, 1), action, floor)
+        loss.backward()
+        return -log_gate.grad[0], loss.item()       # d loss / d log gate = -responsibility
+
+    def log_normal(x, mu, std):
+        return -0.5 * ((x - mu) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
+    comp = [log_normal(0.002, 0.0, 0.001), log_normal(0.002, 0.05, 0.1)]
+    resp, loss = responsibilities_and_loss(None)
+    assert float(resp[0]) == pytest.approx(1 / (1 + math.exp(comp[1] - comp[0])), rel=1e-5)
+    assert float(resp[0]) > 0.9
+    # floored at 0.1 both experts are judged at std 0.1: the narrow one barely wins
+    floored, floored_loss = responsibilities_and_loss(0.1)
+    judged = [log_normal(0.002, 0.0, 0.1), log_normal(0.002, 0.05, 0.1)]
+    assert float(floored[0]) == pytest.approx(1 / (1 + math.exp(judged[1] - judged[0])),
+                                              rel=1e-5)
+    assert 0.5 < float(floored[0]) < 0.6
+    # the experts' own likelihood (the M-step) keeps the narrow expert's std
+    expected = -sum(float(r) * (c + math.log(0.5)) for r, c in zip(floored, comp))
+    assert floored_loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_e_step_floor_lifts_a_cholesky_diagonal_and_keeps_the_rest():
+    chol = torch.tensor([[[[0.01, 0.0], [0.5, 0.3]]]])
+    assert torch.equal(floor_scales(chol, 0.1, full=True),
+                       torch.tensor([[[[0.1, 0.0], [0.5, 0.3]]]]))
+    assert torch.equal(floor_scales(torch.tensor([[[0.01, 0.3]]]), 0.1, full=False),
+                       torch.tensor([[[0.1, 0.3]]]))
 
 
 @pytest.mark.parametrize('experts', EXPERTS)

@@ -249,6 +249,27 @@ def test_the_warm_start_keeps_the_moe_floor_and_distillation_the_vdd_floor(data,
     assert meta['model']['min_std'] == moe.cfg.min_std == 0.003
 
 
+def test_the_warm_start_takes_the_e_step_floor_and_a_useless_one_is_refused(data, tmp_path,
+                                                                           monkeypatch):
+    from vdd_ros.core import jobs
+    seen = []
+
+    def spy(moe, obs, actions, cfg, **kwargs):
+        seen.append(cfg.responsibility_min_std)
+        return train_em(moe, obs, actions, cfg, **kwargs)
+    train_em = jobs.train_em
+    monkeypatch.setattr(jobs, 'train_em', spy)
+    dataset, teacher = data
+    distill_job(teacher, dataset, tmp_path / 'm', show_bar=False,
+                overrides=_overrides('moe.min_std=0.01', 'vdd.init_em_responsibility_min_std=0.2'))
+    assert seen == [0.2]
+    with pytest.raises(UserError, match=r'vdd.init_em_responsibility_min_std: must exceed '
+                                        r'moe.min_std \(0.05\) to have an effect, got 0.05'):
+        distill_job(teacher, dataset, tmp_path / 'n', show_bar=False,
+                    overrides=_overrides('vdd.init_em_responsibility_min_std=0.05'))
+    assert not (tmp_path / 'n').exists() and seen == [0.2]
+
+
 def test_a_vdd_floor_at_or_above_the_initial_std_is_refused_before_training(data, tmp_path):
     dataset, teacher = data
     with pytest.raises(UserError, match='vdd.min_std: must be below moe.init_std'):

@@ -20,13 +20,33 @@ from vdd_ros.core.train_state import TrainingState
 from vdd_ros.core.vdd import linear_decay, set_lr
 
 
-def em_loss(moe: MixtureOfExperts, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Negative expected complete-data log-likelihood under fixed responsibilities."""
+def em_loss(moe: MixtureOfExperts, obs: torch.Tensor, actions: torch.Tensor,
+            responsibility_min_std: float | None = None) -> torch.Tensor:
+    """Negative expected complete-data log-likelihood under fixed responsibilities.
+
+    With `responsibility_min_std` the responsibilities (the E-step, and so the gating's
+    targets) see every expert's std floored there (a full covariance: its Cholesky factor's
+    diagonal), while the experts fit down to the MoE's own floor.
+    """
     log_gate, means, scales = moe(obs)
     comp = moe.component_log_prob(actions[:, None], means, scales)[:, 0]     # (B, Z)
     with torch.no_grad():
-        resp = torch.softmax(log_gate + comp, dim=-1)
+        judged = comp
+        if responsibility_min_std is not None:
+            judged = moe.component_log_prob(
+                actions[:, None], means,
+                floor_scales(scales, responsibility_min_std, moe.full))[:, 0]
+        resp = torch.softmax(log_gate + judged, dim=-1)
     return -(resp * (comp + log_gate)).sum(-1).mean()
+
+
+def floor_scales(scales: torch.Tensor, floor: float, full: bool) -> torch.Tensor:
+    """Diagonal stds `(..., D)` or (`full`) Cholesky factors `(..., D, D)` with no std
+    (diagonal entry) below `floor`."""
+    if not full:
+        return scales.clamp_min(floor)
+    diag = scales.diagonal(dim1=-2, dim2=-1)
+    return scales + torch.diag_embed((floor - diag).clamp_min(0.0))
 
 
 def train_em(moe: MixtureOfExperts, obs: torch.Tensor, actions: torch.Tensor,
@@ -67,7 +87,7 @@ def train_em(moe: MixtureOfExperts, obs: torch.Tensor, actions: torch.Tensor,
             set_lr(opt, cfg.lr * decay(it))
             idx = torch.randint(n, (batch,), device=device, generator=gen)[rows]
             batch_obs = obs[idx] if condition is None else condition(obs[idx])
-            loss = em_loss(moe, batch_obs, actions[idx])
+            loss = em_loss(moe, batch_obs, actions[idx], cfg.responsibility_min_std)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             (value,) = dp.sync(params, share, [loss], tracker.should_stop)

@@ -170,11 +170,16 @@ class VDDConfig:
     # floor on the experts' std while distilling and in the distilled checkpoint (None: the
     # MoE's own, moe.min_std, which then holds in the EM warm start only)
     min_std: float | None = None
+    # the warm start's E-step floor (BaselineConfig.responsibility_min_std): the gating learns
+    # from responsibilities as if no expert were narrower, while the experts fit to moe.min_std
+    init_em_responsibility_min_std: float | None = None
 
     def validate(self) -> None:
         one_of(self.objective, VDD_OBJECTIVES, 'objective')
         if self.min_std is not None:
             positive(self.min_std, 'min_std')
+        if self.init_em_responsibility_min_std is not None:
+            positive(self.init_em_responsibility_min_std, 'init_em_responsibility_min_std')
         for name in ('iterations', 'batch_size', 'samples_per_expert', 'expert_steps'):
             at_least(getattr(self, name), 1, name)
         at_least(self.init_em_iterations, 0, 'init_em_iterations')
@@ -200,12 +205,17 @@ class BaselineConfig:
     batch_size: int = 256
     lr: float = 1e-3
     final_lr_fraction: float = 0.0
+    # floor on the experts' std in the E-step only (the responsibilities the gating is fitted
+    # to); the experts themselves fit down to moe.min_std (None: no separate floor)
+    responsibility_min_std: float | None = None
 
     def validate(self) -> None:
         at_least(self.iterations, 1, 'iterations')
         at_least(self.batch_size, 1, 'batch_size')
         positive(self.lr, 'lr')
         _check(0.0 <= self.final_lr_fraction <= 1.0, 'final_lr_fraction', 'must be in [0, 1]')
+        if self.responsibility_min_std is not None:
+            positive(self.responsibility_min_std, 'responsibility_min_std')
 
 
 CONSISTENCY_DISTANCES = ('pseudo_huber', 'l2')
@@ -294,6 +304,13 @@ class TrainConfig:
                f'must be <= action_horizon ({self.action_horizon}), got {self.action_exec}')
         _check(self.vdd.min_std is None or self.vdd.min_std < self.moe.init_std, 'vdd.min_std',
                f'must be below moe.init_std ({self.moe.init_std}), got {self.vdd.min_std}')
+        for name, floor in (('vdd.init_em_responsibility_min_std',
+                             self.vdd.init_em_responsibility_min_std),
+                            ('em_moe.responsibility_min_std', self.em_moe.responsibility_min_std),
+                            ('gaussian_bc.responsibility_min_std',
+                             self.gaussian_bc.responsibility_min_std)):
+            _check(floor is None or floor > self.moe.min_std, name,
+                   f'must exceed moe.min_std ({self.moe.min_std}) to have an effect, got {floor}')
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:

@@ -251,8 +251,9 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
                                 obs, actions, *teacher.state_dict().values())
         save = _saver(out, data, 'vdd_moe', cfg, dp)
         if warm:
-            bcfg = BaselineConfig(iterations=warm, batch_size=cfg.vdd.batch_size,
-                                  lr=cfg.vdd.init_em_lr)
+            bcfg = BaselineConfig(
+                iterations=warm, batch_size=cfg.vdd.batch_size, lr=cfg.vdd.init_em_lr,
+                responsibility_min_std=cfg.vdd.init_em_responsibility_min_std)
             train_em(moe, windows if own else obs, actions, bcfg, seed=cfg.seed,
                      stage=WARM_START, progress=progress, stop=stop, show_bar=show_bar, dp=dp,
                      state=state, condition=moe.condition if own else None)
