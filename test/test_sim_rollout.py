@@ -18,7 +18,7 @@ from vdd_ros.cli import main  # noqa: E402
 from vdd_ros.sim.collection import collect  # noqa: E402
 from vdd_ros.sim.demonstrators import make_oracle  # noqa: E402
 from vdd_ros.sim.rollout import (EVAL_SEED_BASE, evaluate, evaluation_seeds,  # noqa: E402
-                                 mode_entropy)
+                                 mode_entropy, run_episode)
 from vdd_ros.sim.tasks import TASKS  # noqa: E402
 
 
@@ -181,3 +181,43 @@ def test_collect_records_each_task_env_args_in_one_process(tmp_path: Path) -> No
             env_args = json.loads(f['data'].attrs['env_args'])
         names[task] = (env_args['env_name'], env_args['task'])
     assert names == {'lift_carry': ('Lift', 'lift_carry'), 'pick_either': ('Stack', 'pick_either')}
+
+
+class _CountingEnv:
+    """A 7-step episode whose frames are the step they show."""
+
+    t = 0
+
+    def reset(self, seed: int) -> np.ndarray:
+        self.t = 0
+        return np.zeros(2, np.float32)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
+        self.t += 1
+        return np.zeros(2, np.float32), 0.0, self.t == 7
+
+    def render_frame(self) -> np.ndarray:
+        return np.full((2, 2, 3), self.t, np.uint8)
+
+    def success(self) -> bool:
+        return False
+
+    def mode(self) -> None:
+        return None
+
+
+class _ZeroPolicy:
+    def reset(self, seed: int) -> None:
+        pass
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return np.zeros(7, np.float32)
+
+
+@pytest.mark.parametrize('step, shown', [(1, list(range(8))), (3, [0, 3, 6, 7]),
+                                         (7, [0, 7]), (10, [0, 7])])
+def test_frames_are_rendered_every_frame_step_and_at_the_end(step, shown):
+    frames: list[np.ndarray] = []
+    rec = run_episode(_CountingEnv(), _ZeroPolicy(), 0, frames=frames, frame_step=step)
+    assert rec['length'] == 7
+    assert [int(f[0, 0, 0]) for f in frames] == shown

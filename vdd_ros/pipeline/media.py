@@ -80,7 +80,7 @@ def render_mode_gif(ref: Any, task: Any, detail: list[dict[str, Any]], per_mode:
     caption strip, into one GIF (written atomically). Returns the seeds shown per mode.
 
     The episodes are replayed in this process with the same seeds (and so the same
-    outcomes) as in the evaluation; every `frame_step`-th frame is kept.
+    outcomes) as in the evaluation; every `frame_step`-th frame, and the last, is rendered.
     """
     import numpy as np
     from PIL import Image
@@ -96,10 +96,10 @@ def render_mode_gif(ref: Any, task: Any, detail: list[dict[str, Any]], per_mode:
             frames: list[np.ndarray] = []
             for seed, _ in episodes:
                 raw: list[np.ndarray] = []
-                rec = run_episode(env, policy, seed, frames=raw)
+                rec = run_episode(env, policy, seed, frames=raw, frame_step=frame_step)
                 outcome = 'success' if rec['success'] else f'failed ({rec["mode"] or "-"})'
                 caption = f'VDD-MoE | {mode} | seed {seed} | {outcome}'
-                frames += [_captioned(f, caption) for f in raw[::frame_step] + raw[-1:]]
+                frames += [_captioned(f, caption) for f in raw]
             panels.append(frames)
     length = max(len(p) for p in panels)
     images = [Image.fromarray(np.concatenate([p[min(i, len(p) - 1)] for p in panels], axis=1))

@@ -184,7 +184,8 @@ def build_policy(policy: PolicyRef, task: EnvRef, device: str = 'cpu') -> Policy
 
 
 def run_episode(env: Any, policy: Policy, seed: int, record: bool = False,
-                frames: list[np.ndarray] | None = None) -> dict[str, Any]:
+                frames: list[np.ndarray] | None = None, frame_step: int = 1
+                ) -> dict[str, Any]:
     """Run one seeded episode of `policy` in `env` (a SimEnv).
 
     Returns seed, success, mode, length, the oracle's mode (`policy_mode`, None for learned
@@ -192,6 +193,7 @@ def run_episode(env: Any, policy: Policy, seed: int, record: bool = False,
     states[t] are seen before actions[t]; rewards[t] and dones[t] follow it). With `frames`,
     appends one rendered frame per step. A `privileged` policy (a camera task's scripted
     oracle) acts on the state observation; the recorded `obs` are the task's own.
+    `frame_step` > 1 renders only every `frame_step`-th step's frame, and the last one.
     """
     obs = env.reset(seed)
     policy.reset(seed)
@@ -214,7 +216,7 @@ def run_episode(env: Any, policy: Policy, seed: int, record: bool = False,
             rec['actions'].append(action)
             rec['rewards'].append(reward)
             rec['dones'].append(done)
-        if frames is not None:
+        if frames is not None and (done or env.t % frame_step == 0):
             frames.append(env.render_frame())
     out: dict[str, Any] = {
         'seed': int(seed), 'success': bool(env.success()), 'mode': env.mode(),
