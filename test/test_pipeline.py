@@ -1,4 +1,4 @@
-"""`vdd-ros pipeline` end to end at a tiny size: artefacts, caching, resume, --force, errors."""
+"""`vdd-ros pipeline` end to end at a tiny size: artefacts, caching, resume, --from, errors."""
 import json
 import os
 import re
@@ -156,7 +156,7 @@ def _check_report_tables(report: str, metrics: dict) -> None:
     assert f'**{verdict}**' in report
 
 
-def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
+def test_pipeline_end_to_end_and_resumed(tmp_path, capsys, monkeypatch):
     config, results = _config(tmp_path), tmp_path / 'results'
     folder = results / 'lift_carry'
 
@@ -229,15 +229,7 @@ def test_pipeline_end_to_end_resume_and_force(tmp_path, capsys, monkeypatch):
     assert {s for s, d in decisions.items() if d == 'run'} == {
         'seed_0/gaussian_bc', 'seed_0/eval_gaussian_bc', 'video', 'report'}
     assert (folder / 'vdd_moe_modes.gif').is_file()
-
-    # 7. --force reruns every stage.
-    before = _mtimes(folder)
-    assert _run(config, results, '--force') == 1
-    assert set(_decisions(capsys.readouterr().out).values()) == {'run'}
-    after = _mtimes(folder)
-    assert after['seed_0/teacher/model.safetensors'] != \
-        before['seed_0/teacher/model.safetensors']
-    _check_artefacts(folder)
+    _check_artefacts(folder)       # (--force: test_pipeline_dataset, on a shorter horizon)
 
     # `vdd-ros report` redraws from metrics.json and writes the cross-task summary.
     (folder / 'report.md').unlink()

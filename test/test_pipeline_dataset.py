@@ -72,6 +72,13 @@ def test_human_demonstrations_end_to_end_and_resumed(human, tmp_path, capsys):
     # resumed: nothing reruns
     assert main(args) in (0, 1)
     assert set(_decisions(capsys.readouterr().out).values()) == {'skip'}
+    # --force reruns every stage and rewrites what they wrote
+    before = {p: p.stat().st_mtime_ns for p in (folder / 'seed_0').rglob('*') if p.is_file()}
+    assert main([*args, '--force']) in (0, 1)
+    assert _decisions(capsys.readouterr().out) == runs
+    assert not [p for p, t in before.items() if p.stat().st_mtime_ns == t]
+    assert json.loads((folder / 'metrics.json').read_text())['policies'].keys() == \
+        metrics['policies'].keys()
 
 
 def test_standard_lift_demonstrations_are_collected_without_modes(tmp_path, capsys):

@@ -12,6 +12,7 @@ import yaml
 from vdd_ros.cli import main
 from vdd_ros.errors import UserError
 from vdd_ros.pipeline import Context, build_stages, load_pipeline_config
+from vdd_ros.pipeline import stages as pipeline_stages
 from vdd_ros.pipeline.runner import check_stage_name
 from vdd_ros.policies import EVALUATIONS, POLICY_KINDS, Evaluation, PolicyKind, register
 from vdd_ros.report import aggregate, check_targets, interval_summary
@@ -155,7 +156,7 @@ TINY = {
 }
 
 
-def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys):
+def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys, monkeypatch):
     config = tmp_path / 'pipeline.yaml'
     config.write_text(yaml.safe_dump({'defaults': TINY, 'tasks': {'lift_carry': {}}}))
     candidates = tmp_path / 'tune.yaml'
@@ -193,14 +194,19 @@ def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys):
     assert '`moe.experts=shared`' in md and 'validation' in md
     assert '| *teacher* | (reference) |' in md and '| targets |' in md
     assert (folder / 'tune' / 'candidates.png').read_bytes()[:4] == b'\x89PNG'
-    # the pipeline on the same folder reuses the data and the first seed's teacher
+    # the pipeline on the same folder reuses the data and the first seed's teacher (stopped
+    # at its first evaluation: what follows does not read the tuning's folder)
+    def stop(policy, ctx, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline_stages, '_evaluate', stop)
     assert main(['pipeline', '--task', 'lift_carry', '--config', str(config), '--results',
                  str(results), '--quiet', '--set', 'train.gaussian_bc.iterations=5',
                  'train.em_moe.iterations=5', 'train.consistency.iterations=5',
-                 'train.consistency.batch_size=16']) in (0, 1)
+                 'train.consistency.batch_size=16']) == 130
     decisions = dict(re.findall(r'^== \[\d+/\d+\] ([\w/]+): .* -- (run|skip) ',
                                 capsys.readouterr().out, re.M))
     assert decisions['collect'] == decisions['seed_0/teacher'] == 'skip'
+    assert decisions['seed_0/vdd_moe'] == decisions['seed_0/eval_teacher'] == 'run'
     # a bad candidate file is one clear error naming the field, before any work
     candidates.write_text(yaml.safe_dump({'candidates': {'x': {'vdd.lr': 'fast'}}}))
     assert main(args) == 2

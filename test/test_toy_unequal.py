@@ -85,7 +85,7 @@ def test_reduced_run_compares_the_objectives_on_the_same_data():
     """A short run already separates them: the plain student is wider than the mixture and
     puts more mass off the modes than the smoothed one."""
     cfg = ToyConfig(data_size=4000, eval_states=3, eval_samples=500)
-    cfg.unequal.vdd.iterations = 400
+    cfg.unequal.vdd.iterations, cfg.unequal.vdd.batch_size = 400, 64
     m = run_unequal(cfg, seed=0, show_bar=False)['metrics']
     assert m['objective'] == 'smoothed' and list(m['objectives']) == ['smoothed', 'plain']
     smoothed, plain = m['objectives']['smoothed'], m['objectives']['plain']
