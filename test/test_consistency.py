@@ -180,6 +180,16 @@ def test_the_config_section_is_validated_naming_the_field(key, value, message):
         from_dict(TrainConfig, {'consistency': {key: value}}, 'train.yaml')
 
 
+def test_an_e_step_floor_for_the_one_expert_of_gaussian_bc_is_refused():
+    data = {'moe': {'min_std': 0.01}, 'gaussian_bc': {'responsibility_min_std': 0.2}}
+    with pytest.raises(ConfigError, match=re.escape(
+            'train.yaml: gaussian_bc.responsibility_min_std: has no effect: Gaussian BC has '
+            'one expert')):
+        from_dict(TrainConfig, data, 'train.yaml')
+    data['em_moe'] = data.pop('gaussian_bc')          # the EM-trained MoE takes it
+    assert from_dict(TrainConfig, data, 'train.yaml').em_moe.responsibility_min_std == 0.2
+
+
 # -- the job -------------------------------------------------------------------------------
 def _dataset(path, seed=0, obs_dim=5):
     rng = np.random.default_rng(seed)

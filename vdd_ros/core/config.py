@@ -306,11 +306,12 @@ class TrainConfig:
                f'must be below moe.init_std ({self.moe.init_std}), got {self.vdd.min_std}')
         for name, floor in (('vdd.init_em_responsibility_min_std',
                              self.vdd.init_em_responsibility_min_std),
-                            ('em_moe.responsibility_min_std', self.em_moe.responsibility_min_std),
-                            ('gaussian_bc.responsibility_min_std',
-                             self.gaussian_bc.responsibility_min_std)):
+                            ('em_moe.responsibility_min_std', self.em_moe.responsibility_min_std)):
             _check(floor is None or floor > self.moe.min_std, name,
                    f'must exceed moe.min_std ({self.moe.min_std}) to have an effect, got {floor}')
+        _check(self.gaussian_bc.responsibility_min_std is None,
+               'gaussian_bc.responsibility_min_std', 'has no effect: Gaussian BC has one '
+               'expert, whose responsibility is always 1; leave it unset')
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
