@@ -79,6 +79,8 @@ def test_human_demonstrations_end_to_end_and_resumed(human, tmp_path, capsys):
     assert not [p for p, t in before.items() if p.stat().st_mtime_ns == t]
     assert json.loads((folder / 'metrics.json').read_text())['policies'].keys() == \
         metrics['policies'].keys()
+    assert len(load_dataset(folder / 'demos.hdf5').demos) == 3
+    assert not list(folder.rglob('.*tmp*')), 'temporary files left behind'
 
 
 def test_standard_lift_demonstrations_are_collected_without_modes(tmp_path, capsys):

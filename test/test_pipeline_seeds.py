@@ -167,6 +167,7 @@ def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys, monkeypatc
     args = ['tune', '--task', 'lift_carry', '--config', str(config), '--candidates',
             str(candidates), '--results', str(results), '--quiet']
     assert main(args) == 0
+    assert evaluation_seeds(1) == [EVAL_SEED_BASE]      # unsealed once the study is done
     out = capsys.readouterr().out
     ran = re.findall(r'^== \[\d+/\d+\] ([\w/]+): .* -- run ', out, re.M)
     assert ran == ['collect', 'seed_0/teacher', 'seed_0/eval_valid_teacher',
@@ -195,7 +196,8 @@ def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys, monkeypatc
     assert '| *teacher* | (reference) |' in md and '| targets |' in md
     assert (folder / 'tune' / 'candidates.png').read_bytes()[:4] == b'\x89PNG'
     # the pipeline on the same folder reuses the data and the first seed's teacher (stopped
-    # at its first evaluation: what follows does not read the tuning's folder)
+    # at its first evaluation: the reuse is decided before it; test_pipeline checks that the
+    # report leaves a study's markers out)
     def stop(policy, ctx, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(pipeline_stages, '_evaluate', stop)

@@ -195,6 +195,8 @@ def run_episode(env: Any, policy: Policy, seed: int, record: bool = False,
     oracle) acts on the state observation; the recorded `obs` are the task's own.
     `frame_step` > 1 renders only every `frame_step`-th step's frame, and the last one.
     """
+    if frame_step < 1:
+        raise ValueError(f'frame_step must be >= 1, got {frame_step}')
     obs = env.reset(seed)
     policy.reset(seed)
     privileged = getattr(policy, 'privileged', False)  # (duck-typed policies have none)
