@@ -20,7 +20,7 @@ from vdd_ros.policies import EVALUATIONS
 
 PNG = b'\x89PNG\r\n\x1a\n'
 STAGES = ['collect', *(f'seed_0/{k}' for k in POLICY_KINDS),
-          *(f'seed_0/eval_{e}' for e in EVALUATIONS), 'video', 'report']
+          *(f'seed_0/eval_{e}' for e in EVALUATIONS), 'seed_0/latency', 'video', 'report']
 TINY = {
     'demos': 4, 'collect_workers': 1, 'eval_episodes': 2, 'eval_workers': 1,
     'latency_queries': 20,
@@ -77,11 +77,17 @@ def _check_artefacts(folder: Path) -> None:
                                          'teacher_1step', 'vdd_moe', 'consistency',
                                          'gaussian_bc', 'em_moe']
     assert metrics['training_seeds'] == [0] and list(metrics['training']) == list(POLICY_KINDS)
+    # every policy timed in the latency stage, in turn: eight denoiser passes cost more than one
+    latency = json.loads((folder / 'seed_0' / 'latency.json').read_text())
+    assert latency['queries'] == 20 and list(latency['policies']) == list(metrics['policies'])
+    assert latency['policies']['teacher']['query_ms_p50'] > \
+        latency['policies']['teacher_1step']['query_ms_p50']
     for name, m in metrics['policies'].items():
         for key in ('success_rate', 'mode_entropy', 'latency_ms_p50', 'query_ms_p50',
                     'mode_counts', 'episodes'):
             assert key in m, (name, key)
         assert m['episodes'] == 2 and m['query_ms_p50'] > 0 and m['seeds'] == 1
+        assert m['query_ms_p50'] == latency['policies'][name]['query_ms_p50'], name
         lo, hi = m['success_ci']
         assert 0 <= lo <= m['success_rate'] <= hi <= 1
         detail = json.loads((folder / 'seed_0' / 'eval' / f'{name}.json').read_text())[
@@ -224,7 +230,7 @@ def test_pipeline_end_to_end_and_resumed(tmp_path, capsys, monkeypatch):
     # 5. A changed training setting reruns that model and what reads it, nothing else.
     assert _run(config, results, '--set', 'train.em_moe.iterations=12') == 1
     ran = {s for s, d in _decisions(capsys.readouterr().out).items() if d == 'run'}
-    assert ran == {'seed_0/em_moe', 'seed_0/eval_em_moe', 'report'}
+    assert ran == {'seed_0/em_moe', 'seed_0/eval_em_moe', 'seed_0/latency', 'report'}
     assert json.loads((folder / 'stages' / 'seed_0' / 'em_moe.json').read_text())['info'][
         'iterations'] == 12
 
@@ -234,7 +240,7 @@ def test_pipeline_end_to_end_and_resumed(tmp_path, capsys, monkeypatch):
                 'train.em_moe.iterations=12') == 1
     decisions = _decisions(capsys.readouterr().out)
     assert {s for s, d in decisions.items() if d == 'run'} == {
-        'seed_0/gaussian_bc', 'seed_0/eval_gaussian_bc', 'video', 'report'}
+        'seed_0/gaussian_bc', 'seed_0/eval_gaussian_bc', 'seed_0/latency', 'video', 'report'}
     assert (folder / 'vdd_moe_modes.gif').is_file()
     _check_artefacts(folder)       # (--force: test_pipeline_dataset, on a shorter horizon)
 

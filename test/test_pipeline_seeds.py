@@ -48,6 +48,14 @@ def test_stages_for_three_training_seeds_share_the_data_and_pair_teachers():
             assert stages[f'seed_{seed}/eval_{name}'].deps == ('collect',
                                                                 f'seed_{seed}/{kind.name}')
             assert stages[f'seed_{seed}/eval_{name}'].settings['split'] == 'test'
+        # each seed's policies are timed together, once its evaluations are done
+        latency = stages[f'seed_{seed}/latency']
+        assert latency.deps == ('collect', *(f'seed_{seed}/{k}' for k in POLICY_KINDS))
+        assert list(latency.settings['policies']) == list(EVALUATIONS)
+        assert latency.settings['policies']['teacher_4step'] == {'steps': 4}
+        order = list(stages)
+        assert order.index(f'seed_{seed}/latency') == 1 + max(
+            order.index(f'seed_{seed}/eval_{name}') for name in EVALUATIONS)
     assert stages['video'].deps == ('seed_5/eval_vdd_moe',)
     assert set(stages['report'].deps) == set(stages) - {'report'}
     # --from names one stage, or a per-seed stage in every seed
@@ -64,7 +72,7 @@ def test_a_camera_task_keys_its_stages_by_the_image_and_encoder_settings():
                                                         cfg.train_config()))}
     camera = stages('pick_either_image')
     trained = {n.split('/')[1] for n in camera if n.startswith('seed_0/') and
-               not n.startswith('seed_0/eval')}
+               not n.startswith(('seed_0/eval', 'seed_0/latency'))}
     assert trained == {'teacher', 'vdd_moe', 'gaussian_bc'}
     assert camera['seed_0/teacher'].settings['vision']['encoder'] == 'conv'
     wider = stages('pick_either_image', **{'train.vision.feature_dim': 32})

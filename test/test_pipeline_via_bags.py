@@ -22,7 +22,7 @@ TINY = {
               'consistency.iterations': 5, 'consistency.batch_size': 16},
 }
 STAGES = ['record', 'bag2dataset', *(f'seed_0/{k}' for k in POLICY_KINDS),
-          *(f'seed_0/eval_{e}' for e in EVALUATIONS), 'video', 'report']
+          *(f'seed_0/eval_{e}' for e in EVALUATIONS), 'seed_0/latency', 'video', 'report']
 
 
 def _decisions(text):

@@ -223,3 +223,48 @@ def test_frames_are_rendered_every_frame_step_and_at_the_end(step, shown):
     assert [int(f[0, 0, 0]) for f in frames] == shown
     with pytest.raises(ValueError, match='frame_step must be >= 1, got 0'):
         run_episode(_CountingEnv(), _ZeroPolicy(), 0, frames=frames, frame_step=0)
+
+
+class _TimedPolicy:
+    """A stand-in ModelPolicy whose `act` sleeps `ms` and logs its name and episode step."""
+
+    def __init__(self, name: str, ms: float, log: list):
+        from types import SimpleNamespace
+
+        from vdd_ros.core.policy import PolicySpec
+        self.name, self.ms, self.log, self.episode = name, ms, log, None
+        self.spec = PolicySpec(obs_fields=[('obs', 2)], action_dim=1, action_exec=4)
+        self.model = SimpleNamespace(encoder=SimpleNamespace(has_cameras=False))
+
+    def reset(self, episode):
+        self.episode = episode
+
+    def act(self, obs):
+        import time
+        assert self.spec.action_exec == 1            # every call a network query
+        self.log.append((self.name, self.episode, float(obs[0])))
+        time.sleep(self.ms / 1e3)
+
+
+def test_latencies_are_timed_in_turn_on_the_demonstrations(tmp_path):
+    from vdd_ros.core.data import Demo, write_dataset
+    from vdd_ros.pipeline.media import query_latencies
+    demos = [Demo(obs=np.stack([np.arange(6) + 10 * i, np.zeros(6)], 1).astype(np.float32),
+                  actions=np.zeros((6, 1), np.float32)) for i in range(3)]
+    write_dataset(tmp_path / 'd.hdf5', demos, [('obs', 2)], {'task': 'x'})
+    log: list = []
+    policies = {'slow': _TimedPolicy('slow', 2.0, log), 'fast': _TimedPolicy('fast', 0.2, log)}
+    out = query_latencies(policies, tmp_path / 'd.hdf5', queries=40, rounds=4, warmup=3)
+    assert list(out) == ['slow', 'fast']
+    assert out['slow']['query_count'] == out['fast']['query_count'] == 40
+    assert 1.9 < out['slow']['query_ms_p50'] <= out['slow']['query_ms_p99']
+    assert out['fast']['query_ms_p50'] < 1.0 < out['slow']['query_ms_p50']
+    # four turns each (warm-up first): slow 3 + 10, fast 3 + 10, then 10 each in turn
+    names = [n for n, _, _ in log]
+    turns = [names[0]] + [b for a, b in zip(names, names[1:]) if a != b]
+    assert turns == ['slow', 'fast'] * 4 and len(names) == 2 * (3 + 40)
+    # each policy walks the demonstrations in order, reset at each episode's first step
+    seen = [(e, v) for n, e, v in log if n == 'fast']
+    assert seen[:8] == [(0, 0.0), (0, 1.0), (0, 2.0), (0, 3.0), (0, 4.0), (0, 5.0),
+                        (1, 10.0), (1, 11.0)]
+    assert seen[18] == (0, 0.0)                   # after the last demonstration, the first

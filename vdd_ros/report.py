@@ -213,7 +213,8 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
                      train: Mapping[str, Any], stage_order: list[str] | None = None,
                      seeds: Sequence[int] = (0,)) -> dict[str, Any]:
     """metrics.json of a task folder whose evaluations are done (stages in `stage_order`,
-    training seeds `seeds`, each in seed_<s>/)."""
+    training seeds `seeds`, each in seed_<s>/: its evaluations in eval/, its policies'
+    per-action latency in latency.json)."""
     from vdd_ros.core.checkpoint import read_training
     folder = Path(folder)
     imported = _read_json(folder / 'stages' / 'dataset.json') \
@@ -225,10 +226,12 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
     policies: dict[str, dict[str, Any]] = {}
     eval_seeds: list[int] = []
     trained = config.get('policies') or list(POLICY_KINDS)
+    latency = {s: _read_json(folder / f'seed_{s}' / 'latency.json')['policies'] for s in seeds}
     for name, (_, kind) in EVALUATIONS.items():
         if kind.name not in trained:
             continue
-        runs = [_read_json(folder / f'seed_{s}' / 'eval' / f'{name}.json') for s in seeds]
+        runs = [{**_read_json(folder / f'seed_{s}' / 'eval' / f'{name}.json'),
+                 **latency[s][name]} for s in seeds]
         policies[name] = aggregate(runs, seeds, modes)
         eval_seeds = [d['seed'] for d in runs[0].get('episodes_detail', [])]
     teacher_ms = policies[TEACHER]['query_ms_p50']
@@ -401,8 +404,10 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
         f"over the rollouts only.",
         f"*Per-action latency*: one policy query per action (no action chunk amortises it), "
         f"batch 1, one CPU thread, on the demonstrations' observations "
-        f"({p[TEACHER].get('query_count', '?')} timed queries per policy), mean over the "
-        f"seeds; the speed-up divides the teacher's p50 by each policy's." + (
+        f"({p[TEACHER].get('query_count', '?')} timed queries per policy, after the "
+        f"evaluations, every policy of a seed timed in turn over ten rounds so that the "
+        f"machine's load falls on all alike), mean over the seeds; the speed-up divides the "
+        f"teacher's p50 by each policy's." + (
             f" The image encoders alone take {_fmt(vdd['encoder_ms_p50'])} ms of the VDD-MoE's "
             f"{_fmt(vdd['query_ms_p50'])} ms "
             f"({100 * vdd['encoder_ms_p50'] / vdd['query_ms_p50']:.0f}%) and "

@@ -1,8 +1,8 @@
 """The end-to-end pipeline on one task: demonstrations to a results report.
 
     collect -> for each training seed s (seed_<s>/): one training stage per policy kind
-            -> one evaluation stage per evaluation -> video -> report (mean and 95% interval
-            over the seeds)
+            -> one evaluation stage per evaluation -> latency (every evaluation's policy
+            timed in turn) -> video -> report (mean and 95% interval over the seeds)
 
 The policy kinds and their evaluations come from the registry (vdd_ros/policies.py). The
 package is split into `config` (PipelineConfig, config/pipeline.yaml), `runner` (cached,
@@ -40,7 +40,7 @@ standard ROS 2 messages, under `<results>/via_bags/<task>/` (its own summary.md 
 """
 from vdd_ros.pipeline.config import (PipelineConfig, default_config_path, describe_config,
                                      flatten, load_pipeline_config)
-from vdd_ros.pipeline.media import pick_mode_episodes, query_latency, render_mode_gif
+from vdd_ros.pipeline.media import pick_mode_episodes, query_latencies, render_mode_gif
 from vdd_ros.pipeline.runner import (Context, Stage, marker_path, read_marker,
                                      remove_stale_temporaries, results_root, run_stages,
                                      seed_dir, stage_key, task_lock)
@@ -48,6 +48,6 @@ from vdd_ros.pipeline.stages import GIF_NAME, build_stages, dataset_source, run_
 
 __all__ = ['GIF_NAME', 'Context', 'PipelineConfig', 'Stage', 'build_stages', 'dataset_source',
            'default_config_path', 'describe_config', 'flatten', 'load_pipeline_config',
-           'marker_path', 'pick_mode_episodes', 'query_latency', 'read_marker',
+           'marker_path', 'pick_mode_episodes', 'query_latencies', 'read_marker',
            'remove_stale_temporaries', 'render_mode_gif', 'results_root', 'run_pipeline',
            'run_stages', 'seed_dir', 'stage_key', 'task_lock']

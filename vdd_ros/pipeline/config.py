@@ -28,7 +28,7 @@ class PipelineConfig:
     teacher_steps: int | None = None     # teacher's default sampling steps (None: checkpoint's)
     expert_mode: str | int | None = None  # VDD-MoE expert choice (None: checkpoint's)
     video_episodes_per_mode: int = 1     # VDD-MoE episodes rendered per behaviour mode
-    latency_queries: int = 300           # timed single-observation queries per policy
+    latency_queries: int = 1000          # timed single-observation queries per policy
     horizon: int | None = None           # --dataset runs: steps per episode (None: longest demo)
     policies: list[str] | None = None    # the policy kinds trained (None: every registered one)
     train: dict[str, Any] = field(default_factory=dict)  # dotted TrainConfig overrides

@@ -2,61 +2,92 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping
 
 from vdd_ros.core.io import atomic_path
 
+LATENCY_ROUNDS = 10    # round-robin turns in which the policies' queries are timed
+ENCODER = '/encoder'   # the key of a policy's encoder timings among the timed calls
 
-def query_latency(policy: Any, dataset: Path, queries: int, warmup: int = 20
-                  ) -> dict[str, float]:
-    """Per-action inference latency of a loaded ModelPolicy, with no chunk to amortise it.
 
-    Every `act` call queries the network (the policy's `action_exec` is set to 1), on the
+def query_latencies(policies: Mapping[str, Any], dataset: Path, queries: int,
+                    rounds: int = LATENCY_ROUNDS, warmup: int = 20
+                    ) -> dict[str, dict[str, float]]:
+    """Per-action inference latency of loaded ModelPolicies, with no chunk to amortise it.
+
+    Every `act` call queries the network (each policy's `action_exec` is set to 1), on the
     demonstrations' observations in episode order, one thread, batch 1: the cost of each
     action when the policy is queried at every control step, as `vdd-ros bench` measures it.
-    A camera policy's image encoders are also timed alone on the same windows
-    (`encoder_ms_p50`), the part of each query that is the same for every policy kind.
+    The policies are timed in turn, `rounds` times `queries / rounds` calls each, with the
+    garbage collector paused, so that a change of machine load falls on all of them alike
+    and their ratios hold. A camera policy's image encoders are also timed alone on the same
+    windows (`encoder_ms_p50`), the part of each query that is the same for every kind.
     """
+    import gc
+
     import numpy as np
     import torch
 
-    from vdd_ros.core.bench import time_calls
+    from vdd_ros.core.bench import time_interleaved
     from vdd_ros.core.data import load_dataset
-    data = load_dataset(dataset, [k for k, _ in policy.spec.obs_fields])
-    steps = [(i, t) for i, demo in enumerate(data.demos) for t in range(len(demo))]
-    steps = (steps * (1 + (queries + warmup) // max(len(steps), 1)))[:queries + warmup]
-    observations = [(i, t, data.demos[i].flat(data.obs_fields, t)) for i, t in steps]
-    policy.spec = dataclasses.replace(policy.spec, action_exec=1)
-    cursor = iter(observations)
+    needed = warmup + rounds * -(-queries // rounds)     # calls per policy, warm-up included
+    calls: dict[str, Callable[[], None]] = {}
+    steps: dict[tuple[str, ...], list[tuple[int, int, Any]]] = {}
+    for name, policy in policies.items():
+        keys = tuple(k for k, _ in policy.spec.obs_fields)
+        if keys not in steps:
+            data = load_dataset(dataset, list(keys))
+            index = [(i, t) for i, demo in enumerate(data.demos) for t in range(len(demo))]
+            steps[keys] = [(i, t, data.demos[i].flat(data.obs_fields, t))
+                           for i, t in index[:needed]]
+        observations = steps[keys]
+        policy.spec = dataclasses.replace(policy.spec, action_exec=1)
+        calls[name] = _acting(policy, itertools.cycle(observations))
+        model = policy.model
+        if model.encoder.has_cameras:
+            windows = itertools.cycle([
+                torch.from_numpy(np.stack([obs] * policy.spec.obs_horizon))[None]
+                for _, _, obs in observations])
+            calls[f'{name}{ENCODER}'] = _encoding(model, windows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.collect()
+    gc.disable()
+    try:
+        ms = time_interleaved(calls, queries, warmup, rounds)
+    finally:
+        gc.enable()
+        torch.set_num_threads(threads)
+    out = {name: {'query_ms_p50': float(np.percentile(ms[name], 50)),
+                  'query_ms_p99': float(np.percentile(ms[name], 99)),
+                  'query_ms_mean': float(ms[name].mean()), 'query_count': int(queries)}
+           for name in policies}
+    for name in policies:
+        if f'{name}{ENCODER}' in ms:    # a camera policy: its image encoders alone, per query
+            out[name]['encoder_ms_p50'] = float(np.percentile(ms[f'{name}{ENCODER}'], 50))
+    return out
 
+
+def _acting(policy: Any, cursor: Iterator[tuple[int, int, Any]]) -> Callable[[], None]:
+    """One timed query of `policy`: its next observation (an episode's first resets it)."""
     def step() -> None:
         episode, t, obs = next(cursor)
         if t == 0:
             policy.reset(episode)
         policy.act(obs)
-    model = policy.model
-    encoder = model.encoder if model.encoder.has_cameras else None
-    windows = iter([torch.from_numpy(np.stack([obs] * policy.spec.obs_horizon))[None]
-                    for _, _, obs in observations] if encoder is not None else [])
+    return step
+
+
+def _encoding(model: Any, windows: Iterator[Any]) -> Callable[[], None]:
+    """One timed pass of `model`'s image encoders over the next observation window."""
+    import torch
 
     @torch.inference_mode()
     def encode() -> None:
-        window = next(windows)
-        encoder(model.obs_normalizer.normalize(window).reshape(1, -1))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ms = time_calls(step, queries, warmup)
-        encoder_ms = time_calls(encode, queries, warmup) if encoder is not None else None
-    finally:
-        torch.set_num_threads(threads)
-    out = {'query_ms_p50': float(np.percentile(ms, 50)),
-           'query_ms_p99': float(np.percentile(ms, 99)), 'query_ms_mean': float(ms.mean()),
-           'query_count': int(queries)}
-    if encoder_ms is not None:     # a camera policy: its image encoders alone, per query
-        out['encoder_ms_p50'] = float(np.percentile(encoder_ms, 50))
-    return out
+        model.encoder(model.obs_normalizer.normalize(next(windows)).reshape(1, -1))
+    return encode
 
 
 def pick_mode_episodes(detail: list[dict[str, Any]], modes: list[str], per_mode: int

@@ -3,6 +3,7 @@
     <data> -> for each training seed s, under seed_<s>/:
                   one training stage per kind (teacher first; students read seed_<s>/teacher)
                   -> eval_<evaluation> for every evaluation of every kind
+                  -> latency (every evaluation's per-action latency, timed in turn)
            -> video (the first seed's VDD-MoE) -> report (every seed, with intervals)
 
 `<data>` is `collect` (the task's scripted demonstrations), `dataset` (the user's file) or
@@ -25,11 +26,12 @@ from vdd_ros.core.config import TrainConfig, to_dict
 from vdd_ros.core.io import check_writable, write_json
 from vdd_ros.errors import UserError
 from vdd_ros.pipeline.config import PipelineConfig
-from vdd_ros.pipeline.media import query_latency, render_mode_gif
+from vdd_ros.pipeline.media import LATENCY_ROUNDS, query_latencies, render_mode_gif
 from vdd_ros.pipeline.runner import (Context, Stage, check_stage_name, read_marker,
                                      remove_stale_temporaries, results_root, run_stages,
                                      seed_dir, task_lock)
-from vdd_ros.policies import EVALUATIONS, POLICY_KINDS, STUDENT, Evaluation, PolicyKind
+from vdd_ros.policies import (EVALUATIONS, POLICY_KINDS, STUDENT, TEACHER, Evaluation,
+                              PolicyKind)
 
 GIF_NAME = 'vdd_moe_modes.gif'
 
@@ -110,20 +112,39 @@ def _train_config(ctx: Context, overrides: Mapping[str, Any]) -> TrainConfig:
 
 
 def eval_settings(ctx: Context, evaluation: Evaluation, via_ros: bool) -> dict[str, Any]:
-    """What keys an evaluation stage: episodes and their split, latency queries, steps or
-    expert choice, and the ROS settings when it runs through the nodes."""
+    """What keys an evaluation stage: episodes and their split, steps or expert choice, and
+    the ROS settings when it runs through the nodes."""
     cfg = ctx.cfg
     settings: dict[str, Any] = {'episodes': cfg.eval_episodes, 'split': ctx.eval_split,
-                                'latency_queries': cfg.latency_queries}
-    if EVALUATIONS[evaluation.name][1].model_kind == 'teacher':
-        settings['steps'] = evaluation.steps or cfg.teacher_steps
-    if evaluation.name == STUDENT:
-        settings['expert_mode'] = cfg.expert_mode
+                                **acting_settings(ctx, evaluation.name)}
     if via_ros:
         settings.update(via_ros=True, control_rate_hz=cfg.ros_control_rate_hz)
         if ctx.via_bags:
             settings['binding'] = f'task:{ctx.task}'
     return settings
+
+
+def acting_settings(ctx: Context, evaluation: str) -> dict[str, Any]:
+    """How an evaluation's policy acts: a teacher's sampling steps, the VDD-MoE's expert
+    choice (None: the checkpoint's), nothing for the other kinds."""
+    if EVALUATIONS[evaluation][1].model_kind == 'teacher':
+        return {'steps': EVALUATIONS[evaluation][0].steps or ctx.cfg.teacher_steps}
+    if evaluation == STUDENT:
+        return {'expert_mode': ctx.cfg.expert_mode}
+    return {}
+
+
+def latency_stage(ctx: Context, seed: int, data: str) -> Stage:
+    """The stage timing every evaluation's policy of `seed` in turn (after its rollouts, so
+    that no evaluation shares the machine with the timing) into `seed_<s>/latency.json`."""
+    prefix = seed_dir(seed)
+    names = [n for n, (_, kind) in EVALUATIONS.items() if kind.name in ctx.cfg.kinds()]
+    return Stage(f'{prefix}/latency', f'per-action latency of every policy (seed {seed})',
+                 (data, *(f'{prefix}/{k}' for k in ctx.cfg.kinds())),
+                 [f'{prefix}/latency.json'],
+                 {'queries': ctx.cfg.latency_queries, 'rounds': LATENCY_ROUNDS, 'threads': 1,
+                  'policies': {n: acting_settings(ctx, n) for n in names}},
+                 functools.partial(_latency, names, seed=seed))
 
 
 VIA_BINDING = ('teacher', 'vdd_moe')   # evaluated over standard messages in via-bags runs
@@ -154,6 +175,7 @@ def build_stages(ctx: Context) -> list[Stage]:
                                 (data, f'{prefix}/{kind.name}'), [f'{prefix}/eval/{name}.json'],
                                 eval_settings(ctx, evaluation, ros),
                                 functools.partial(_evaluate, name, seed=seed)))
+        stages.append(latency_stage(ctx, seed, data))
     first = seed_dir(ctx.seeds[0])
     stages.append(Stage('video', 'render VDD-MoE rollouts' + ('' if ctx.dataset else
                                                               ' of each mode'),
@@ -402,18 +424,36 @@ def _evaluate(policy: str, ctx: Context, seed: int | None = None, prefix: str | 
     else:
         metrics = evaluate(ref, env, cfg.eval_episodes, workers=cfg.eval_workers,
                            seeds=seeds, show_progress=ctx.show_progress, device=ctx.device)
-    built = build_policy(ref, env, ctx.device)
-    metrics.update(built.model.describe())
-    metrics.update(query_latency(built, ctx.path('demos.hdf5'), cfg.latency_queries))
+    metrics.update(build_policy(ref, env, ctx.device).model.describe())
     label = evaluation.label + (' (over ROS)' if ros else '')
     metrics.update(name=policy, label=label, checkpoint=kind.name, device=ctx.device,
                    split=ctx.eval_split)
     write_json(ctx.path(f'{prefix}/{folder}/{policy}.json'), metrics)
     modes = f'({_counts(metrics["mode_counts"])}), mode entropy ' \
         f'{metrics["mode_entropy"]:.2f}' if metrics['mode_counts'] else '(no modes defined)'
-    ctx.log(f'  success {metrics["successes"]}/{metrics["episodes"]} {modes}, '
-            f'{metrics["query_ms_p50"]:.3f} ms per action (p50)')
-    return {k: metrics[k] for k in ('success_rate', 'mode_entropy', 'query_ms_p50')}
+    ctx.log(f'  success {metrics["successes"]}/{metrics["episodes"]} {modes}')
+    return {k: metrics[k] for k in ('success_rate', 'mode_entropy')}
+
+
+def _latency(names: list[str], ctx: Context, seed: int) -> dict[str, Any]:
+    """Time the policies of `names` (evaluations) of training seed `seed` in turn."""
+    from vdd_ros.sim.rollout import build_policy
+    prefix = seed_dir(seed)
+    env = ctx.env()
+    policies = {n: build_policy(policy_ref(ctx, n, ctx.path(f'{prefix}/{kind.name}')), env,
+                                ctx.device)
+                for n, (_, kind) in EVALUATIONS.items() if n in names}
+    timed = query_latencies(policies, ctx.path('demos.hdf5'), ctx.cfg.latency_queries)
+    write_json(ctx.path(f'{prefix}/latency.json'),
+               {'queries': ctx.cfg.latency_queries, 'rounds': LATENCY_ROUNDS, 'threads': 1,
+                'device': ctx.device, 'policies': timed})
+    teacher = timed[TEACHER]['query_ms_p50']
+    width = max(len(EVALUATIONS[n][0].label) for n in names)
+    for n in names:
+        ms = timed[n]['query_ms_p50']
+        ctx.log(f'  {EVALUATIONS[n][0].label:<{width}}  {ms:7.3f} ms per action (p50), '
+                f'speed-up over the teacher {teacher / ms:4.1f}x')
+    return {n: timed[n]['query_ms_p50'] for n in names}
 
 
 def _video(ctx: Context) -> dict[str, Any]:

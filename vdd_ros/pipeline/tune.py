@@ -91,8 +91,7 @@ def build_tune_stages(ctx: Context, tune: TuneConfig, study: str = 'tune') -> li
         stages.append(Stage(
             teacher_eval_stage(seed), f'validation episodes: teacher, seed {seed}',
             (data, f'{seed_dir(seed)}/{TEACHER}'), [teacher_eval_file(seed)],
-            {'episodes': ctx.cfg.eval_episodes, 'split': 'valid',
-             'latency_queries': ctx.cfg.latency_queries, 'steps': ctx.cfg.teacher_steps},
+            {'episodes': ctx.cfg.eval_episodes, 'split': 'valid', 'steps': ctx.cfg.teacher_steps},
             functools.partial(_evaluate, TEACHER, prefix=seed_dir(seed), ros=False,
                               folder=VALID_EVAL)))
     for name, overrides in tune.candidates.items():
@@ -108,7 +107,6 @@ def build_tune_stages(ctx: Context, tune: TuneConfig, study: str = 'tune') -> li
                 f'{prefix}/eval_{STUDENT}', f'validation episodes: {name}, seed {seed}',
                 (data, f'{prefix}/{STUDENT}'), [f'{prefix}/eval/{STUDENT}.json'],
                 {'episodes': ctx.cfg.eval_episodes, 'split': 'valid',
-                 'latency_queries': ctx.cfg.latency_queries,
                  'expert_mode': ctx.cfg.expert_mode},
                 functools.partial(_evaluate, STUDENT, prefix=prefix, ros=False)))
     name, outputs = report_files(study)
