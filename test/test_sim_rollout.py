@@ -221,8 +221,11 @@ def test_frames_are_rendered_every_frame_step_and_at_the_end(step, shown):
     rec = run_episode(_CountingEnv(), _ZeroPolicy(), 0, frames=frames, frame_step=step)
     assert rec['length'] == 7
     assert [int(f[0, 0, 0]) for f in frames] == shown
+
+
+def test_a_frame_step_below_one_is_refused():
     with pytest.raises(ValueError, match='frame_step must be >= 1, got 0'):
-        run_episode(_CountingEnv(), _ZeroPolicy(), 0, frames=frames, frame_step=0)
+        run_episode(_CountingEnv(), _ZeroPolicy(), 0, frames=[], frame_step=0)
 
 
 class _TimedPolicy:
