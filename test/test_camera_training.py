@@ -156,3 +156,19 @@ def test_loader_bench_measures_the_camera_windows(tmp_path: Path, capsys) -> Non
     assert main(['bench', '--loader', str(state), '--json', str(out)]) == 2
     assert 'no camera fields' in capsys.readouterr().err
     FrameRef.close_all()
+
+
+def test_a_camera_policy_has_its_encoders_timed_alone(tmp_path: Path) -> None:
+    from vdd_ros.core.policy import ModelPolicy, PolicySpec
+    from vdd_ros.pipeline.media import query_latencies
+    path = _dataset(tmp_path / 'cams.hdf5', demos=4)
+    moe = MixtureOfExperts(MoEConfig(num_experts=2, hidden_dim=16, num_layers=1), 2 + 768, 2,
+                           2, 1, fields=FIELDS, vision=VisionConfig(feature_dim=8))
+    state = MixtureOfExperts(MoEConfig(num_experts=2, hidden_dim=16, num_layers=1), 2, 2, 2, 1)
+    policies = {'camera': ModelPolicy(moe, PolicySpec(FIELDS, 2, obs_horizon=2)),
+                'state': ModelPolicy(state, PolicySpec(FIELDS[:1], 2, obs_horizon=2))}
+    out = query_latencies(policies, path, queries=20, rounds=2, warmup=2)
+    # a query encodes the window, then runs the gating and one expert: more than the encoder
+    assert 0 < out['camera']['encoder_ms_p50'] < out['camera']['query_ms_p50']
+    assert 'encoder_ms_p50' not in out['state'] and out['state']['query_count'] == 20
+    FrameRef.close_all()
