@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='rerun this stage and every stage that reads its outputs '
                         '(collect, record and bag2dataset with --via-bags, or dataset with '
                         f'--dataset; {", ".join(POLICY_KINDS)}, '
-                        f'{", ".join("eval_" + e for e in EVALUATIONS)}, video, report; a '
-                        'training or evaluation stage in every seed, or one seed\'s as '
-                        'seed_<s>/<stage>)')
+                        f'{", ".join("eval_" + e for e in EVALUATIONS)}, latency, video, '
+                        'report; a training, evaluation or latency stage in every seed, or one '
+                        'seed\'s as seed_<s>/<stage>)')
     parser.add_argument('--seeds', type=int, default=None, metavar='N',
                         help='train and evaluate every policy with N training seeds (train.seed '
                         'onwards) and report means with 95%% intervals (default: the config\'s '
