@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from vdd_ros.core.baselines import em_loss, floor_scales, train_em
+from vdd_ros.core.baselines import em_loss, floor_scales, std_floor_schedule, train_em
 from vdd_ros.core.config import BaselineConfig, MoEConfig, TeacherConfig, VDDConfig
 from vdd_ros.core.moe import MixtureOfExperts
 from vdd_ros.core.progress import DivergenceError
@@ -152,6 +152,36 @@ def test_an_e_step_floor_sets_the_gatings_targets_but_the_experts_fit_unfloored(
     # the experts' own likelihood (the M-step) keeps the narrow expert's std
     expected = -sum(float(r) * (c + math.log(0.5)) for r, c in zip(floored, comp))
     assert floored_loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_annealed_floor_falls_geometrically_from_the_moes_to_the_final_one():
+    assert std_floor_schedule(0.05, None, 1000) is None
+    floor = std_floor_schedule(0.05, 0.001, 1001)
+    assert floor(0) == pytest.approx(0.05) and floor(1000) == pytest.approx(0.001)
+    assert floor(500) == pytest.approx(math.sqrt(0.05 * 0.001))       # geometric midpoint
+    assert floor(2000) == pytest.approx(0.001)                       # held past the end
+
+
+def test_an_annealed_warm_start_ends_at_the_final_floor_with_experts_below_the_first():
+    # two modes 0.005 wide: with a floor of 0.05 throughout no std can fit them; annealed
+    # to 0.001 the experts end narrower than the floor they started from
+    gen = torch.Generator().manual_seed(0)
+    obs = torch.randn(512, 2, generator=gen)
+    actions = 0.5 * torch.sign(obs[:, :1]) + 0.005 * torch.randn(512, 1, generator=gen)
+
+    def warm_start(final):
+        torch.manual_seed(0)
+        moe = MixtureOfExperts(MoEConfig(num_experts=2, hidden_dim=32, num_layers=2), 2, 1)
+        moe.init_means(actions, torch.Generator().manual_seed(0))
+        train_em(moe, obs, actions, BaselineConfig(iterations=600, batch_size=128,
+                                                   final_min_std=final), show_bar=False)
+        with torch.no_grad():
+            log_gate, _, scales = moe(obs)
+        return moe, (log_gate.exp() * scales[..., 0]).sum(-1).median().item()
+    fixed, fixed_std = warm_start(None)
+    annealed, annealed_std = warm_start(0.001)
+    assert fixed.cfg.min_std == 0.05 and fixed_std >= 0.05
+    assert annealed.cfg.min_std == pytest.approx(0.001) and annealed_std < 0.02
 
 
 def test_the_e_step_floor_lifts_a_cholesky_diagonal_and_keeps_the_rest():

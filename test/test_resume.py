@@ -249,6 +249,37 @@ def test_the_warm_start_keeps_the_moe_floor_and_distillation_the_vdd_floor(data,
     assert meta['model']['min_std'] == moe.cfg.min_std == 0.003
 
 
+def test_an_annealed_warm_start_hands_distillation_the_moe_floor_or_the_vdd_one(
+        data, tmp_path, monkeypatch):
+    from vdd_ros.core import jobs
+    seen = []
+
+    def spy(name, fn):
+        def wrapped(moe, *args, **kwargs):
+            seen.append((name, moe.cfg.min_std))
+            out = fn(moe, *args, **kwargs)
+            seen.append((f'after {name}', moe.cfg.min_std))
+            return out
+        monkeypatch.setattr(jobs, name, wrapped)
+    spy('train_em', jobs.train_em)
+    spy('distill', jobs.distill)
+    dataset, teacher = data
+    distill_job(teacher, dataset, tmp_path / 'm', show_bar=False,
+                overrides=_overrides('moe.min_std=0.2', 'vdd.init_em_final_min_std=0.003'))
+    assert seen[:3] == [('train_em', 0.2), ('after train_em', pytest.approx(0.003)),
+                        ('distill', 0.2)]
+    seen.clear()
+    distill_job(teacher, dataset, tmp_path / 'n', show_bar=False,
+                overrides=_overrides('vdd.init_em_final_min_std=0.003', 'vdd.min_std=0.002'))
+    assert seen[:3] == [('train_em', 0.05), ('after train_em', pytest.approx(0.003)),
+                        ('distill', 0.002)]
+    with pytest.raises(UserError, match=r'vdd.init_em_final_min_std: must be below '
+                                        r'moe.init_std \(0.5\), got 0.5'):
+        distill_job(teacher, dataset, tmp_path / 'o', show_bar=False,
+                    overrides=_overrides('vdd.init_em_final_min_std=0.5'))
+    assert not (tmp_path / 'o').exists()
+
+
 def test_the_warm_start_takes_the_e_step_floor_and_a_useless_one_is_refused(data, tmp_path,
                                                                            monkeypatch):
     from vdd_ros.core import jobs

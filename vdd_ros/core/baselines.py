@@ -49,6 +49,17 @@ def floor_scales(scales: torch.Tensor, floor: float, full: bool) -> torch.Tensor
     return scales + torch.diag_embed((floor - diag).clamp_min(0.0))
 
 
+def std_floor_schedule(start: float, final: float | None, iterations: int
+                       ) -> Callable[[int], float] | None:
+    """The experts' std floor at each iteration when annealed (deterministic annealing):
+    `start` at the first, geometrically down (or up) to `final` at the last; None without
+    `final`."""
+    if final is None:
+        return None
+    ratio, last = final / start, max(iterations - 1, 1)
+    return lambda it: start * ratio ** min(it / last, 1.0)
+
+
 def train_em(moe: MixtureOfExperts, obs: torch.Tensor, actions: torch.Tensor,
              cfg: BaselineConfig, *, seed: int = 0, stage: str = 'em_moe',
              progress: ProgressCallback | None = None, stop: threading.Event | None = None,
@@ -81,10 +92,13 @@ def train_em(moe: MixtureOfExperts, obs: torch.Tensor, actions: torch.Tensor,
     dp.broadcast_(moe)
     tracker = ProgressTracker(stage, cfg.iterations, progress if dp.is_main else None, stop,
                               show_bar and dp.is_main, initial=start, history=history)
+    floor = std_floor_schedule(moe.cfg.min_std, cfg.final_min_std, cfg.iterations)
     moe.train()
     try:
         for it in range(start, cfg.iterations):
             set_lr(opt, cfg.lr * decay(it))
+            if floor is not None:
+                moe.set_min_std(floor(it))
             idx = torch.randint(n, (batch,), device=device, generator=gen)[rows]
             batch_obs = obs[idx] if condition is None else condition(obs[idx])
             loss = em_loss(moe, batch_obs, actions[idx], cfg.responsibility_min_std)

@@ -173,6 +173,9 @@ class VDDConfig:
     # the warm start's E-step floor (BaselineConfig.responsibility_min_std): the gating learns
     # from responsibilities as if no expert were narrower, while the experts fit to moe.min_std
     init_em_responsibility_min_std: float | None = None
+    # the warm start's std floor annealed from moe.min_std to this value (BaselineConfig.
+    # final_min_std): soft responsibilities first, sharp ones at the end (None: no annealing)
+    init_em_final_min_std: float | None = None
 
     def validate(self) -> None:
         one_of(self.objective, VDD_OBJECTIVES, 'objective')
@@ -180,6 +183,8 @@ class VDDConfig:
             positive(self.min_std, 'min_std')
         if self.init_em_responsibility_min_std is not None:
             positive(self.init_em_responsibility_min_std, 'init_em_responsibility_min_std')
+        if self.init_em_final_min_std is not None:
+            positive(self.init_em_final_min_std, 'init_em_final_min_std')
         for name in ('iterations', 'batch_size', 'samples_per_expert', 'expert_steps'):
             at_least(getattr(self, name), 1, name)
         at_least(self.init_em_iterations, 0, 'init_em_iterations')
@@ -208,6 +213,9 @@ class BaselineConfig:
     # floor on the experts' std in the E-step only (the responsibilities the gating is fitted
     # to); the experts themselves fit down to moe.min_std (None: no separate floor)
     responsibility_min_std: float | None = None
+    # deterministic annealing of the experts' std floor: from moe.min_std at the first
+    # iteration, geometrically, to this value at the last (None: moe.min_std throughout)
+    final_min_std: float | None = None
 
     def validate(self) -> None:
         at_least(self.iterations, 1, 'iterations')
@@ -216,6 +224,8 @@ class BaselineConfig:
         _check(0.0 <= self.final_lr_fraction <= 1.0, 'final_lr_fraction', 'must be in [0, 1]')
         if self.responsibility_min_std is not None:
             positive(self.responsibility_min_std, 'responsibility_min_std')
+        if self.final_min_std is not None:
+            positive(self.final_min_std, 'final_min_std')
 
 
 CONSISTENCY_DISTANCES = ('pseudo_huber', 'l2')
@@ -302,8 +312,12 @@ class TrainConfig:
         at_least(self.action_exec, 1, 'action_exec')
         _check(self.action_exec <= self.action_horizon, 'action_exec',
                f'must be <= action_horizon ({self.action_horizon}), got {self.action_exec}')
-        _check(self.vdd.min_std is None or self.vdd.min_std < self.moe.init_std, 'vdd.min_std',
-               f'must be below moe.init_std ({self.moe.init_std}), got {self.vdd.min_std}')
+        for name, floor in (('vdd.min_std', self.vdd.min_std),
+                            ('vdd.init_em_final_min_std', self.vdd.init_em_final_min_std),
+                            ('em_moe.final_min_std', self.em_moe.final_min_std),
+                            ('gaussian_bc.final_min_std', self.gaussian_bc.final_min_std)):
+            _check(floor is None or floor < self.moe.init_std, name,
+                   f'must be below moe.init_std ({self.moe.init_std}), got {floor}')
         for name, floor in (('vdd.init_em_responsibility_min_std',
                              self.vdd.init_em_responsibility_min_std),
                             ('em_moe.responsibility_min_std', self.em_moe.responsibility_min_std)):

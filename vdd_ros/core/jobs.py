@@ -253,14 +253,14 @@ def distill_job(teacher_ckpt: Path_, dataset: Path_, out: Path_, config: Path_ |
         if warm:
             bcfg = BaselineConfig(
                 iterations=warm, batch_size=cfg.vdd.batch_size, lr=cfg.vdd.init_em_lr,
-                responsibility_min_std=cfg.vdd.init_em_responsibility_min_std)
+                responsibility_min_std=cfg.vdd.init_em_responsibility_min_std,
+                final_min_std=cfg.vdd.init_em_final_min_std)
             train_em(moe, windows if own else obs, actions, bcfg, seed=cfg.seed,
                      stage=WARM_START, progress=progress, stop=stop, show_bar=show_bar, dp=dp,
                      state=state, condition=moe.condition if own else None)
             if dp.should_stop(stop is not None and stop.is_set()):
                 return save(moe)
-        if cfg.vdd.min_std is not None:
-            moe.set_min_std(cfg.vdd.min_std)
+        moe.set_min_std(cfg.vdd.min_std if cfg.vdd.min_std is not None else cfg.moe.min_std)
         history = distill(moe, TeacherScore(teacher), obs, actions, cfg.vdd, seed=cfg.seed,
                           progress=progress, stop=stop, show_bar=show_bar, on_checkpoint=save,
                           checkpoint_every=checkpoint_every, dp=dp, state=state,
