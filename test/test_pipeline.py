@@ -108,6 +108,8 @@ def _check_artefacts(folder: Path) -> None:
         assert gif.format == 'GIF' and gif.n_frames > 5
     report = (folder / 'report.md').read_text()
     assert '| policy | success [95% CI] |' in report and '| VDD-MoE (over ROS) |' in report
+    assert f"({latency['queries']} timed queries per policy" in report
+    assert f"timed in turn over {latency['rounds']} rounds" in report
     _check_report_tables(report, metrics)
     assert 'plots/training_curves.png' in report and 'vdd_moe_modes.gif' in report
     summary = (folder.parent / 'summary.md').read_text()

@@ -56,7 +56,7 @@ RUN_FIELDS = ('successes', 'episodes', 'success_rate', 'mode_counts', 'mode_entr
               'mean_length', 'query_ms_p50', 'query_ms_p99')
 # Fields taken from the first seed's evaluation (the same for every seed)
 FIRST_FIELDS = ('label', 'via_ros', 'sampling_steps', 'expert_mode', 'control_rate_hz',
-                'workers', 'device', 'query_count')
+                'workers', 'device', 'query_count', 'query_rounds')
 # Fields averaged over the seeds
 MEAN_FIELDS = ('mean_length', 'mean_length_success', 'latency_ms_p50', 'latency_ms_p99',
                'latency_ms_mean', 'query_ms_p50', 'query_ms_p99', 'query_ms_mean',
@@ -226,12 +226,13 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
     policies: dict[str, dict[str, Any]] = {}
     eval_seeds: list[int] = []
     trained = config.get('policies') or list(POLICY_KINDS)
-    latency = {s: _read_json(folder / f'seed_{s}' / 'latency.json')['policies'] for s in seeds}
+    latency = {s: _read_json(folder / f'seed_{s}' / 'latency.json') for s in seeds}
     for name, (_, kind) in EVALUATIONS.items():
         if kind.name not in trained:
             continue
         runs = [{**_read_json(folder / f'seed_{s}' / 'eval' / f'{name}.json'),
-                 **latency[s][name]} for s in seeds]
+                 **latency[s]['policies'][name], 'query_rounds': latency[s]['rounds']}
+                for s in seeds]
         policies[name] = aggregate(runs, seeds, modes)
         eval_seeds = [d['seed'] for d in runs[0].get('episodes_detail', [])]
     teacher_ms = policies[TEACHER]['query_ms_p50']
@@ -405,7 +406,8 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
         f"*Per-action latency*: one policy query per action (no action chunk amortises it), "
         f"batch 1, one CPU thread, on the demonstrations' observations "
         f"({p[TEACHER].get('query_count', '?')} timed queries per policy, after the "
-        f"evaluations, every policy of a seed timed in turn over ten rounds so that the "
+        f"evaluations, every policy of a seed timed in turn over "
+        f"{p[TEACHER].get('query_rounds', '?')} rounds so that the "
         f"machine's load falls on all alike), mean over the seeds; the speed-up divides the "
         f"teacher's p50 by each policy's." + (
             f" The image encoders alone take {_fmt(vdd['encoder_ms_p50'])} ms of the VDD-MoE's "

@@ -138,9 +138,10 @@ def latency_stage(ctx: Context, seed: int, data: str) -> Stage:
     """The stage timing every evaluation's policy of `seed` in turn (after its rollouts, so
     that no evaluation shares the machine with the timing) into `seed_<s>/latency.json`."""
     prefix = seed_dir(seed)
-    names = [n for n, (_, kind) in EVALUATIONS.items() if kind.name in ctx.cfg.kinds()]
+    kinds = ctx.cfg.kinds()
+    names = [n for n, (_, kind) in EVALUATIONS.items() if kind.name in kinds]
     return Stage(f'{prefix}/latency', f'per-action latency of every policy (seed {seed})',
-                 (data, *(f'{prefix}/{k}' for k in ctx.cfg.kinds())),
+                 (data, *(f'{prefix}/{k}' for k in kinds)),
                  [f'{prefix}/latency.json'],
                  {'queries': ctx.cfg.latency_queries, 'rounds': LATENCY_ROUNDS, 'threads': 1,
                   'policies': {n: acting_settings(ctx, n) for n in names}},
