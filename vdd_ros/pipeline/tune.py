@@ -31,7 +31,7 @@ from vdd_ros.errors import UserError
 from vdd_ros.pipeline.config import PipelineConfig, flatten
 from vdd_ros.pipeline.runner import (Context, Stage, check_stage_name,
                                      remove_stale_temporaries, run_stages, seed_dir, task_lock)
-from vdd_ros.pipeline.stages import _evaluate, data_stages, training_stage
+from vdd_ros.pipeline.stages import _evaluate, acting_settings, data_stages, training_stage
 from vdd_ros.policies import POLICY_KINDS, STUDENT, TEACHER
 from vdd_ros.report import COVERAGE, COVERAGE_MODES, ENTROPY_FRACTION, SUCCESS_MARGIN
 
@@ -91,7 +91,8 @@ def build_tune_stages(ctx: Context, tune: TuneConfig, study: str = 'tune') -> li
         stages.append(Stage(
             teacher_eval_stage(seed), f'validation episodes: teacher, seed {seed}',
             (data, f'{seed_dir(seed)}/{TEACHER}'), [teacher_eval_file(seed)],
-            {'episodes': ctx.cfg.eval_episodes, 'split': 'valid', 'steps': ctx.cfg.teacher_steps},
+            {'episodes': ctx.cfg.eval_episodes, 'split': 'valid',
+             **acting_settings(ctx, TEACHER)},
             functools.partial(_evaluate, TEACHER, prefix=seed_dir(seed), ros=False,
                               folder=VALID_EVAL)))
     for name, overrides in tune.candidates.items():
@@ -107,7 +108,7 @@ def build_tune_stages(ctx: Context, tune: TuneConfig, study: str = 'tune') -> li
                 f'{prefix}/eval_{STUDENT}', f'validation episodes: {name}, seed {seed}',
                 (data, f'{prefix}/{STUDENT}'), [f'{prefix}/eval/{STUDENT}.json'],
                 {'episodes': ctx.cfg.eval_episodes, 'split': 'valid',
-                 'expert_mode': ctx.cfg.expert_mode},
+                 **acting_settings(ctx, STUDENT)},
                 functools.partial(_evaluate, STUDENT, prefix=prefix, ros=False)))
     name, outputs = report_files(study)
     stages.append(Stage(name, 'tuning report', tuple(s.name for s in stages), outputs,
