@@ -308,14 +308,31 @@ def test_the_shipped_candidate_files_are_valid_studies_of_distinct_settings(name
     assert len(set(settings)) == len(settings) >= 2
 
 
+def test_the_annealing_study_pins_its_candidates_and_one_of_them_is_the_default():
+    import copy
+
+    from vdd_ros.core.config import TrainConfig, apply_overrides, to_dict
+    from vdd_ros.pipeline.tune import load_tune_config
+    tune = load_tune_config(Path(__file__).resolve().parents[1] / 'config' / 'tune_anneal.yaml')
+    defaults = to_dict(TrainConfig())
+    applied = {name: apply_overrides(copy.deepcopy(defaults), overrides)
+               for name, overrides in tune.candidates.items()}
+    assert [n for n, d in applied.items() if d == defaults] == ['anneal_0_001_sharp']
+    assert applied['floor_0_05']['vdd']['init_em_final_min_std'] is None
+    # every candidate names both floors, so a later change of the defaults keeps its meaning
+    assert all({'vdd.init_em_final_min_std', 'vdd.min_std'} <= set(c)
+               for c in tune.candidates.values())
+
+
 def test_an_unset_optional_setting_keys_no_stage_and_a_set_one_does():
     from vdd_ros.core.config import TrainConfig
     from vdd_ros.pipeline.runner import stage_key
     from vdd_ros.pipeline.stages import train_settings
     kind = POLICY_KINDS['vdd_moe']
-    unset = train_settings(TrainConfig(), kind)
-    assert 'min_std' not in unset['vdd'] and unset['moe']['min_std'] == 0.05
     cfg = TrainConfig()
+    cfg.vdd.min_std = None
+    unset = train_settings(cfg, kind)
+    assert 'min_std' not in unset['vdd'] and unset['moe']['min_std'] == 0.05
     cfg.vdd.min_std = 0.001
     floored = train_settings(cfg, kind)
     assert floored['vdd']['min_std'] == 0.001

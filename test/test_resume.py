@@ -265,7 +265,8 @@ def test_an_annealed_warm_start_hands_distillation_the_moe_floor_or_the_vdd_one(
     spy('distill', jobs.distill)
     dataset, teacher = data
     distill_job(teacher, dataset, tmp_path / 'm', show_bar=False,
-                overrides=_overrides('moe.min_std=0.2', 'vdd.init_em_final_min_std=0.003'))
+                overrides=_overrides('moe.min_std=0.2', 'vdd.init_em_final_min_std=0.003',
+                                     'vdd.min_std=null'))
     assert seen[:3] == [('train_em', 0.2), ('after train_em', pytest.approx(0.003)),
                         ('distill', 0.2)]
     seen.clear()
@@ -273,6 +274,10 @@ def test_an_annealed_warm_start_hands_distillation_the_moe_floor_or_the_vdd_one(
                 overrides=_overrides('vdd.init_em_final_min_std=0.003', 'vdd.min_std=0.002'))
     assert seen[:3] == [('train_em', 0.05), ('after train_em', pytest.approx(0.003)),
                         ('distill', 0.002)]
+    seen.clear()
+    distill_job(teacher, dataset, tmp_path / 'd', show_bar=False, overrides=_overrides())
+    assert seen[:3] == [('train_em', 0.05), ('after train_em', pytest.approx(0.001)),
+                        ('distill', 0.001)]                             # the defaults
     with pytest.raises(UserError, match=r'vdd.init_em_final_min_std: must be below '
                                         r'moe.init_std \(0.5\), got 0.5'):
         distill_job(teacher, dataset, tmp_path / 'o', show_bar=False,

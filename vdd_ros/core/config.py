@@ -168,14 +168,15 @@ class VDDConfig:
     # the teacher at the same sigma, whose optimum is the unsmoothed teacher (vdd.py)
     objective: str = 'plain'
     # floor on the experts' std while distilling and in the distilled checkpoint (None: the
-    # MoE's own, moe.min_std, which then holds in the EM warm start only)
-    min_std: float | None = None
+    # MoE's own, moe.min_std)
+    min_std: float | None = 0.001
     # the warm start's E-step floor (BaselineConfig.responsibility_min_std): the gating learns
     # from responsibilities as if no expert were narrower, while the experts fit to moe.min_std
     init_em_responsibility_min_std: float | None = None
     # the warm start's std floor annealed from moe.min_std to this value (BaselineConfig.
-    # final_min_std): soft responsibilities first, sharp ones at the end (None: no annealing)
-    init_em_final_min_std: float | None = None
+    # final_min_std): soft responsibilities first keep every mode, sharp ones at the end fit
+    # the phases (None: moe.min_std throughout)
+    init_em_final_min_std: float | None = 0.001
 
     def validate(self) -> None:
         one_of(self.objective, VDD_OBJECTIVES, 'objective')
