@@ -171,7 +171,7 @@ class VDDConfig:
     # MoE's own, moe.min_std)
     min_std: float | None = 0.001
     # the warm start's E-step floor (BaselineConfig.responsibility_min_std): the gating learns
-    # from responsibilities as if no expert were narrower, while the experts fit to moe.min_std
+    # from responsibilities as if no expert were narrower, while the experts fit to their floor
     init_em_responsibility_min_std: float | None = None
     # the warm start's std floor annealed from moe.min_std to this value (BaselineConfig.
     # final_min_std): soft responsibilities first keep every mode, sharp ones at the end fit
