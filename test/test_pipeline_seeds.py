@@ -160,7 +160,8 @@ TINY = {
     'train': {'teacher.iterations': 20, 'teacher.hidden_dim': 32, 'teacher.num_layers': 1,
               'teacher.batch_size': 32, 'moe.hidden_dim': 32, 'moe.num_layers': 1,
               'moe.num_experts': 2, 'vdd.iterations': 5, 'vdd.batch_size': 16,
-              'vdd.init_em_iterations': 5},
+              'vdd.init_em_iterations': 5, 'consistency.iterations': 5,
+              'consistency.batch_size': 16},
 }
 
 
@@ -178,16 +179,26 @@ def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys, monkeypatc
     assert evaluation_seeds(1) == [EVAL_SEED_BASE]      # unsealed once the study is done
     out = capsys.readouterr().out
     ran = re.findall(r'^== \[\d+/\d+\] ([\w/]+): .* -- run ', out, re.M)
-    assert ran == ['collect', 'seed_0/teacher', 'seed_0/eval_valid_teacher',
+    assert ran == ['collect', 'seed_0/teacher', 'seed_0/consistency',
+                   'seed_0/eval_valid_teacher', 'seed_0/eval_valid_consistency',
                    *(f'tune/{c}/{s}' for c in ('default', 'shared', 'no_warm')
                      for s in ('vdd_moe', 'eval_vdd_moe')), 'tune/report']
     folder = results / 'lift_carry'
     result = json.loads((folder / 'tune' / 'tune.json').read_text())
-    # the teacher is scored on the same validation seeds, as the candidates' reference
-    teacher = json.loads((folder / 'seed_0' / 'eval_valid' / 'teacher.json').read_text())
-    assert [d['seed'] for d in teacher['episodes_detail']] == validation_seeds(2)
-    assert result['teacher']['success_rate'] == teacher['success_rate']
+    # the teacher and the consistency student are scored on the same validation seeds, as
+    # the candidates' references
+    for name in ('teacher', 'consistency'):
+        ref = json.loads((folder / 'seed_0' / 'eval_valid' / f'{name}.json').read_text())
+        assert [d['seed'] for d in ref['episodes_detail']] == validation_seeds(2)
+        assert ref['split'] == 'valid' and ref['name'] == name
+        assert result[name]['success_rate'] == ref['success_rate']
+        assert result[name]['mode_entropy'] == ref['mode_entropy']
     assert all(isinstance(r['meets_targets'], bool) for r in result['rows'])
+    cd = result['consistency']
+    for r in result['rows']:
+        assert r['versus_consistency']['entropy'] == (r['mode_entropy'] > cd['mode_entropy'])
+        assert r['versus_consistency']['success'] == \
+            (r['success_rate'] >= cd['success_rate'] - 0.05)
     assert [r['candidate'] for r in result['rows']] == ['default', 'shared', 'no_warm']
     assert result['rows'][2]['overrides'] == {'vdd.init_em_iterations': 0}
     assert result['best'] in ('default', 'shared', 'no_warm') and result['split'] == 'valid'
@@ -202,6 +213,7 @@ def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys, monkeypatc
     md = (folder / 'tune' / 'tune.md').read_text()
     assert '`moe.experts=shared`' in md and 'validation' in md
     assert '| *teacher* | (reference) |' in md and '| targets |' in md
+    assert '| *consistency* | (reference) |' in md and '| above consistency |' in md
     assert (folder / 'tune' / 'candidates.png').read_bytes()[:4] == b'\x89PNG'
     # the pipeline on the same folder reuses the data and the first seed's teacher (stopped
     # at its first evaluation: the reuse is decided before it; test_pipeline checks that the
@@ -216,6 +228,7 @@ def test_tune_scores_candidates_on_validation_seeds(tmp_path, capsys, monkeypatc
     decisions = dict(re.findall(r'^== \[\d+/\d+\] ([\w/]+): .* -- (run|skip) ',
                                 capsys.readouterr().out, re.M))
     assert decisions['collect'] == decisions['seed_0/teacher'] == 'skip'
+    assert decisions['seed_0/consistency'] == 'skip'      # the study's reference, shared
     assert decisions['seed_0/vdd_moe'] == decisions['seed_0/eval_teacher'] == 'run'
     # a bad candidate file is one clear error naming the field, before any work
     candidates.write_text(yaml.safe_dump({'candidates': {'x': {'vdd.lr': 'fast'}}}))
@@ -239,7 +252,21 @@ def test_tune_with_several_training_seeds_pairs_each_candidate_with_each_seeds_t
             assert stages[f'{prefix}/eval_vdd_moe'].deps[-1] == f'{prefix}/vdd_moe'
     assert {'seed_0/teacher', 'seed_1/teacher'} <= set(stages)
     assert set(stages['tune/report'].deps) >= {'tune/uniform/seed_1/eval_vdd_moe',
-                                                  'tune/default/eval_vdd_moe'}
+                                                  'tune/default/eval_vdd_moe',
+                                                  'seed_1/eval_valid_consistency'}
+    # each seed's consistency student is its own teacher's, scored on validation seeds
+    for seed in (0, 1):
+        assert stages[f'seed_{seed}/consistency'].deps[-1] == f'seed_{seed}/teacher'
+        assert stages[f'seed_{seed}/eval_valid_consistency'].settings['split'] == 'valid'
+        assert stages[f'seed_{seed}/eval_valid_consistency'].outputs == \
+            [f'seed_{seed}/eval_valid/consistency.json']
+    # a run without consistency distillation compares with the teacher alone
+    cfg = load_pipeline_config('carry_four', None, {'policies': ['teacher', 'vdd_moe']})
+    ctx = Context('carry_four', Path('/nonexistent'), cfg, cfg.train_config(),
+                  eval_split='valid')
+    names = [s.name for s in build_tune_stages(ctx, tune)]
+    assert 'seed_0/eval_valid_teacher' in names
+    assert not any('consistency' in n for n in names)
 
 
 def test_tune_report_pools_seeds_and_names_the_rarest_mode():
@@ -279,7 +306,33 @@ def test_a_candidate_meets_the_targets_against_the_validation_teacher():
                                   **ci, 'meets_targets': False}]})
     assert '| *teacher* | (reference) | 0.90 [0.80, 1.00] | 0.80 [0.70, 0.90] | 20% | |' in md
     assert '| a | (defaults) | 0.90 [0.80, 1.00] | 0.80 [0.70, 0.90] | 9% | missed |' in md
-    assert '(here 0.85)' in md
+    assert '(here 0.85)' in md and 'above consistency' not in md
+
+
+def test_a_candidate_is_compared_with_consistency_distillation_on_validation_seeds():
+    from vdd_ros.pipeline.tune import tune_markdown
+    from vdd_ros.report import versus_consistency
+    ci = {'success_ci': [0.8, 1.0], 'entropy_ci': [0.7, 0.9]}
+
+    def row(success, entropy):
+        return {'success_rate': success, 'mode_entropy': entropy, 'rarest_mode_share': 0.4,
+                **ci}
+    cd = row(0.90, 0.80)
+    # above on entropy, success within the margin (inclusive); equal entropy is not above
+    assert versus_consistency({'vdd_moe': row(0.85, 0.81), 'consistency': cd})['met']
+    assert not versus_consistency({'vdd_moe': row(0.84, 0.99), 'consistency': cd})['met']
+    assert not versus_consistency({'vdd_moe': row(0.99, 0.80), 'consistency': cd})['met']
+    rows = [{'candidate': name, 'overrides': {}, **r, 'meets_targets': True,
+             'versus_consistency': versus_consistency({'vdd_moe': r, 'consistency': cd})}
+            for name, r in (('wide', row(0.9, 0.9)), ('narrow', row(0.9, 0.7)))]
+    md = tune_markdown({'task': 'pick_either', 'episodes': 50, 'training_seeds': [0, 1, 2],
+                        'teacher': row(0.95, 0.9), 'consistency': cd, 'rows': rows,
+                        'best': 'wide'})
+    assert '| *consistency* | (reference) | 0.90 [0.80, 1.00] | 0.80 [0.70, 0.90] | 40% | | |' \
+        in md
+    assert '| wide | (defaults) | 0.90 [0.80, 1.00] | 0.90 [0.70, 0.90] | 40% | met | yes |' in md
+    assert '| narrow | (defaults) | 0.90 [0.80, 1.00] | 0.70 [0.70, 0.90] | 40% | met | no |' \
+        in md
 
 
 def test_each_candidates_file_is_a_study_with_its_own_report(tmp_path, capsys):

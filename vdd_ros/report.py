@@ -44,6 +44,7 @@ TARGETS = {
 }
 ENTROPY_FRACTION = 0.85
 SUCCESS_MARGIN = 0.05          # VDD-MoE success target: the teacher's minus this
+CONSISTENCY_MARGIN = 0.05      # ... and against consistency distillation: its minus this
 COVERAGE = 0.10          # least share of each mode, on tasks with at least COVERAGE_MODES
 COVERAGE_MODES = 4
 CROSS_TASK_WINS = 3      # tasks on which the VDD-MoE must beat both baselines on success
@@ -192,7 +193,7 @@ def versus_consistency(policies: Mapping[str, Mapping[str, Any]]) -> dict[str, A
         return None
     vdd, cd = policies[STUDENT], policies[CONSISTENCY]
     entropy = vdd['mode_entropy'] > cd['mode_entropy']
-    success = vdd['success_rate'] >= cd['success_rate'] - 0.05
+    success = vdd['success_rate'] >= cd['success_rate'] - CONSISTENCY_MARGIN
     return {'entropy': bool(entropy), 'success': bool(success),
             'met': bool(entropy and success)}
 
@@ -715,7 +716,8 @@ def plot_training_curves(metrics: Mapping[str, Any], path: Path) -> None:
 
 
 def plot_candidates(result: Mapping[str, Any], path: Path) -> None:
-    """`vdd-ros tune`: validation success and mode entropy (95% CI) per candidate."""
+    """`vdd-ros tune`: validation success and mode entropy (95% CI) per candidate, with the
+    references (teacher, consistency distillation) as lines."""
     plt = _pyplot()
     rows = result['rows']
     x = list(range(len(rows)))
@@ -734,6 +736,11 @@ def plot_candidates(result: Mapping[str, Any], path: Path) -> None:
                       else ENTROPY_FRACTION * teacher)
             ax.axhline(teacher, color='tab:blue', lw=1, label='teacher')
             ax.axhline(target, color='tab:red', lw=1, ls='--', label='target')
+        consistency = (result.get('consistency') or {}).get(key)
+        if consistency is not None:
+            ax.axhline(consistency, color=_colour(CONSISTENCY), lw=1, ls=':',
+                       label='consistency')
+        if teacher is not None or consistency is not None:
             ax.legend(fontsize=7, loc='lower right')
         ax.set_xticks(x, [r['candidate'] for r in rows], rotation=35, ha='right', fontsize=7)
         ax.set_ylim(0, 1.1)

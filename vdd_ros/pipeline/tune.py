@@ -7,11 +7,13 @@ pipeline config (`seeds`: the first alone by default, `--set seeds=3` for three)
 
     tune/<candidate>[/seed_<s>]/vdd_moe -> .../eval_vdd_moe (validation seeds, in process)
 
-(the first seed's outputs directly in tune/<candidate>); each seed's teacher is scored on
-the same validation seeds (seed_<s>/eval_valid/teacher.json), and `tune/report` writes
-tune/tune.json, tune/tune.md and tune/candidates.png: validation success, mode entropy (95%
-intervals over seeds and rollouts) and the rarest mode's share, per candidate and for the
-teacher, and whether each candidate meets the targets against the teacher. Each candidates
+(the first seed's outputs directly in tune/<candidate>). Each seed's teacher and consistency
+student (the pipeline's own, shared with it) are scored on the same validation seeds
+(seed_<s>/eval_valid/<kind>.json) as references, and `tune/report` writes tune/tune.json,
+tune/tune.md and tune/candidates.png: validation success, mode entropy (95% intervals over
+seeds and rollouts) and the rarest mode's share, per candidate and per reference, whether each
+candidate meets the targets against the teacher, and whether its mode entropy is above
+consistency distillation's with success within 0.05 of it or better. Each candidates
 file is one study, reported under its file name: tune_modes.yaml -> `tune/tune_modes_report`,
 tune/tune_modes.{json,md} and tune/tune_modes.png. This is both the tuning protocol
 (the defaults are chosen from it) and the ablation table. The test seeds are sealed for the
@@ -33,10 +35,12 @@ from vdd_ros.pipeline.runner import (Context, Stage, check_stage_name,
                                      remove_stale_temporaries, run_stages, seed_dir, task_lock)
 from vdd_ros.pipeline.stages import _evaluate, acting_settings, data_stages, training_stage
 from vdd_ros.policies import POLICY_KINDS, STUDENT, TEACHER
-from vdd_ros.report import COVERAGE, COVERAGE_MODES, ENTROPY_FRACTION, SUCCESS_MARGIN
+from vdd_ros.report import (CONSISTENCY, CONSISTENCY_MARGIN, COVERAGE, COVERAGE_MODES,
+                             ENTROPY_FRACTION, SUCCESS_MARGIN)
 
 CANDIDATE_NAME = 'candidate names are letters, digits and _'
-VALID_EVAL = 'eval_valid'        # a seed's folder for its teacher's validation evaluation
+VALID_EVAL = 'eval_valid'        # a seed's folder for its references' validation evaluations
+REFERENCES = (TEACHER, CONSISTENCY)   # the kinds every candidate is compared with
 
 
 @dataclass
@@ -81,20 +85,23 @@ def report_files(study: str) -> tuple[str, list[str]]:
 
 
 def build_tune_stages(ctx: Context, tune: TuneConfig, study: str = 'tune') -> list[Stage]:
-    """The data stage, the teachers, each candidate's VDD-MoE and its validation evaluation
-    for every training seed, and the study's report."""
+    """The data stage, the references (teacher, consistency student) and their validation
+    evaluations, each candidate's VDD-MoE and its validation evaluation for every training
+    seed, and the study's report."""
     stages = data_stages(ctx)
     data = stages[-1].name
     teacher = POLICY_KINDS[TEACHER]
     for seed in ctx.seeds:
-        stages.append(training_stage(ctx, teacher, seed, data, seed_dir(seed)))
-        stages.append(Stage(
-            teacher_eval_stage(seed), f'validation episodes: teacher, seed {seed}',
-            (data, f'{seed_dir(seed)}/{TEACHER}'), [teacher_eval_file(seed)],
-            {'episodes': ctx.cfg.eval_episodes, 'split': 'valid',
-             **acting_settings(ctx, TEACHER)},
-            functools.partial(_evaluate, TEACHER, prefix=seed_dir(seed), ros=False,
-                              folder=VALID_EVAL)))
+        for name in references(ctx):
+            stages.append(training_stage(ctx, POLICY_KINDS[name], seed, data, seed_dir(seed)))
+        for name in references(ctx):
+            stages.append(Stage(
+                reference_eval_stage(seed, name), f'validation episodes: {name}, seed {seed}',
+                (data, f'{seed_dir(seed)}/{name}'), [reference_eval_file(seed, name)],
+                {'episodes': ctx.cfg.eval_episodes, 'split': 'valid',
+                 **acting_settings(ctx, name)},
+                functools.partial(_evaluate, name, prefix=seed_dir(seed), ros=False,
+                                  folder=VALID_EVAL)))
     for name, overrides in tune.candidates.items():
         own_teacher = any(k.startswith(f'{TEACHER}.') for k in overrides)
         for seed in ctx.seeds:
@@ -117,15 +124,21 @@ def build_tune_stages(ctx: Context, tune: TuneConfig, study: str = 'tune') -> li
     return stages
 
 
-def teacher_eval_stage(seed: int) -> str:
-    """The validation evaluation of a training seed's teacher: the reference every candidate
-    is judged against (shared by the studies; a candidate with its own teacher.* settings
-    is still judged against the shared teacher)."""
-    return f'{seed_dir(seed)}/{VALID_EVAL}_{TEACHER}'
+def references(ctx: Context) -> list[str]:
+    """The kinds scored beside the candidates: the teacher, and consistency distillation
+    unless the run leaves it out (`policies`)."""
+    return [k for k in REFERENCES if k == TEACHER or k in ctx.cfg.kinds()]
 
 
-def teacher_eval_file(seed: int) -> str:
-    return f'{seed_dir(seed)}/{VALID_EVAL}/{TEACHER}.json'
+def reference_eval_stage(seed: int, name: str = TEACHER) -> str:
+    """The validation evaluation of a training seed's reference `name` (shared by the
+    studies; a candidate with its own teacher.* settings is still judged against the shared
+    teacher)."""
+    return f'{seed_dir(seed)}/{VALID_EVAL}_{name}'
+
+
+def reference_eval_file(seed: int, name: str = TEACHER) -> str:
+    return f'{seed_dir(seed)}/{VALID_EVAL}/{name}.json'
 
 
 def candidate_dir(ctx: Context, name: str, seed: int) -> str:
@@ -145,23 +158,27 @@ def rarest_mode_share(runs: list[Mapping[str, Any]], modes: list[str]) -> float 
 def _tune_report(tune: TuneConfig, outputs: list[str], ctx: Context) -> dict[str, Any]:
     import json
 
-    from vdd_ros.report import interval_summary, plot_candidates
+    from vdd_ros.report import interval_summary, plot_candidates, versus_consistency
     modes = ctx.modes()
 
     def scored(files: list[str]) -> dict[str, Any]:
         evs = [json.loads(ctx.path(f).read_text()) for f in files]
         return {**interval_summary(evs, modes), 'rarest_mode_share': rarest_mode_share(evs, modes)}
 
-    teacher = scored([teacher_eval_file(s) for s in ctx.seeds])
+    refs = {name: scored([reference_eval_file(s, name) for s in ctx.seeds])
+            for name in references(ctx)}
+    teacher, consistency = refs[TEACHER], refs.get(CONSISTENCY)
     rows = [{'candidate': name, 'overrides': overrides,
              **scored([f'{candidate_dir(ctx, name, s)}/eval/{STUDENT}.json' for s in ctx.seeds])}
             for name, overrides in tune.candidates.items()]
     for r in rows:
         r['meets_targets'] = meets_targets(r, teacher, len(modes))
+        r['versus_consistency'] = None if consistency is None or not modes else \
+            versus_consistency({STUDENT: r, CONSISTENCY: consistency})
     best = max(rows, key=lambda r: (round(r['success_rate'], 6), r['mode_entropy'] or 0.0))
     result = {'task': ctx.task, 'split': 'valid', 'episodes': ctx.cfg.eval_episodes,
-              'training_seeds': ctx.seeds, 'teacher': teacher, 'rows': rows,
-              'best': best['candidate']}
+              'training_seeds': ctx.seeds, 'teacher': teacher, 'consistency': consistency,
+              'rows': rows, 'best': best['candidate']}
     json_file, md_file, png_file = outputs
     write_json(ctx.path(json_file), result)
     write_text(ctx.path(md_file), tune_markdown(result, Path(png_file).name))
@@ -199,15 +216,23 @@ def tune_markdown(result: Mapping[str, Any], plot: str = 'candidates.png') -> st
         return (f"{r['success_rate']:.2f} [{r['success_ci'][0]:.2f}, {r['success_ci'][1]:.2f}]"
                 f" | {ent} | " + ('-' if rare is None else f'{rare:.0%}'))
 
-    teacher = result.get('teacher')
+    teacher, consistency = result.get('teacher'), result.get('consistency')
+    versus = consistency is not None and consistency['mode_entropy'] is not None
     lines = ['| candidate | overrides | validation success [95% CI] | mode entropy [95% CI] '
-             '| rarest mode | targets |', '|---|---|---|---|---|---|']
+             '| rarest mode | targets |' + (' above consistency |' if versus else ''),
+             '|---|---|---|---|---|---|' + ('---|' if versus else '')]
+    blank = ' |' if versus else ''
     if teacher is not None:
-        lines.append(f'| *teacher* | (reference) | {cells(teacher)} | |')
+        lines.append(f'| *teacher* | (reference) | {cells(teacher)} | |' + blank)
+    if consistency is not None:
+        lines.append(f'| *consistency* | (reference) | {cells(consistency)} | |' + blank)
     for r in result['rows']:
         over = ', '.join(f'`{k}={v}`' for k, v in r['overrides'].items()) or '(defaults)'
         met = {True: 'met', False: 'missed', None: '-'}[r.get('meets_targets')]
-        lines.append(f"| {r['candidate']} | {over} | {cells(r)} | {met} |")
+        vs = r.get('versus_consistency')
+        above = '' if not versus else ' -' if vs is None else f" {'yes' if vs['met'] else 'no'}"
+        lines.append(f"| {r['candidate']} | {over} | {cells(r)} | {met} |" +
+                     (f'{above} |' if versus else ''))
     seeds = result.get('training_seeds', [result.get('training_seed')])
     where = (f'training seed {seeds[0]}; intervals: bootstrap over rollouts' if len(seeds) == 1
              else f'training seeds {", ".join(map(str, seeds))}; intervals: two-level '
@@ -219,6 +244,10 @@ def tune_markdown(result: Mapping[str, Any], plot: str = 'candidates.png') -> st
         f"{COVERAGE_MODES} modes or more, every mode in at least {COVERAGE:.0%} of the "
         f"successful rollouts; the teacher is each training seed's own, on the same "
         f"validation seeds.")
+    if versus:
+        targets += (" *Above consistency*: a mode entropy above consistency distillation's "
+                    f"(each seed's own student), with a success of at least its minus "
+                    f"{CONSISTENCY_MARGIN} (the report's comparison, on validation seeds).")
     return (f"# Tuning the VDD-MoE on `{result['task']}` (validation seeds)\n\n"
             f"{result['episodes']} validation episodes per candidate and training seed (seeds "
             f"from 2000000; the test seeds are sealed while tuning), {where}. The rarest mode "
