@@ -114,6 +114,13 @@ def _check_artefacts(folder: Path) -> None:
     assert 'plots/training_curves.png' in report and 'vdd_moe_modes.gif' in report
     summary = (folder.parent / 'summary.md').read_text()
     assert '[lift_carry](lift_carry/report.md)' in summary
+    # the comparison with consistency distillation carries the entropy difference's interval
+    from vdd_ros.report import difference_text
+    vs, p = metrics['versus_consistency'], metrics['policies']
+    assert vs['entropy_difference'] == pytest.approx(
+        p['vdd_moe']['mode_entropy'] - p['consistency']['mode_entropy'])
+    assert vs['difference_ci'][0] <= vs['difference_ci'][1]
+    assert difference_text(vs) in summary and difference_text(vs) in report
     assert not list(folder.rglob('.*tmp*')), 'temporary files left behind'
 
 

@@ -120,6 +120,23 @@ def test_intervals_cover_known_answers():
     assert (pooled['success_ci'][1] - pooled['success_ci'][0]) < 0.5 * (hi - lo)
 
 
+def test_entropy_difference_pairs_the_training_seeds():
+    from vdd_ros.report import difference_text, entropy_difference
+    balanced = _run([True] * 100, ['left', 'right'] * 50)
+    one_mode = _run([True] * 100, ['left'] * 100)
+    # balanced against one mode: a difference of 1, its interval well above 0
+    d = entropy_difference([balanced], [one_mode], MODES)
+    assert d['entropy_difference'] == pytest.approx(1.0) and d['difference_ci'][0] > 0.9
+    assert difference_text(d) == f"entropy +1.000 [{d['difference_ci'][0]:+.3f}, +1.000]"
+    # the same policy on two very different seeds: paired, the seeds' spread (0 against 1)
+    # cancels and only the rollouts' resampling is left; unpaired it would reach +-0.5
+    d = entropy_difference([balanced, one_mode], [balanced, one_mode], MODES)
+    assert d['entropy_difference'] == 0.0
+    assert -0.05 < d['difference_ci'][0] <= 0.0 <= d['difference_ci'][1] < 0.05
+    with pytest.raises(ValueError, match='paired runs'):
+        entropy_difference([balanced], [balanced, one_mode], MODES)
+
+
 def test_aggregate_pools_counts_and_keeps_each_seed():
     runs = [_run([True, True, False, True], ['left', 'right', None, 'left']),
             _run([True, False, False, False], ['right', None, None, None])]
@@ -333,6 +350,12 @@ def test_a_candidate_is_compared_with_consistency_distillation_on_validation_see
     assert '| wide | (defaults) | 0.90 [0.80, 1.00] | 0.90 [0.70, 0.90] | 40% | met | yes |' in md
     assert '| narrow | (defaults) | 0.90 [0.80, 1.00] | 0.70 [0.70, 0.90] | 40% | met | no |' \
         in md
+    # with the difference's interval (as `vdd-ros tune` writes it) in brackets
+    rows[1]['versus_consistency'].update(entropy_difference=-0.1, difference_ci=[-0.2, 0.01])
+    md = tune_markdown({'task': 'pick_either', 'episodes': 50, 'training_seeds': [0, 1, 2],
+                        'teacher': row(0.95, 0.9), 'consistency': cd, 'rows': rows,
+                        'best': 'wide'})
+    assert '| 40% | met | no (entropy -0.100 [-0.200, +0.010]) |' in md
 
 
 def test_each_candidates_file_is_a_study_with_its_own_report(tmp_path, capsys):

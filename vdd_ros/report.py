@@ -91,15 +91,10 @@ def _entropies(counts: np.ndarray) -> np.ndarray:
     return -(p * logs).sum(-1) / math.log(m)
 
 
-def interval_summary(runs: Sequence[Mapping[str, Any]], modes: Sequence[str],
-                     resamples: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
-    """Mean success rate and mode entropy over evaluations `runs` (one per training seed,
-    each with `episodes_detail`), with 95% two-level bootstrap intervals.
-
-    Mode entropy is that of each run's successful rollouts, normalised by log M, averaged
-    over runs (None when the task defines no modes).
-    """
-    rng = np.random.default_rng(seed)
+def _resampled(runs: Sequence[Mapping[str, Any]], modes: Sequence[str],
+               rng: np.random.Generator, resamples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each run's success rate and mode entropy over `resamples` resamples of its rollouts,
+    both `(runs, resamples)`."""
     index = {m: i for i, m in enumerate(modes)}
     success, entropy = [], []
     for run in runs:
@@ -112,11 +107,27 @@ def interval_summary(runs: Sequence[Mapping[str, Any]], modes: Sequence[str],
         counts = np.stack([(won & (mode[picks] == i)).sum(-1) for i in range(len(modes))],
                           -1) if modes else np.zeros((resamples, 0))
         entropy.append(_entropies(counts))
-    k = len(runs)
-    pick = rng.integers(0, k, (resamples, k))
-    cols = np.arange(resamples)[:, None]
-    boot_s = np.stack(success)[pick, cols].mean(-1)
-    boot_e = np.stack(entropy)[pick, cols].mean(-1)
+    return np.stack(success), np.stack(entropy)
+
+
+def _seed_means(values: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """The mean over the resampled seeds `pick (resamples, k)` of per-run resamples
+    `values (k, resamples)`."""
+    return values[pick, np.arange(pick.shape[0])[:, None]].mean(-1)
+
+
+def interval_summary(runs: Sequence[Mapping[str, Any]], modes: Sequence[str],
+                     resamples: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """Mean success rate and mode entropy over evaluations `runs` (one per training seed,
+    each with `episodes_detail`), with 95% two-level bootstrap intervals.
+
+    Mode entropy is that of each run's successful rollouts, normalised by log M, averaged
+    over runs (None when the task defines no modes).
+    """
+    rng = np.random.default_rng(seed)
+    success, entropy = _resampled(runs, modes, rng, resamples)
+    pick = rng.integers(0, len(runs), (resamples, len(runs)))
+    boot_s, boot_e = _seed_means(success, pick), _seed_means(entropy, pick)
     rates = [float(r['success_rate']) for r in runs]
     out: dict[str, Any] = {
         'success_rate': float(np.mean(rates)),
@@ -126,6 +137,25 @@ def interval_summary(runs: Sequence[Mapping[str, Any]], modes: Sequence[str],
         out['mode_entropy'] = float(np.mean([r['mode_entropy'] for r in runs]))
         out['entropy_ci'] = [float(v) for v in np.percentile(boot_e, [2.5, 97.5])]
     return out
+
+
+def entropy_difference(runs: Sequence[Mapping[str, Any]], others: Sequence[Mapping[str, Any]],
+                       modes: Sequence[str], resamples: int = BOOTSTRAP, seed: int = 0
+                       ) -> dict[str, Any]:
+    """Mean mode entropy of `runs` minus that of `others` (the same training seeds, in the
+    same order), with a 95% interval: the two-level bootstrap of `interval_summary`, the
+    training seeds resampled together for both (paired), the rollouts of each separately."""
+    if len(runs) != len(others):
+        raise ValueError(f'paired runs: {len(runs)} against {len(others)}')
+    rng = np.random.default_rng(seed)
+    _, mine = _resampled(runs, modes, rng, resamples)
+    _, theirs = _resampled(others, modes, rng, resamples)
+    pick = rng.integers(0, len(runs), (resamples, len(runs)))
+    boot = _seed_means(mine, pick) - _seed_means(theirs, pick)
+    value = np.mean([r['mode_entropy'] for r in runs]) - \
+        np.mean([r['mode_entropy'] for r in others])
+    return {'entropy_difference': float(value),
+            'difference_ci': [float(v) for v in np.percentile(boot, [2.5, 97.5])]}
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -188,7 +218,8 @@ def beats_baselines(policies: Mapping[str, Mapping[str, Any]]) -> bool:
 
 def versus_consistency(policies: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
     """The VDD-MoE against consistency distillation: higher mode entropy, success within
-    0.05 or better (None without a consistency evaluation)."""
+    0.05 or better (None without a consistency evaluation). `entropy_difference` adds the
+    difference's interval."""
     if CONSISTENCY not in policies:
         return None
     vdd, cd = policies[STUDENT], policies[CONSISTENCY]
@@ -225,6 +256,7 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
         from vdd_ros.sim.tasks import get_task
         modes = list(get_task(folder.name).modes)
     policies: dict[str, dict[str, Any]] = {}
+    evaluations: dict[str, list[dict[str, Any]]] = {}
     eval_seeds: list[int] = []
     trained = config.get('policies') or list(POLICY_KINDS)
     latency = {s: _read_json(folder / f'seed_{s}' / 'latency.json') for s in seeds}
@@ -235,12 +267,16 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
                  **latency[s]['policies'][name], 'query_rounds': latency[s]['rounds']}
                 for s in seeds]
         policies[name] = aggregate(runs, seeds, modes)
+        evaluations[name] = runs
         eval_seeds = [d['seed'] for d in runs[0].get('episodes_detail', [])]
     teacher_ms = policies[TEACHER]['query_ms_p50']
     for m in policies.values():
         m['speedup_vs_teacher'] = teacher_ms / m['query_ms_p50'] if m['query_ms_p50'] > 0 \
             else None
     targets = check_targets(policies, modes)
+    versus = versus_consistency(policies) if modes else None
+    if versus is not None:
+        versus.update(entropy_difference(evaluations[STUDENT], evaluations[CONSISTENCY], modes))
     stages = {}
     order = {name: i for i, name in enumerate(stage_order or [])}
     markers = sorted((folder / 'stages').rglob('*.json'),
@@ -274,7 +310,7 @@ def assemble_metrics(folder: str | os.PathLike, config: Mapping[str, Any],
         'targets': targets,
         'targets_met': all(t['met'] for t in targets),
         'beats_baselines': beats_baselines(policies),
-        'versus_consistency': versus_consistency(policies) if modes else None,
+        'versus_consistency': versus,
         'settings': {
             'config': dict(config), 'train': dict(train),
             'dataset': {'demos': collect.get('kept'), 'mode_counts': collect.get('mode_counts'),
@@ -355,6 +391,15 @@ def results_table(metrics: Mapping[str, Any]) -> str:
     return '\n'.join(lines)
 
 
+def difference_text(vs: Mapping[str, Any]) -> str:
+    """'entropy +0.012 [-0.030, 0.051]': the VDD-MoE's mode entropy minus consistency
+    distillation's, with its interval ('' without one)."""
+    if vs.get('difference_ci') is None:
+        return ''
+    lo, hi = vs['difference_ci']
+    return f"entropy {vs['entropy_difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 def targets_table(metrics: Mapping[str, Any]) -> str:
     lines = ['| target | value | required | status |', '|---|---|---|---|']
     for t in metrics['targets']:
@@ -375,6 +420,7 @@ def targets_table(metrics: Mapping[str, Any]) -> str:
         lines.append(f"| VDD-MoE mode entropy above consistency distillation's, success "
                      f"within 0.05 or better (cross-task: >= {CONSISTENCY_WINS} of "
                      f"{ALL_TASKS} tasks) | entropy {'higher' if vs['entropy'] else 'not higher'}"
+                     + (f" ({difference_text(vs)})" if vs.get('difference_ci') else '') +
                      f", success {'within' if vs['success'] else 'not within'} | both | "
                      f"{'met' if vs['met'] else 'not on this task'} |")
     return '\n'.join(lines)
@@ -814,13 +860,18 @@ def summary_markdown(tasks: Mapping[str, Mapping[str, Any]]) -> str:
                      + ' | '.join(cells) +
                      f" | {'met' if not missed else 'MISSED: ' + ', '.join(missed)} | "
                      f"{'yes' if m['beats_baselines'] else 'no'} | "
-                     f"{'-' if not vs else 'better' if vs['met'] else 'not better'} |")
+                     f"{'-' if not vs else 'better' if vs['met'] else 'not better'}"
+                     + (f" ({difference_text(vs)})" if vs and vs.get('difference_ci') else '')
+                     + ' |')
     return f"""# VDD-MoE across tasks
 
 Generated {_now()} from the task folders present. Success rates (mean over the training
 seeds, 95% interval) on each task's test seeds; the VDD-MoE ran through the ROS nodes.
 
 {chr(10).join(lines)}
+
+The last column's entropy figure is the VDD-MoE's mode entropy minus consistency
+distillation's, with a 95% interval (two-level bootstrap, the training seeds paired).
 
 Cross-task targets:
 - the VDD-MoE beats every baseline on success on >= {CROSS_TASK_WINS} of {ALL_TASKS} tasks:

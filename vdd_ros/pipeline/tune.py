@@ -36,7 +36,7 @@ from vdd_ros.pipeline.runner import (Context, Stage, check_stage_name,
 from vdd_ros.pipeline.stages import _evaluate, acting_settings, data_stages, training_stage
 from vdd_ros.policies import POLICY_KINDS, STUDENT, TEACHER
 from vdd_ros.report import (CONSISTENCY, CONSISTENCY_MARGIN, COVERAGE, COVERAGE_MODES,
-                             ENTROPY_FRACTION, SUCCESS_MARGIN)
+                             ENTROPY_FRACTION, SUCCESS_MARGIN, difference_text)
 
 CANDIDATE_NAME = 'candidate names are letters, digits and _'
 VALID_EVAL = 'eval_valid'        # a seed's folder for its references' validation evaluations
@@ -158,23 +158,31 @@ def rarest_mode_share(runs: list[Mapping[str, Any]], modes: list[str]) -> float 
 def _tune_report(tune: TuneConfig, outputs: list[str], ctx: Context) -> dict[str, Any]:
     import json
 
-    from vdd_ros.report import interval_summary, plot_candidates, versus_consistency
+    from vdd_ros.report import (entropy_difference, interval_summary, plot_candidates,
+                                versus_consistency)
     modes = ctx.modes()
 
-    def scored(files: list[str]) -> dict[str, Any]:
-        evs = [json.loads(ctx.path(f).read_text()) for f in files]
+    def read(files: list[str]) -> list[dict[str, Any]]:
+        return [json.loads(ctx.path(f).read_text()) for f in files]
+
+    def scored(evs: list[dict[str, Any]]) -> dict[str, Any]:
         return {**interval_summary(evs, modes), 'rarest_mode_share': rarest_mode_share(evs, modes)}
 
-    refs = {name: scored([reference_eval_file(s, name) for s in ctx.seeds])
-            for name in references(ctx)}
+    ref_runs = {name: read([reference_eval_file(s, name) for s in ctx.seeds])
+                for name in references(ctx)}
+    refs = {name: scored(evs) for name, evs in ref_runs.items()}
     teacher, consistency = refs[TEACHER], refs.get(CONSISTENCY)
-    rows = [{'candidate': name, 'overrides': overrides,
-             **scored([f'{candidate_dir(ctx, name, s)}/eval/{STUDENT}.json' for s in ctx.seeds])}
-            for name, overrides in tune.candidates.items()]
-    for r in rows:
+    rows = []
+    for name, overrides in tune.candidates.items():
+        evs = read([f'{candidate_dir(ctx, name, s)}/eval/{STUDENT}.json' for s in ctx.seeds])
+        r = {'candidate': name, 'overrides': overrides, **scored(evs)}
         r['meets_targets'] = meets_targets(r, teacher, len(modes))
-        r['versus_consistency'] = None if consistency is None or not modes else \
-            versus_consistency({STUDENT: r, CONSISTENCY: consistency})
+        r['versus_consistency'] = None
+        if consistency is not None and modes:
+            r['versus_consistency'] = {
+                **versus_consistency({STUDENT: r, CONSISTENCY: consistency}),
+                **entropy_difference(evs, ref_runs[CONSISTENCY], modes)}
+        rows.append(r)
     best = max(rows, key=lambda r: (round(r['success_rate'], 6), r['mode_entropy'] or 0.0))
     result = {'task': ctx.task, 'split': 'valid', 'episodes': ctx.cfg.eval_episodes,
               'training_seeds': ctx.seeds, 'teacher': teacher, 'consistency': consistency,
@@ -230,7 +238,9 @@ def tune_markdown(result: Mapping[str, Any], plot: str = 'candidates.png') -> st
         over = ', '.join(f'`{k}={v}`' for k, v in r['overrides'].items()) or '(defaults)'
         met = {True: 'met', False: 'missed', None: '-'}[r.get('meets_targets')]
         vs = r.get('versus_consistency')
-        above = '' if not versus else ' -' if vs is None else f" {'yes' if vs['met'] else 'no'}"
+        above = '' if not versus else ' -' if vs is None else \
+            f" {'yes' if vs['met'] else 'no'}" + (f' ({difference_text(vs)})'
+                                                   if vs.get('difference_ci') else '')
         lines.append(f"| {r['candidate']} | {over} | {cells(r)} | {met} |" +
                      (f'{above} |' if versus else ''))
     seeds = result.get('training_seeds', [result.get('training_seed')])
@@ -247,7 +257,9 @@ def tune_markdown(result: Mapping[str, Any], plot: str = 'candidates.png') -> st
     if versus:
         targets += (" *Above consistency*: a mode entropy above consistency distillation's "
                     f"(each seed's own student), with a success of at least its minus "
-                    f"{CONSISTENCY_MARGIN} (the report's comparison, on validation seeds).")
+                    f"{CONSISTENCY_MARGIN} (the report's comparison, on validation seeds); in "
+                    f"brackets the entropy difference with its 95% interval (training seeds "
+                    f"paired).")
     return (f"# Tuning the VDD-MoE on `{result['task']}` (validation seeds)\n\n"
             f"{result['episodes']} validation episodes per candidate and training seed (seeds "
             f"from 2000000; the test seeds are sealed while tuning), {where}. The rarest mode "
