@@ -258,6 +258,7 @@ def test_pipeline_end_to_end_and_resumed(tmp_path, capsys, monkeypatch):
     assert main(['report', '--results', str(results), '--all']) == 0
     assert (folder / 'report.md').is_file()
     assert 'pending' in (results / 'summary.md').read_text()
+    assert 'every baseline on >= 3 of 4 tasks: pending' in capsys.readouterr().out
 
 
 def test_a_bad_config_field_is_one_clear_error(tmp_path, capsys):

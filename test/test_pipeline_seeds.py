@@ -324,6 +324,14 @@ def test_a_candidate_meets_the_targets_against_the_validation_teacher():
     assert '| *teacher* | (reference) | 0.90 [0.80, 1.00] | 0.80 [0.70, 0.90] | 20% | |' in md
     assert '| a | (defaults) | 0.90 [0.80, 1.00] | 0.80 [0.70, 0.90] | 9% | missed |' in md
     assert '(here 0.85)' in md and 'above consistency' not in md
+    # overrides read as the candidates file writes them
+    md = tune_markdown({'task': 'carry_four', 'episodes': 50, 'training_seeds': [0],
+                        'best': 'a', 'rows': [{
+                            'candidate': 'a', **row(0.9, 0.8, 0.2), **ci, 'meets_targets': True,
+                            'overrides': {'vdd.min_std': None, 'vdd.score_sigma': [0.2, 0.5],
+                                          'moe.experts': 'shared', 'x.flag': True}}]})
+    assert ('| a | `vdd.min_std=null`, `vdd.score_sigma=[0.2, 0.5]`, `moe.experts=shared`, '
+            '`x.flag=true` |') in md
 
 
 def test_a_candidate_is_compared_with_consistency_distillation_on_validation_seeds():

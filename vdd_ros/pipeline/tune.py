@@ -214,6 +214,12 @@ def meets_targets(row: Mapping[str, Any], teacher: Mapping[str, Any], n_modes: i
     return n_modes < COVERAGE_MODES or (row['rarest_mode_share'] or 0.0) >= COVERAGE - tol
 
 
+def yaml_text(value: Any) -> str:
+    """An override's value as the candidates file writes it (`null`, `true`, `[0.2, 0.5]`)."""
+    import json
+    return value if isinstance(value, str) else json.dumps(value).replace('"', '')
+
+
 def tune_markdown(result: Mapping[str, Any], plot: str = 'candidates.png') -> str:
     """tune.md: the teacher's and the candidates' validation scores, and whether each
     candidate meets the targets against the teacher."""
@@ -235,7 +241,8 @@ def tune_markdown(result: Mapping[str, Any], plot: str = 'candidates.png') -> st
     if consistency is not None:
         lines.append(f'| *consistency* | (reference) | {cells(consistency)} | |' + blank)
     for r in result['rows']:
-        over = ', '.join(f'`{k}={v}`' for k, v in r['overrides'].items()) or '(defaults)'
+        over = ', '.join(f'`{k}={yaml_text(v)}`' for k, v in r['overrides'].items()) \
+            or '(defaults)'
         met = {True: 'met', False: 'missed', None: '-'}[r.get('meets_targets')]
         vs = r.get('versus_consistency')
         above = '' if not versus else ' -' if vs is None else \
