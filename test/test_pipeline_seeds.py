@@ -127,7 +127,7 @@ def test_entropy_difference_pairs_the_training_seeds():
     # balanced against one mode: a difference of 1, its interval well above 0
     d = entropy_difference([balanced], [one_mode], MODES)
     assert d['entropy_difference'] == pytest.approx(1.0) and d['difference_ci'][0] > 0.9
-    assert difference_text(d) == f"entropy +1.000 [{d['difference_ci'][0]:+.3f}, +1.000]"
+    assert difference_text(d) == f"+1.000 [{d['difference_ci'][0]:+.3f}, +1.000]"
     # the same policy on two very different seeds: paired, the seeds' spread (0 against 1)
     # cancels and only the rollouts' resampling is left; unpaired it would reach +-0.5
     d = entropy_difference([balanced, one_mode], [balanced, one_mode], MODES)

@@ -392,12 +392,12 @@ def results_table(metrics: Mapping[str, Any]) -> str:
 
 
 def difference_text(vs: Mapping[str, Any]) -> str:
-    """'entropy +0.012 [-0.030, 0.051]': the VDD-MoE's mode entropy minus consistency
+    """'+0.012 [-0.030, +0.051]': the VDD-MoE's mode entropy minus consistency
     distillation's, with its interval ('' without one)."""
     if vs.get('difference_ci') is None:
         return ''
     lo, hi = vs['difference_ci']
-    return f"entropy {vs['entropy_difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return f"{vs['entropy_difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def targets_table(metrics: Mapping[str, Any]) -> str:
@@ -861,7 +861,8 @@ def summary_markdown(tasks: Mapping[str, Mapping[str, Any]]) -> str:
                      f" | {'met' if not missed else 'MISSED: ' + ', '.join(missed)} | "
                      f"{'yes' if m['beats_baselines'] else 'no'} | "
                      f"{'-' if not vs else 'better' if vs['met'] else 'not better'}"
-                     + (f" ({difference_text(vs)})" if vs and vs.get('difference_ci') else '')
+                     + (f" (entropy {difference_text(vs)})" if vs and vs.get('difference_ci')
+                        else '')
                      + ' |')
     return f"""# VDD-MoE across tasks
 

@@ -246,7 +246,7 @@ def tune_markdown(result: Mapping[str, Any], plot: str = 'candidates.png') -> st
         met = {True: 'met', False: 'missed', None: '-'}[r.get('meets_targets')]
         vs = r.get('versus_consistency')
         above = '' if not versus else ' -' if vs is None else \
-            f" {'yes' if vs['met'] else 'no'}" + (f' ({difference_text(vs)})'
+            f" {'yes' if vs['met'] else 'no'}" + (f' (entropy {difference_text(vs)})'
                                                    if vs.get('difference_ci') else '')
         lines.append(f"| {r['candidate']} | {over} | {cells(r)} | {met} |" +
                      (f'{above} |' if versus else ''))
