@@ -408,6 +408,23 @@ def test_the_annealing_study_pins_its_candidates_and_one_of_them_is_the_default(
                for c in tune.candidates.values())
 
 
+def test_the_samples_study_differs_from_the_default_in_v_alone():
+    import copy
+
+    from vdd_ros.core.config import TrainConfig, apply_overrides, to_dict
+    from vdd_ros.pipeline.tune import load_tune_config
+    tune = load_tune_config(Path(__file__).resolve().parents[1] / 'config' / 'tune_samples.yaml')
+    defaults = to_dict(TrainConfig())
+    applied = {name: apply_overrides(copy.deepcopy(defaults), overrides)
+               for name, overrides in tune.candidates.items()}
+    assert applied['anneal_0_001_sharp'] == defaults
+    four = applied['samples_4_anneal']
+    assert four['vdd'].pop('samples_per_expert') == 4 != defaults['vdd'].pop('samples_per_expert')
+    assert four == defaults
+    assert all({'vdd.init_em_final_min_std', 'vdd.min_std'} <= set(c)
+               for c in tune.candidates.values())
+
+
 def test_an_unset_optional_setting_keys_no_stage_and_a_set_one_does():
     from vdd_ros.core.config import TrainConfig
     from vdd_ros.pipeline.runner import stage_key
