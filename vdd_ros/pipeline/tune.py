@@ -158,8 +158,7 @@ def rarest_mode_share(runs: list[Mapping[str, Any]], modes: list[str]) -> float 
 def _tune_report(tune: TuneConfig, outputs: list[str], ctx: Context) -> dict[str, Any]:
     import json
 
-    from vdd_ros.report import (entropy_difference, interval_summary, plot_candidates,
-                                versus_consistency)
+    from vdd_ros.report import interval_summary, plot_candidates, versus_consistency
     modes = ctx.modes()
 
     def read(files: list[str]) -> list[dict[str, Any]]:
@@ -179,9 +178,9 @@ def _tune_report(tune: TuneConfig, outputs: list[str], ctx: Context) -> dict[str
         r['meets_targets'] = meets_targets(r, teacher, len(modes))
         r['versus_consistency'] = None
         if consistency is not None and modes:
-            r['versus_consistency'] = {
-                **versus_consistency({STUDENT: r, CONSISTENCY: consistency}),
-                **entropy_difference(evs, ref_runs[CONSISTENCY], modes)}
+            r['versus_consistency'] = versus_consistency(
+                {STUDENT: r, CONSISTENCY: consistency},
+                {STUDENT: evs, CONSISTENCY: ref_runs[CONSISTENCY]}, modes)
         rows.append(r)
     best = max(rows, key=lambda r: (round(r['success_rate'], 6), r['mode_entropy'] or 0.0))
     result = {'task': ctx.task, 'split': 'valid', 'episodes': ctx.cfg.eval_episodes,
