@@ -7,17 +7,21 @@ the checkpoint's policy step by step (same seeds, same experts, same chunk queue
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 
-from onnxkit import KINDS, OBS_FIELDS, tiny_exports
+from onnxkit import KINDS, OBS_FIELDS, tiny_checkpoint, tiny_exports
 from vdd_ros.cli import main
 from vdd_ros.core.checkpoint import load_model, load_policy
-from vdd_ros.core.onnx_export import max_difference
+from vdd_ros.core.onnx_export import export_checkpoint, max_difference
 from vdd_ros.core.onnx_policy import META_KEY, OnnxPolicy, TorchRandom
+from vdd_ros.core.policy import noise_seed
+from vdd_ros.errors import UserError
 
 MOES = ('vdd_moe', 'shared_moe', 'gaussian_bc', 'em_moe')
 TEACHERS = ('teacher', 'teacher_heun')
@@ -263,3 +267,45 @@ def test_closed_loop_onnx_matches_torch_on_the_same_seeds(tmp_path):
         assert len(np.unique(want['actions'][:, 0].round(3))) > 1   # the expert changes
         assert (got['success'], got['mode'], got['length']) == \
             (want['success'], want['mode'], want['length'])
+
+
+@pytest.mark.parametrize('method', ['vdd_moe', 'teacher'])
+def test_each_training_seed_draws_its_own_noise_in_an_episode(tmp_path, method):
+    """Checkpoints of different training seeds draw different noise in the same episode (the
+    evaluations of several training seeds are independent samples); training seed s acts in
+    episode e as training seed 0 acts in episode noise_seed(e, s); the exported file records
+    its training seed and acts like its checkpoint."""
+    first = tiny_checkpoint(tmp_path / 'seed_0', method)
+    third = shutil.copytree(first, tmp_path / 'seed_3')
+    meta = yaml.safe_load((third / 'config.yaml').read_text())
+    meta['train'] = {'seed': 3}
+    (third / 'config.yaml').write_text(yaml.safe_dump(meta, sort_keys=False))
+    export_checkpoint(third, tmp_path / 'seed_3.onnx')
+    zero, three = load_policy(first), load_policy(third)
+    exported = load_policy(tmp_path / 'seed_3.onnx')
+    assert (zero.training_seed, three.training_seed, exported.training_seed) == (0, 3, 3)
+    assert exported.meta['train'] == {'seed': 3}
+    obs = np.random.default_rng(0).standard_normal((6, 7)).astype(np.float32)
+
+    def episode(policy, seed):
+        policy.reset(seed)
+        return np.stack([policy.act(o) for o in obs])
+    differ = 0
+    for e in range(8):
+        mine = episode(three, e)
+        np.testing.assert_array_equal(mine, episode(zero, noise_seed(e, 3)))
+        np.testing.assert_allclose(episode(exported, e), mine, atol=1e-5)
+        differ += not np.allclose(mine, episode(zero, e))
+    assert differ >= 4, differ
+    assert noise_seed(7, 0) == 7 and noise_seed(2 ** 32 + 7, 0) == 7
+    assert len({noise_seed(e, s) for e in range(100) for s in range(10)}) == 1000
+
+
+def test_a_bad_training_seed_is_one_line_at_load(exports, tmp_path):
+    bad = shutil.copytree(exports['vdd_moe'][0], tmp_path / 'bad')
+    meta = yaml.safe_load((bad / 'config.yaml').read_text())
+    meta['train'] = {'seed': -2}
+    (bad / 'config.yaml').write_text(yaml.safe_dump(meta, sort_keys=False))
+    with pytest.raises(UserError, match=r'config.yaml: train.seed: must be an integer >= 0, '
+                                        r'got -2$'):
+        load_policy(bad)

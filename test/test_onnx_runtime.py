@@ -192,6 +192,8 @@ BAD = {
     'exec': (_spec('action_exec', 9), 'metadata: sizes out of range'),
     'mode': (lambda p: _set_meta(p, lambda m: m['moe'].__setitem__('expert_mode', 'best')),
              'moe.expert_mode: must be one of'),
+    'training_seed': (lambda p: _set_meta(p, lambda m: m.__setitem__('train', {'seed': 'x'})),
+                      "metadata: train.seed: must be an integer >= 0, got 'x'"),
     'opset_too_new': (_opset(30), r'onnxruntime [\d.]+ cannot load it \(opset 30 is newer '
                       r'than this onnxruntime runs \(ai.onnx up to opset \d+\); export again '
                       r'with a lower --opset\)'),

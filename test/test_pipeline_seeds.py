@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from vdd_ros.cli import main
+from vdd_ros.core.policy import NOISE_SEEDING
 from vdd_ros.errors import UserError
 from vdd_ros.pipeline import Context, build_stages, load_pipeline_config
 from vdd_ros.pipeline import stages as pipeline_stages
@@ -48,6 +49,8 @@ def test_stages_for_three_training_seeds_share_the_data_and_pair_teachers():
             assert stages[f'seed_{seed}/eval_{name}'].deps == ('collect',
                                                                 f'seed_{seed}/{kind.name}')
             assert stages[f'seed_{seed}/eval_{name}'].settings['split'] == 'test'
+            # keyed by the noise seeding: evaluations from an earlier seeding rerun
+            assert stages[f'seed_{seed}/eval_{name}'].settings['noise'] == NOISE_SEEDING
         # each seed's policies are timed together, once its evaluations are done
         latency = stages[f'seed_{seed}/latency']
         assert latency.deps == ('collect', *(f'seed_{seed}/{k}' for k in POLICY_KINDS))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from vdd_ros.core.config import MoEConfig, TeacherConfig, VisionConfig, from_dict, safe_yaml
-from vdd_ros.core.policy import ChunkPolicy, ModelPolicy, PolicySpec
+from vdd_ros.core.policy import ChunkPolicy, ModelPolicy, PolicySpec, training_seed
 from vdd_ros.errors import UserError
 
 if TYPE_CHECKING:
@@ -242,6 +242,6 @@ def load_policy(path: str | os.PathLike, device: str = 'cpu', expert_mode: str |
         if int(steps) < 1:
             raise UserError(f'steps: must be >= 1, got {steps}')
         model.sampling_steps = int(steps)
-    policy = ModelPolicy(model, spec, device)
+    policy = ModelPolicy(model, spec, device, training_seed(meta, str(Path(path) / CONFIG_FILE)))
     policy.meta = meta
     return policy

@@ -28,7 +28,7 @@ from vdd_ros.core.io import atomic_path
 from vdd_ros.core.moe import MixtureOfExperts
 from vdd_ros.core.onnx_policy import (ARGMAX, META_KEY, ONNX_FORMAT, SAMPLE, graph_io,
                                       make_session, read_metadata)
-from vdd_ros.core.policy import PolicySpec
+from vdd_ros.core.policy import PolicySpec, training_seed
 from vdd_ros.core.teacher import DiffusionTeacher
 from vdd_ros.errors import UserError
 
@@ -142,6 +142,7 @@ def metadata(model: nn.Module, spec: PolicySpec, meta: dict[str, Any], opset: in
         'format': ONNX_FORMAT, 'kind': model.kind, 'method': meta.get('method', model.kind),
         'spec': spec.to_dict(), 'binding': binding, 'opset': int(opset),
         'source': {'checkpoint': source, 'torch': torch.__version__},
+        'train': {'seed': training_seed(meta, source or 'the checkpoint')},
     }
     if model.kind == 'moe':
         out['moe'] = {'num_experts': model.num_experts, 'expert_mode': model.expert_mode,

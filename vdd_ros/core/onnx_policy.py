@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from vdd_ros.core.config import EXPERT_MODES, check_expert_mode
-from vdd_ros.core.policy import ChunkPolicy, PolicySpec
+from vdd_ros.core.policy import ChunkPolicy, PolicySpec, noise_seed, training_seed
 from vdd_ros.errors import ConfigError, UserError
 
 META_KEY = 'vdd_ros'
@@ -303,7 +303,7 @@ class OnnxPolicy(ChunkPolicy):
 
     def __init__(self, model: OnnxMoE | OnnxTeacher, spec: PolicySpec,
                  meta: dict[str, Any]) -> None:
-        super().__init__(spec)
+        super().__init__(spec, training_seed(meta, 'metadata'))
         self.model = model
         self.meta = meta
         self._random = TorchRandom()
@@ -311,7 +311,7 @@ class OnnxPolicy(ChunkPolicy):
     def reset(self, seed: int | None = None) -> None:
         super().reset(seed)
         if seed is not None:
-            self._random.seed(seed)
+            self._random.seed(noise_seed(seed, self.training_seed))
         self.model.reset()
 
     def query(self, window: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
@@ -375,6 +375,7 @@ def read_metadata(session: Any, name: str) -> dict[str, Any]:
         got = meta.get('format') if isinstance(meta, dict) else meta
         raise UserError(f'{name}: unsupported {META_KEY!r} metadata format {got!r} '
                         f'(this version reads {ONNX_FORMAT})')
+    training_seed(meta, f'{name}: metadata')
     kind = meta.get('kind')
     if kind not in KINDS:
         raise UserError(f'{name}: metadata kind: unknown {kind!r} (known: {", ".join(KINDS)})')

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vdd_ros.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -46,6 +48,30 @@ class PolicySpec:
         d = dict(d)
         d['obs_fields'] = [(str(k), int(n)) for k, n in d['obs_fields']]
         return cls(**d)
+
+
+# odd, about 2**32 / golden ratio: the training seeds' noise seeds lie far apart
+NOISE_STRIDE = 0x9E3779B9
+# how a policy seeds its sampling noise (evaluation stages are keyed by it)
+NOISE_SEEDING = 'episode seed + training seed * NOISE_STRIDE mod 2**32'
+
+
+def noise_seed(episode_seed: int, training_seed: int = 0) -> int:
+    """The seed of a policy's sampling noise in an episode: the episode's seed plus the
+    checkpoint's training seed times NOISE_STRIDE, modulo 2**32 (torch's CPU generator reads a
+    seed's low 32 bits). Checkpoints of different training seeds so draw different noise in
+    the same episode; training seed 0 draws the episode seed's own."""
+    return (int(episode_seed) + int(training_seed) * NOISE_STRIDE) & 0xFFFFFFFF
+
+
+def training_seed(meta: dict[str, Any], where: str) -> int:
+    """The training seed in a checkpoint's (or exported file's) metadata, `train.seed`; 0 if
+    none is recorded. UserError naming `where` if it is not an integer >= 0."""
+    train = meta.get('train') or {}
+    seed = train.get('seed', 0) if isinstance(train, dict) else 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f'{where}: train.seed: must be an integer >= 0, got {seed!r}')
+    return seed
 
 
 class Policy(ABC):
@@ -83,11 +109,13 @@ class ChunkPolicy(Policy):
     Keeps the last `obs_horizon` observations (the first one repeated at an episode's start)
     and queues the chunk's first `action_exec` actions; `query` is called only when the queue
     is empty. Subclasses implement `query(window (obs_horizon, obs_dim)) -> (actions
-    (action_horizon, action_dim) float32, info)`.
+    (action_horizon, action_dim) float32, info)`. A sampling subclass seeds its noise at
+    `reset(seed)` with `noise_seed(seed, training_seed)` (the checkpoint's training seed).
     """
 
-    def __init__(self, spec: PolicySpec) -> None:
+    def __init__(self, spec: PolicySpec, training_seed: int = 0) -> None:
         self.spec = spec
+        self.training_seed = int(training_seed)   # offsets the noise seed of each episode
         self.info: dict[str, float] = {}
         self.diagnostics = False
         self._obs_dim = spec.obs_dim     # (a sum over the fields: not recomputed per step)
@@ -136,9 +164,10 @@ class ModelPolicy(ChunkPolicy):
     Set `diagnostics = True` to have `info` filled on every query (costs a little latency).
     """
 
-    def __init__(self, model: torch.nn.Module, spec: PolicySpec, device: str = 'cpu') -> None:
+    def __init__(self, model: torch.nn.Module, spec: PolicySpec, device: str = 'cpu',
+                 training_seed: int = 0) -> None:
         import torch
-        super().__init__(spec)
+        super().__init__(spec, training_seed)
         self._torch = torch
         self.model = model.to(device).eval()
         self.device = torch.device(device)
@@ -148,7 +177,7 @@ class ModelPolicy(ChunkPolicy):
     def reset(self, seed: int | None = None) -> None:
         super().reset(seed)
         if seed is not None:
-            self._generator.manual_seed(int(seed))
+            self._generator.manual_seed(noise_seed(seed, self.training_seed))
         if hasattr(self.model, 'reset'):
             self.model.reset()
 

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from vdd_ros.core.config import TrainConfig, to_dict
 from vdd_ros.core.io import check_writable, write_json
+from vdd_ros.core.policy import NOISE_SEEDING
 from vdd_ros.errors import UserError
 from vdd_ros.pipeline.config import PipelineConfig
 from vdd_ros.pipeline.media import LATENCY_ROUNDS, query_latencies, render_mode_gif
@@ -112,16 +113,22 @@ def _train_config(ctx: Context, overrides: Mapping[str, Any]) -> TrainConfig:
 
 
 def eval_settings(ctx: Context, evaluation: Evaluation, via_ros: bool) -> dict[str, Any]:
-    """What keys an evaluation stage: episodes and their split, steps or expert choice, and
-    the ROS settings when it runs through the nodes."""
+    """What keys an evaluation stage: its episode_settings, and the ROS settings when it runs
+    through the nodes."""
     cfg = ctx.cfg
-    settings: dict[str, Any] = {'episodes': cfg.eval_episodes, 'split': ctx.eval_split,
-                                **acting_settings(ctx, evaluation.name)}
+    settings = episode_settings(ctx, evaluation.name, ctx.eval_split)
     if via_ros:
         settings.update(via_ros=True, control_rate_hz=cfg.ros_control_rate_hz)
         if ctx.via_bags:
             settings['binding'] = f'task:{ctx.task}'
     return settings
+
+
+def episode_settings(ctx: Context, evaluation: str, split: str) -> dict[str, Any]:
+    """What keys the rollouts of an evaluation: how many episodes, their split, how the
+    policy seeds its sampling noise, and how it acts."""
+    return {'episodes': ctx.cfg.eval_episodes, 'split': split, 'noise': NOISE_SEEDING,
+            **acting_settings(ctx, evaluation)}
 
 
 def acting_settings(ctx: Context, evaluation: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from vdd_ros.errors import UserError
 from vdd_ros.pipeline.config import PipelineConfig, flatten
 from vdd_ros.pipeline.runner import (Context, Stage, check_stage_name,
                                      remove_stale_temporaries, run_stages, seed_dir, task_lock)
-from vdd_ros.pipeline.stages import _evaluate, acting_settings, data_stages, training_stage
+from vdd_ros.pipeline.stages import _evaluate, data_stages, episode_settings, training_stage
 from vdd_ros.policies import POLICY_KINDS, STUDENT, TEACHER
 from vdd_ros.report import (CONSISTENCY, CONSISTENCY_MARGIN, COVERAGE, COVERAGE_MODES,
                              ENTROPY_FRACTION, SUCCESS_MARGIN, difference_text)
@@ -98,8 +98,7 @@ def build_tune_stages(ctx: Context, tune: TuneConfig, study: str = 'tune') -> li
             stages.append(Stage(
                 reference_eval_stage(seed, name), f'validation episodes: {name}, seed {seed}',
                 (data, f'{seed_dir(seed)}/{name}'), [reference_eval_file(seed, name)],
-                {'episodes': ctx.cfg.eval_episodes, 'split': 'valid',
-                 **acting_settings(ctx, name)},
+                episode_settings(ctx, name, 'valid'),
                 functools.partial(_evaluate, name, prefix=seed_dir(seed), ros=False,
                                   folder=VALID_EVAL)))
     for name, overrides in tune.candidates.items():
@@ -114,8 +113,7 @@ def build_tune_stages(ctx: Context, tune: TuneConfig, study: str = 'tune') -> li
             stages.append(Stage(
                 f'{prefix}/eval_{STUDENT}', f'validation episodes: {name}, seed {seed}',
                 (data, f'{prefix}/{STUDENT}'), [f'{prefix}/eval/{STUDENT}.json'],
-                {'episodes': ctx.cfg.eval_episodes, 'split': 'valid',
-                 **acting_settings(ctx, STUDENT)},
+                episode_settings(ctx, STUDENT, 'valid'),
                 functools.partial(_evaluate, STUDENT, prefix=prefix, ros=False)))
     name, outputs = report_files(study)
     stages.append(Stage(name, 'tuning report', tuple(s.name for s in stages), outputs,
