@@ -2,9 +2,9 @@
 
 An exported `.onnx` file carries its own description as JSON under the ONNX metadata key
 `vdd_ros` (kind, method, spec: observation layout, action size, chunk sizes, task; binding;
-opset; the teacher's sampler), so `load_onnx_policy` rebuilds the same `Policy` as
-`load_policy` on the checkpoint folder: `reset(seed)`, `act(obs)`, the action-chunk queue and,
-for a mixture, the expert modes with the per-episode expert memory.
+opset; the teacher's sampler; train.seed, the training seed), so `load_onnx_policy` rebuilds
+the same `Policy` as `load_policy` on the checkpoint folder: `reset(seed)`, `act(obs)`, the
+action-chunk queue and, for a mixture, the expert modes with the per-episode expert memory.
 
 Graphs (`batch` is a free dimension; the normalizers are inside the graphs):
 - MoE (VDD-MoE, Gaussian BC, EM-MoE): `obs (batch, obs_horizon, obs_dim)`, `u (batch)` a
@@ -17,10 +17,10 @@ Graphs (`batch` is a free dimension; the normalizers are inside the graphs):
   `action (batch, action_horizon, action_dim)` (raw units). The Euler/Heun sampler loop runs
   here in numpy on the teacher's Karras schedule.
 
-Random numbers: `reset(seed)` seeds a numpy copy of torch's CPU generator (TorchRandom), so an
-exported MoE draws the uniforms that choose its experts, and the teacher the initial noise of
-its sampler, as the checkpoint's policy does for the same seed: an exported policy acts out the
-same episodes.
+Random numbers: `reset(seed)` seeds a numpy copy of torch's CPU generator (TorchRandom) with
+`noise_seed(seed, training seed)`, so an exported MoE draws the uniforms that choose its
+experts, and the teacher the initial noise of its sampler, as the checkpoint's policy does for
+the same seed: an exported policy acts out the same episodes.
 """
 from __future__ import annotations
 
